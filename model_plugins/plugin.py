@@ -1,0 +1,116 @@
+"""The plugin interface: what a model author writes.
+
+A plugin is a class with two declarations and two methods::
+
+    class MiniLMEncoder(ModelPlugin):
+        inputs = {"text": TensorSpec("string", [])}
+        outputs = {"embedding": TensorSpec("float32", [384])}
+
+        def load(self, context): ...
+        def predict(self, batch): ...
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+
+from model_plugins.specs import TensorSpec
+
+Framework = Literal["torch", "tensorflow", "paddle"]
+
+#: what ``predict`` takes and returns: tensor name -> array whose first dimension is the item
+Batch = dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class LoadContext:
+    """Everything a plugin's ``load`` may need, fixed for the life of the loaded model.
+
+    Attributes:
+        node: the pipeline node this instance serves.
+        plugin: the plugin reference as written in the pipeline (``identity``, ``pkg.mod:Class``).
+        model_path: ``model:`` of the node, resolved against the pipeline file's folder, or None.
+        device: where to run: ``cpu`` or ``cuda:N``.
+        params: ``params:`` of the node, as written in the YAML.
+        pipeline_dir: the folder of the pipeline file (for relative paths inside ``params``).
+        instance: which of the node's ``instances`` this is, from 0.
+    """
+
+    node: str
+    plugin: str
+    model_path: Path | None = None
+    device: str = "cpu"
+    params: Mapping[str, Any] = field(default_factory=dict)
+    pipeline_dir: Path = field(default_factory=Path.cwd)
+    instance: int = 0
+
+
+class ModelPlugin:
+    """Base class of every node that a pipeline runs.
+
+    **Declarations** (class attributes):
+
+    * ``inputs`` / ``outputs``: tensor name -> :class:`TensorSpec` of one item.  The engine
+      checks what it hands to ``predict`` and what ``predict`` returns against them.
+    * ``framework``: ``"torch"``, ``"tensorflow"``, ``"paddle"`` or None for plain numpy.
+      It decides which worker process hosts the plugin; a node's ``framework:`` overrides it.
+
+    **Lifecycle**: the engine creates the object with no arguments, calls :meth:`load` once,
+    then :meth:`predict` once per batch, possibly from several threads at once when the node
+    has ``instances`` > 1 and the plugin is thread-safe, and :meth:`unload` at shutdown.
+    Plugin objects are never modified by the engine.
+    """
+
+    inputs: ClassVar[Mapping[str, TensorSpec]] = {}
+    outputs: ClassVar[Mapping[str, TensorSpec]] = {}
+    framework: ClassVar[Framework | None] = None
+
+    @classmethod
+    def signature(
+        cls,
+        params: Mapping[str, Any],
+        upstream: Mapping[str, TensorSpec | None],
+    ) -> tuple[dict[str, TensorSpec], dict[str, TensorSpec]]:
+        """The node's input and output specs, before anything is loaded.
+
+        **Override this** when the specs depend on ``params`` or on what feeds the node
+        (``identity`` mirrors its inputs; ``concat_fusion`` sums their widths).  It runs at
+        validation time and must not load a model.
+
+        Args:
+            params: the node's ``params:``.
+            upstream: the spec of each tensor wired into the node, None where unknown.
+
+        Returns:
+            ``(inputs, outputs)``: by default the class's declarations.
+        """
+        return dict(cls.inputs), dict(cls.outputs)
+
+    def load(self, context: LoadContext) -> None:  # noqa: B027 - optional hook
+        """Load the model: runs once per instance, in the process that will predict.
+
+        **Override this** to read weights from ``context.model_path`` and move them to
+        ``context.device``.  Raise on failure (any exception); do not return a flag.
+        """
+
+    def predict(self, batch: Batch) -> Batch:
+        """Run the model on one batch.
+
+        **Override this.**  ``batch`` maps each input name to an array whose first dimension
+        is the item dimension (N items, possibly from several requests).  Return a dict of
+        every declared output, each with the same N along the first dimension, in the same
+        item order.  Optional inputs that are absent are missing from ``batch``.
+        """
+        msg = f"{type(self).__name__} does not implement predict()"
+        raise NotImplementedError(msg)
+
+    def unload(self) -> None:  # noqa: B027 - optional hook
+        """Free what :meth:`load` took; runs once at shutdown.  Optional."""
+
+
+__all__ = ["Batch", "Framework", "LoadContext", "ModelPlugin"]
