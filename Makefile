@@ -1,0 +1,46 @@
+# Every target creates .venv and installs what it needs, Debian packages included.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+# reinstall when setup.py changes
+STAMP  := $(VENV)/.installed-$(shell cksum setup.py | cut -d' ' -f1)
+# Debian packages the suite and the CLI use: the Apache Thrift compiler (the test that
+# generates an official client) and graphviz (`dagserve graph`).
+DEBS   := thrift-compiler graphviz
+SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: all test demo lint check system-deps clean
+
+all: test
+
+system-deps:
+	@missing=""; \
+	command -v thrift >/dev/null || missing="$$missing thrift-compiler"; \
+	command -v dot >/dev/null || missing="$$missing graphviz"; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  $(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q $$missing; \
+	fi
+
+$(STAMP): setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	rm -f $(VENV)/.installed-*; touch $@
+
+test: system-deps $(STAMP)
+	$(PY) -m pytest -q
+
+demo: system-deps $(STAMP)
+	$(PY) examples/quickstart/demo.py
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff format engine dag model_plugins idl tests examples
+	$(VENV)/bin/ruff check --fix engine dag model_plugins idl tests examples
+
+check: $(STAMP)
+	$(VENV)/bin/ruff check engine dag model_plugins idl tests examples
+	$(VENV)/bin/mypy engine dag model_plugins idl
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache .mypy_cache .ruff_cache

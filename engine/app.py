@@ -1,0 +1,72 @@
+"""``dagserve serve``: the server's lifecycle.
+
+``serve()`` = capture signals -> ``startup()`` (load pipelines and plugins, bind, *then* say
+ready) -> wait for a signal -> ``shutdown()`` (stop accepting, close connections, unload).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Sequence
+
+from dag.pipeline import Pipeline
+from engine.config import ServerConfig
+from engine.engine import Engine
+from engine.server import ThriftServer
+from engine.service import InferenceHandler
+
+logger = logging.getLogger("dagserve")
+
+
+class Server:
+    """One dagserve process: an engine behind a Thrift server."""
+
+    def __init__(self, config: ServerConfig, pipelines: Sequence[Pipeline]) -> None:
+        self.config = config
+        self.engine = Engine(pipelines, thread_pool_size=config.thread_pool_size)
+        self.thrift: ThriftServer | None = None
+        self.should_exit = asyncio.Event()
+        self.started = asyncio.Event()
+
+    @property
+    def port(self) -> int:
+        assert self.thrift is not None, "server not started"
+        return self.thrift.port
+
+    async def serve(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self.should_exit.set)
+        try:
+            await self.startup()
+            await self.should_exit.wait()
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+            await self.shutdown()
+
+    async def startup(self) -> None:
+        # Load every plugin first: a model that fails to load stops the server here.
+        await self.engine.start()
+        self.thrift = ThriftServer(
+            InferenceHandler(self.engine),
+            host=self.config.host,
+            port=self.config.port,
+            max_frame_bytes=self.config.max_frame_bytes,
+            idle_timeout_s=self.config.idle_timeout_s,
+        )
+        await self.thrift.start()
+        logger.info("dagserve listening on %s:%d", self.config.host, self.thrift.port)
+        self.started.set()
+
+    async def shutdown(self) -> None:
+        # Stop accepting and close connections, then unload the plugins.
+        if self.thrift is not None:
+            await self.thrift.aclose()
+        await self.engine.aclose()
+        logger.info("dagserve stopped")
+
+
+__all__ = ["Server"]

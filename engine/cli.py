@@ -1,0 +1,214 @@
+"""The ``dagserve`` command line.
+
+::
+
+    dagserve serve CONFIG.yaml | PIPELINE.yaml...  [--host --port --metrics-port]
+    dagserve validate PIPELINE.yaml...
+    dagserve graph PIPELINE.yaml -o FILE.svg|png
+    dagserve infer --pipeline NAME --input NAME=VALUE|@FILE ...  [--host --port]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dag.errors import PipelineError
+from dag.pipeline import load_pipelines
+from engine.config import ServerConfig, is_server_config, load_config
+from model_plugins.errors import DagserveError
+from model_plugins.specs import NUMPY_DTYPES, TensorSpec
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dagserve", description="Serve DAG pipelines of models over Thrift.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="serve pipelines over Thrift")
+    serve.add_argument("files", nargs="+", type=Path, metavar="CONFIG.yaml|PIPELINE.yaml")
+    serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="Thrift port (default 9090; 0 = any free port)")
+    serve.add_argument("--metrics-port", type=int, help="Prometheus /metrics port")
+    serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+
+    validate = commands.add_parser("validate", help="check pipeline files; exit 1 with every error")
+    validate.add_argument("files", nargs="+", type=Path, metavar="PIPELINE.yaml")
+
+    graph = commands.add_parser("graph", help="draw a pipeline's DAG as SVG or PNG")
+    graph.add_argument("file", type=Path, metavar="PIPELINE.yaml")
+    graph.add_argument("-o", "--output", type=Path, required=True, metavar="FILE.svg|png")
+
+    infer = commands.add_parser("infer", help="call a pipeline on a running server (one item)")
+    infer.add_argument("--pipeline", required=True)
+    infer.add_argument(
+        "--input",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE|NAME=@FILE",
+        help="VALUE is JSON (a number or a nested list) or text for string inputs; "
+        "@FILE reads bytes for bytes inputs, text for string inputs, or a .npy array",
+    )
+    infer.add_argument("--version")
+    infer.add_argument("--output", action="append", dest="outputs", metavar="NAME")
+    infer.add_argument("--timeout-ms", type=int)
+    infer.add_argument("--host", default="127.0.0.1")
+    infer.add_argument("--port", type=int, default=9090)
+    infer.add_argument("--json", action="store_true", help="print the whole answer as JSON")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    handler = {"serve": _serve, "validate": _validate, "graph": _graph, "infer": _infer}
+    try:
+        return handler[args.command](args)
+    except DagserveError as exc:
+        print(f"dagserve {args.command}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def _print_errors(errors: Sequence[PipelineError]) -> None:
+    for error in errors:
+        print(error, file=sys.stderr)
+
+
+def _validate(args: argparse.Namespace) -> int:
+    pipelines, errors = load_pipelines(args.files)
+    for pipeline in pipelines:
+        for warning in pipeline.warnings:
+            print(f"warning: {warning}", file=sys.stderr)
+    if errors:
+        _print_errors(errors)
+        print(f"{len(errors)} error(s) in {len(args.files)} file(s)", file=sys.stderr)
+        return 1
+    for pipeline in pipelines:
+        print(f"ok: {pipeline.path}: {pipeline.name} version {pipeline.version}, {len(pipeline.spec.nodes)} nodes")
+    return 0
+
+
+def _graph(args: argparse.Namespace) -> int:
+    from dag.picture import render
+
+    pipelines, errors = load_pipelines([args.file])
+    if errors:
+        _print_errors(errors)
+        return 1
+    render(pipelines[0], args.output)
+    print(f"wrote {args.output}")
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from engine.app import Server
+    from engine.server import run
+
+    config = ServerConfig()
+    pipeline_files: list[Path] = []
+    for path in args.files:
+        if is_server_config(path):
+            config = load_config(path)
+            pipeline_files.extend(config.pipelines)
+        else:
+            pipeline_files.append(path)
+    overrides = {
+        key: value
+        for key, value in {
+            "host": args.host,
+            "port": args.port,
+            "metrics_port": args.metrics_port,
+            "log_level": args.log_level,
+        }.items()
+        if value is not None
+    }
+    config = ServerConfig.model_validate({**config.model_dump(), **overrides, "pipelines": pipeline_files})
+    logging.basicConfig(
+        level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    if not pipeline_files:
+        print("dagserve serve: no pipeline files given", file=sys.stderr)
+        return 2
+    pipelines, errors = load_pipelines(pipeline_files)
+    if errors:
+        _print_errors(errors)
+        return 1
+    run(Server(config, pipelines).serve())
+    return 0
+
+
+def parse_input(text: str, spec: TensorSpec | None) -> tuple[str, np.ndarray]:
+    """Turn ``NAME=VALUE`` or ``NAME=@FILE`` into one item (a batch of one) of ``spec``."""
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        msg = f"--input must be NAME=VALUE or NAME=@FILE (got {text!r})"
+        raise SystemExit(msg)
+    dtype = spec.dtype if spec else None
+    item: Any
+    if value.startswith("@"):
+        path = Path(value[1:])
+        if path.suffix == ".npy":
+            return name, np.load(path, allow_pickle=False)[None]
+        item = path.read_bytes() if dtype != "string" else path.read_text(encoding="utf-8")
+    elif dtype == "string":
+        item = value
+    elif dtype == "bytes":
+        item = value.encode()
+    else:
+        try:
+            item = json.loads(value)
+        except json.JSONDecodeError as exc:
+            msg = f"--input {name}: {value!r} is not JSON ({exc})"
+            raise SystemExit(msg) from exc
+    if dtype in ("string", "bytes"):
+        array = np.empty((1,), dtype=object)
+        array[0] = item
+        return name, array
+    return name, np.asarray([item], dtype=NUMPY_DTYPES[dtype] if dtype else None)
+
+
+def _infer(args: argparse.Namespace) -> int:
+    from engine.client import Client
+
+    with Client(args.host, args.port) as client:
+        info = client.describe(args.pipeline)
+        specs = info.inputs
+        inputs = dict(parse_input(text, specs.get(text.partition("=")[0])) for text in args.input)
+        result = client.infer(
+            args.pipeline,
+            inputs,
+            version=args.version,
+            outputs=args.outputs,
+            timeout_ms=args.timeout_ms,
+        )
+    if args.json:
+        print(json.dumps({
+            "request_id": result.request_id,
+            "version": result.version,
+            "outputs": {k: _jsonable(v) for k, v in result.outputs.items()},
+            "node_latency_us": result.node_latency_us,
+        }, indent=2))
+        return 0
+    with np.printoptions(precision=4, threshold=20, edgeitems=4, suppress=True):
+        for name, array in result.outputs.items():
+            print(f"{name}: {array.dtype} {list(array.shape)}\n  {array}")
+    latencies = ", ".join(f"{n} {us / 1000:.2f} ms" for n, us in result.node_latency_us.items())
+    print(f"nodes: {latencies}")
+    return 0
+
+
+def _jsonable(array: np.ndarray) -> Any:
+    if array.dtype == object:
+        return [x.decode("latin-1") if isinstance(x, bytes) else x for x in array.ravel()]
+    return array.tolist()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

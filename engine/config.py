@@ -1,0 +1,83 @@
+"""The server configuration: a YAML file, or defaults plus pipeline files from the command line.
+
+::
+
+    host: 127.0.0.1
+    port: 9090
+    pipelines: [pipelines/post_understanding.yaml]   # relative to this file
+    max_frame_bytes: 67108864
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from engine.errors import ConfigError
+
+#: 64 MiB: a 32-image batch of 3x224x224 float32 is 19 MiB
+DEFAULT_MAX_FRAME_BYTES = 64 * 1024 * 1024
+
+
+class ServerConfig(BaseModel):
+    """Settings of one ``dagserve serve``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    host: str = "127.0.0.1"
+    """Address to listen on; loopback by default (see the README on what the server trusts)."""
+    port: int = Field(9090, ge=0, le=65535)
+    """Thrift port; 0 picks a free one (logged at startup)."""
+    metrics_port: int | None = Field(None, ge=0, le=65535)
+    """Prometheus ``/metrics`` port (observability lands in a later issue)."""
+    pipelines: list[Path] = Field(default_factory=list)
+    """Pipeline YAML files, relative to the config file."""
+    max_frame_bytes: int = Field(DEFAULT_MAX_FRAME_BYTES, ge=1024)
+    """Largest Thrift frame accepted; a larger one closes that connection before it is read."""
+    idle_timeout_s: float | None = Field(None, gt=0)
+    """Close a connection idle this long between requests; None = never."""
+    thread_pool_size: int = Field(8, ge=1)
+    """Threads for nodes that run in the thread pool (and for loading plugins)."""
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+def load_config(path: Path) -> ServerConfig:
+    """Read a server config file; pipeline paths become relative to its folder.
+
+    Raises:
+        ConfigError: unreadable file, bad YAML, unknown key or bad value (all named).
+    """
+    try:
+        data: Any = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as exc:
+        msg = f"{path}: cannot read server config: {exc}"
+        raise ConfigError(msg) from exc
+    if not isinstance(data, dict):
+        msg = f"{path}: a server config must be a mapping (got {type(data).__name__})"
+        raise ConfigError(msg)
+    try:
+        config = ServerConfig.model_validate(data)
+    except ValidationError as exc:
+        lines = [
+            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']} (got {e.get('input')!r})"
+            for e in exc.errors()
+        ]
+        msg = f"{path}: invalid server config:\n  " + "\n  ".join(lines)
+        raise ConfigError(msg) from exc
+    base = path.parent
+    return config.model_copy(update={"pipelines": [base / p for p in config.pipelines]})
+
+
+def is_server_config(path: Path) -> bool:
+    """Whether a YAML file is a server config (has ``pipelines:``) rather than a pipeline."""
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return False
+    return isinstance(data, dict) and "pipelines" in data and "nodes" not in data
+
+
+__all__ = ["DEFAULT_MAX_FRAME_BYTES", "ServerConfig", "is_server_config", "load_config"]

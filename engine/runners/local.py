@@ -1,0 +1,125 @@
+"""Runners that execute a plugin inside the front process.
+
+Both keep ``instances`` loaded copies of the plugin and hand each call one free copy, so a
+node never runs more than ``instances`` calls at once.  They check the batch contract on
+every call and turn a plugin's exception into an ``InferenceError`` naming the node.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass
+
+from model_plugins.contract import check_outputs
+from model_plugins.errors import DagserveError, InferenceError, InvalidRequest
+from model_plugins.plugin import Batch, LoadContext, ModelPlugin
+from model_plugins.specs import TensorSpec
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class NodeBinding:
+    """What a runner needs to know about the node it serves."""
+
+    pipeline: str
+    node: str
+    plugin: str
+    plugin_class: type[ModelPlugin]
+    outputs: dict[str, TensorSpec]
+    contexts: tuple[LoadContext, ...]  # one per instance
+
+
+class LocalRunner:
+    """Base of the in-process runners; subclasses decide where ``predict`` is called."""
+
+    kind = "local"
+
+    def __init__(self, binding: NodeBinding) -> None:
+        self.binding = binding
+        self._idle: asyncio.Queue[ModelPlugin] | None = None
+        self._loaded: list[ModelPlugin] = []
+
+    async def start(self, load_in: Executor | None = None) -> None:
+        """Load every instance (in ``load_in``, so slow loads do not block the loop)."""
+        loop = asyncio.get_running_loop()
+        self._idle = asyncio.Queue()
+        for context in self.binding.contexts:
+            plugin = self.binding.plugin_class()
+            await loop.run_in_executor(load_in, plugin.load, context)
+            self._loaded.append(plugin)
+            self._idle.put_nowait(plugin)
+
+    async def aclose(self) -> None:
+        for plugin in self._loaded:
+            try:
+                plugin.unload()
+            except Exception:
+                logger.exception("unloading node %r failed", self.binding.node)
+        self._loaded.clear()
+
+    async def run(self, inputs: Batch, *, deadline: float | None) -> Batch:
+        assert self._idle is not None, "runner used before start()"
+        plugin = await self._idle.get()
+        try:
+            outputs = await self._call(plugin.predict, inputs)
+        except DagserveError as exc:
+            raise self._named(exc) from exc
+        except Exception as exc:
+            b = self.binding
+            cause = f"{type(exc).__module__}.{type(exc).__qualname__}"
+            logger.debug("node %r raised", b.node, exc_info=True)
+            msg = f"node {b.node!r} (plugin {b.plugin!r}) failed: {cause}: {exc}"
+            raise InferenceError(msg, node=b.node, plugin=b.plugin, cause=cause) from exc
+        finally:
+            self._idle.put_nowait(plugin)
+        n_items = len(next(iter(inputs.values()))) if inputs else None
+        return check_outputs(
+            self.binding.outputs,
+            outputs,
+            n_items,
+            plugin=self.binding.plugin,
+            node=self.binding.node,
+        )
+
+    def _named(self, exc: DagserveError) -> DagserveError:
+        """Say which node raised, for errors a plugin raises on purpose."""
+        b = self.binding
+        if isinstance(exc, InferenceError):
+            if exc.node is None:
+                exc.node, exc.plugin = b.node, b.plugin
+            return exc
+        if isinstance(exc, InvalidRequest):
+            return InvalidRequest(f"node {b.node!r}: {exc.message}", field=exc.field or b.node)
+        return exc
+
+    async def _call(self, predict: Callable[[Batch], Batch], inputs: Batch) -> Batch:
+        raise NotImplementedError
+
+
+class InlineRunner(LocalRunner):
+    """Calls ``predict`` in the event loop: for cheap numpy ops (identity, fusion)."""
+
+    kind = "inline"
+
+    async def _call(self, predict: Callable[[Batch], Batch], inputs: Batch) -> Batch:
+        return predict(inputs)
+
+
+class ThreadPoolRunner(LocalRunner):
+    """Calls ``predict`` in a thread pool: for GIL-releasing CPU work (decoding, numpy)."""
+
+    kind = "thread"
+
+    def __init__(self, binding: NodeBinding, pool: Executor) -> None:
+        super().__init__(binding)
+        self._pool = pool
+
+    async def _call(self, predict: Callable[[Batch], Batch], inputs: Batch) -> Batch:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, predict, inputs)
+
+
+__all__ = ["InlineRunner", "LocalRunner", "NodeBinding", "ThreadPoolRunner"]

@@ -1,0 +1,46 @@
+from setuptools import find_packages, setup
+
+TORCH = ["torch==2.13.0"]
+TENSORFLOW = ["tensorflow-cpu==2.21.*"]
+PADDLE = ["paddlepaddle==3.3.1"]
+GPU = ["nvidia-ml-py>=12"]
+
+setup(
+    name="dagserve",
+    version="0.1.0",
+    description="Serve DAG pipelines of PyTorch, TensorFlow and Paddle models over Thrift",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=find_packages(include=["engine*", "dag*", "model_plugins*", "idl*"]),
+    package_data={"idl": ["dagserve.thrift"], "model_plugins": ["py.typed"]},
+    install_requires=[
+        "thriftpy2>=0.7.1,<0.8",
+        "uvloop>=0.21",
+        "numpy>=1.26",
+        "pydantic>=2.7,<3",
+        "PyYAML>=6",
+        "networkx>=3.2",
+        "Pillow>=10",
+        "graphviz>=0.20",
+    ],
+    extras_require={
+        "torch": TORCH,
+        "tensorflow": TENSORFLOW,
+        "paddle": PADDLE,
+        "gpu": GPU,
+        "dev": [
+            "pytest>=8",
+            "pytest-timeout>=2.3",
+            "pytest-asyncio>=0.23",
+            "hypothesis>=6.100",
+            "thrift>=0.20",
+            "ruff>=0.6",
+            "mypy>=1.10",
+            "types-PyYAML",
+        ],
+        "all": TORCH + TENSORFLOW + PADDLE + GPU,
+    },
+    entry_points={"console_scripts": ["dagserve = engine.cli:main"]},
+    classifiers=["Programming Language :: Python :: 3.11", "License :: OSI Approved :: Apache Software License"],
+)
