@@ -153,8 +153,9 @@ async def execute(
         except Exception as exc:  # a runner that lets a plain exception through
             running.discard(name)
             timings[name] = NodeTiming(start, now(), "error")
+            msg = f"node {name!r} failed: {type(exc).__name__}: {exc}"
             raise InferenceError(
-                f"node {name!r} failed: {type(exc).__name__}: {exc}",
+                msg,
                 node=name,
                 plugin=node.plugin,
                 cause=f"{type(exc).__module__}.{type(exc).__qualname__}",

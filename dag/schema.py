@@ -63,7 +63,7 @@ class NodeSpec(_Strict):
     """One node of the DAG."""
 
     plugin: str = Field(min_length=1)
-    """A built-in name (``identity``), an entry point of ``dagserve.plugins``, or ``module:Class``."""
+    """A built-in name (``identity``), a ``dagserve.plugins`` entry point, or ``module:Class``."""
     model: str | None = None
     """The model file or folder, relative to the pipeline file."""
     inputs: dict[str, str] = Field(default_factory=dict)
@@ -115,7 +115,9 @@ class PipelineSpec(_Strict):
     @classmethod
     def _version_as_text(cls, value: Any) -> Any:
         # `version: 1` in YAML is an int; a version is a label, so take it as text.
-        return str(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+        return (
+            str(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+        )
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,9 @@ from model_plugins.specs import NUMPY_DTYPES, TensorSpec
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dagserve", description="Serve DAG pipelines of models over Thrift.")
+    parser = argparse.ArgumentParser(
+        prog="dagserve", description="Serve DAG pipelines of models over Thrift."
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     serve = commands.add_parser("serve", help="serve pipelines over Thrift")
@@ -91,7 +93,10 @@ def _validate(args: argparse.Namespace) -> int:
         print(f"{len(errors)} error(s) in {len(args.files)} file(s)", file=sys.stderr)
         return 1
     for pipeline in pipelines:
-        print(f"ok: {pipeline.path}: {pipeline.name} version {pipeline.version}, {len(pipeline.spec.nodes)} nodes")
+        print(
+            f"ok: {pipeline.path}: {pipeline.name} version {pipeline.version}, "
+            f"{len(pipeline.spec.nodes)} nodes"
+        )
     return 0
 
 
@@ -129,7 +134,9 @@ def _serve(args: argparse.Namespace) -> int:
         }.items()
         if value is not None
     }
-    config = ServerConfig.model_validate({**config.model_dump(), **overrides, "pipelines": pipeline_files})
+    config = ServerConfig.model_validate(
+        {**config.model_dump(), **overrides, "pipelines": pipeline_files}
+    )
     logging.basicConfig(
         level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -189,12 +196,17 @@ def _infer(args: argparse.Namespace) -> int:
             timeout_ms=args.timeout_ms,
         )
     if args.json:
-        print(json.dumps({
-            "request_id": result.request_id,
-            "version": result.version,
-            "outputs": {k: _jsonable(v) for k, v in result.outputs.items()},
-            "node_latency_us": result.node_latency_us,
-        }, indent=2))
+        print(
+            json.dumps(
+                {
+                    "request_id": result.request_id,
+                    "version": result.version,
+                    "outputs": {k: _jsonable(v) for k, v in result.outputs.items()},
+                    "node_latency_us": result.node_latency_us,
+                },
+                indent=2,
+            )
+        )
         return 0
     with np.printoptions(precision=4, threshold=20, edgeitems=4, suppress=True):
         for name, array in result.outputs.items():

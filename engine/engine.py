@@ -244,7 +244,9 @@ def describe(pipeline: Pipeline) -> PipelineDescription:
             edges.append(EdgeDescription(ref.source, name, tensor))
     for text in pipeline.spec.outputs.values():
         ref = parse_ref(text)
-        edges.append(EdgeDescription(ref.source, "$outputs", ref.name if ref.is_input else str(ref)))
+        edges.append(
+            EdgeDescription(ref.source, "$outputs", ref.name if ref.is_input else str(ref))
+        )
     return PipelineDescription(
         name=pipeline.name,
         version=pipeline.version,

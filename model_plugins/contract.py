@@ -154,33 +154,39 @@ def check_outputs(
         return InferenceError(f"{where}: {message}", node=node, plugin=plugin)
 
     if not isinstance(outputs, Mapping):
-        raise fail(f"predict() must return a dict of arrays (got {type(outputs).__name__})")
+        msg = f"predict() must return a dict of arrays (got {type(outputs).__name__})"
+        raise fail(msg)
     result: Batch = dict(outputs)
     for name, spec in specs.items():
         if name not in result:
             if spec.optional:
                 continue
             returned = ", ".join(map(repr, result)) or "nothing"
-            raise fail(f"predict() did not return output {name!r} (returned {returned})")
+            msg = f"predict() did not return output {name!r} (returned {returned})"
+            raise fail(msg)
         array = result[name]
         if not isinstance(array, np.ndarray):
-            raise fail(f"output {name!r} must be a numpy array (got {type(array).__name__})")
+            msg = f"output {name!r} must be a numpy array (got {type(array).__name__})"
+            raise fail(msg)
         problem = _dtype_problem(spec, array)
         if problem is not None:
-            raise fail(f"output {name!r} {problem}")
+            msg = f"output {name!r} {problem}"
+            raise fail(msg)
     for name, array in result.items():
         if not isinstance(array, np.ndarray):
             continue
         if array.ndim == 0:
-            raise fail(f"output {name!r} is a scalar; its first dimension must be the items")
+            msg = f"output {name!r} is a scalar; its first dimension must be the items"
+            raise fail(msg)
         if array.shape[0] != n_items:
             raise BatchContractError(plugin, name, n_items, array.shape[0], node=node)
     for name, spec in specs.items():
         if name in result and not spec.accepts_item_shape(result[name].shape[1:]):
-            raise fail(
+            msg = (
                 f"output {name!r} must have items of shape {spec.describe()} "
                 f"(got items of shape {_shape_text(result[name].shape[1:])})"
             )
+            raise fail(msg)
     return result
 
 

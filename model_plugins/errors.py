@@ -56,7 +56,9 @@ class InvalidRequest(DagserveError, ValueError):
 class PipelineNotFound(DagserveError, LookupError):
     """No pipeline of that name (or that version) is served."""
 
-    def __init__(self, name: str, version: str | None = None, known: list[str] | None = None) -> None:
+    def __init__(
+        self, name: str, version: str | None = None, known: list[str] | None = None
+    ) -> None:
         what = f"pipeline {name!r}" + (f" version {version!r}" if version else "")
         hint = f"; served: {', '.join(sorted(known))}" if known else ""
         super().__init__(f"{what} is not served{hint}")

@@ -32,7 +32,11 @@ def _to_array(name: str, value: object, spec: TensorSpec | None) -> np.ndarray:
         raise InvalidRequest(msg, field=f"inputs.{name}")
     if spec is not None and spec.dtype in OBJECT_DTYPES:
         return np.array(value, dtype=object)
-    array = np.array(value)
+    try:
+        array = np.array(value)
+    except ValueError as exc:  # ragged nesting: numpy refuses to guess
+        msg = f"input {name!r} is not a rectangular list: {exc}"
+        raise InvalidRequest(msg, field=f"inputs.{name}") from exc
     if array.dtype.kind in "US":
         return np.array(value, dtype=object)
     if spec is not None:
@@ -138,7 +142,8 @@ class PluginHarness:
             msg = "call load() first, or use the harness as a context manager"
             raise RuntimeError(msg)
         where = f"node {self.context.node!r} (plugin {self.reference!r})"
-        declared, _ = self.signature({name: None for name in batch})
+        # the declared dtypes, to convert lists with, before the arrays tell what they are
+        declared, _ = self.signature(self.upstream or {name: None for name in batch})
         arrays: Batch = {
             name: _to_array(name, value, declared.get(name)) for name, value in batch.items()
         }
@@ -148,7 +153,8 @@ class PluginHarness:
             try:
                 seen = {name: TensorSpec(dtype_of(a), a.shape[1:]) for name, a in arrays.items()}
             except TypeError as exc:
-                raise InvalidRequest(f"{where}: {exc}", field="inputs") from exc
+                msg = f"{where}: {exc}"
+                raise InvalidRequest(msg, field="inputs") from exc
             inputs, outputs = self.signature(seen)
         found = check_inputs(inputs, arrays, where=where, partial=self.join == "available")
         expected = found if found is not None else n_items

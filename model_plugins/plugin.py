@@ -91,7 +91,7 @@ class ModelPlugin:
         """
         return dict(cls.inputs), dict(cls.outputs)
 
-    def load(self, context: LoadContext) -> None:  # noqa: B027 - optional hook
+    def load(self, context: LoadContext) -> None:
         """Load the model: runs once per instance, in the process that will predict.
 
         **Override this** to read weights from ``context.model_path`` and move them to
@@ -109,7 +109,7 @@ class ModelPlugin:
         msg = f"{type(self).__name__} does not implement predict()"
         raise NotImplementedError(msg)
 
-    def unload(self) -> None:  # noqa: B027 - optional hook
+    def unload(self) -> None:
         """Free what :meth:`load` took; runs once at shutdown.  Optional."""
 
 

@@ -40,7 +40,10 @@ def import_from_string(reference: str) -> object:
         PluginLoadError: the module exists but raised while importing.
     """
     if not _IMPORT_STRING.match(reference):
-        msg = f'plugin reference "{reference}" must be a built-in name or in format "<module>:<Class>"'
+        msg = (
+            f'plugin reference "{reference}" must be a built-in name '
+            'or in format "<module>:<Class>"'
+        )
         raise PluginNotFound(msg)
     module_name, _, attribute = reference.partition(":")
     try:
@@ -90,7 +93,10 @@ def resolve(reference: str) -> type[ModelPlugin]:
     if target_string is None:
         if ":" not in reference:
             known = ", ".join(sorted(available()))
-            msg = f'unknown plugin "{reference}" (built-in and installed: {known}; or use "module:Class")'
+            msg = (
+                f'unknown plugin "{reference}" '
+                f'(built-in and installed: {known}; or use "module:Class")'
+            )
             raise PluginNotFound(msg)
         target_string = reference
     target = import_from_string(target_string)

@@ -65,7 +65,15 @@ def wait_ready(client: Client, server: subprocess.Popen[bytes], timeout_s: float
 
 def main() -> int:
     port = free_port()
-    command = [sys.executable, "-m", "engine.cli", "serve", str(HERE / "pipeline.yaml"), "--port", str(port)]
+    command = [
+        sys.executable,
+        "-m",
+        "engine.cli",
+        "serve",
+        str(HERE / "pipeline.yaml"),
+        "--port",
+        str(port),
+    ]
     print("$", " ".join(command[2:]))
     server = subprocess.Popen(command, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
@@ -73,7 +81,10 @@ def main() -> int:
             wait_ready(client, server)
             info = client.describe("quickstart")
             print(f"\npipeline {info.name} v{info.version}: nodes {', '.join(info.nodes)}")
-            print(f"{'post':<22} {'caption':<8} {'mean R,G,B':<20} {'embedding (first 6 of 10)':<40} nodes (ms)")
+            print(
+                f"{'post':<22} {'caption':<8} {'mean R,G,B':<20} "
+                f"{'embedding (first 6 of 10)':<40} nodes (ms)"
+            )
             for i, (name, data) in enumerate(sample_images().items()):
                 inputs: dict[str, object] = {"image": [data]}
                 if i != 1:  # the second post has no caption: the optional branch is skipped

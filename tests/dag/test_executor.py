@@ -15,8 +15,15 @@ from model_plugins.errors import DeadlineExceeded, InferenceError
 class Recorder:
     """A fake runner: records the order of events, can wait on a gate, can fail."""
 
-    def __init__(self, name: str, log: list[str], gate: asyncio.Event | None = None,
-                 opens: asyncio.Event | None = None, fail: bool = False, hang: bool = False):
+    def __init__(
+        self,
+        name: str,
+        log: list[str],
+        gate: asyncio.Event | None = None,
+        opens: asyncio.Event | None = None,
+        fail: bool = False,
+        hang: bool = False,
+    ):
         self.name, self.log, self.gate, self.opens = name, log, gate, opens
         self.fail, self.hang = fail, hang
         self.seen: dict[str, np.ndarray] | None = None
@@ -43,13 +50,18 @@ def spec(text: dict) -> PipelineSpec:
 
 DIAMOND = {
     "name": "diamond",
-    "inputs": {"x": {"dtype": "float32", "shape": [2]},
-               "opt": {"dtype": "float32", "shape": [2], "optional": True}},
+    "inputs": {
+        "x": {"dtype": "float32", "shape": [2]},
+        "opt": {"dtype": "float32", "shape": [2], "optional": True},
+    },
     "nodes": {
         "a": {"plugin": "identity", "inputs": {"x": "$inputs.x"}},
         "b": {"plugin": "identity", "inputs": {"x": "$inputs.x"}},
-        "fuse": {"plugin": "identity", "join": "available",
-                 "inputs": {"a": "a.out", "b": "b.out", "o": "c.out"}},
+        "fuse": {
+            "plugin": "identity",
+            "join": "available",
+            "inputs": {"a": "a.out", "b": "b.out", "o": "c.out"},
+        },
         "c": {"plugin": "identity", "inputs": {"x": "$inputs.opt"}},
     },
     "outputs": {"y": "fuse.out", "c": "c.out"},
@@ -72,7 +84,8 @@ async def test_independent_branches_overlap():
     assert log.index("start b") < log.index("end a")
     assert log.index("start a") < log.index("end b")
     t = result.timings
-    assert t["a"].start < t["b"].end and t["b"].start < t["a"].end
+    assert t["a"].start < t["b"].end
+    assert t["b"].start < t["a"].end
     assert t["fuse"].start >= max(t["a"].end, t["b"].end)
     np.testing.assert_array_equal(result.outputs["y"], x + 2)
 
@@ -84,13 +97,19 @@ async def test_missing_optional_input_skips_its_branch():
     assert result.timings["c"].status == "skipped"
     assert "start c" not in log
     assert set(runners["fuse"].seen) == {"a", "b"}  # join: available ran on what arrived
-    assert "c" not in result.outputs and "y" in result.outputs
+    assert "c" not in result.outputs
+    assert "y" in result.outputs
     assert set(result.node_latency_us) == {"a", "b", "fuse"}
 
 
 async def test_join_all_skips_when_an_input_is_absent():
-    s = dict(DIAMOND, nodes={**DIAMOND["nodes"], "fuse": {
-        "plugin": "identity", "inputs": {"a": "a.out", "o": "c.out"}}})
+    s = dict(
+        DIAMOND,
+        nodes={
+            **DIAMOND["nodes"],
+            "fuse": {"plugin": "identity", "inputs": {"a": "a.out", "o": "c.out"}},
+        },
+    )
     runners = {n: Recorder(n, []) for n in ("a", "b", "c", "fuse")}
     result = await execute(spec(s), {"x": np.zeros((1, 2), np.float32)}, runners)
     assert result.timings["fuse"].status == "skipped"
@@ -108,11 +127,16 @@ async def test_wanted_outputs_prune_nodes():
 
 async def test_failure_names_the_node_and_cancels_the_rest():
     log: list[str] = []
-    runners = {"a": Recorder("a", log, fail=True), "b": Recorder("b", log, hang=True),
-               "c": Recorder("c", log), "fuse": Recorder("fuse", log)}
+    runners = {
+        "a": Recorder("a", log, fail=True),
+        "b": Recorder("b", log, hang=True),
+        "c": Recorder("c", log),
+        "fuse": Recorder("fuse", log),
+    }
     with pytest.raises(InferenceError) as info:
         await asyncio.wait_for(
-            execute(spec(DIAMOND), {"x": np.zeros((1, 2), np.float32)}, runners), 5)
+            execute(spec(DIAMOND), {"x": np.zeros((1, 2), np.float32)}, runners), 5
+        )
     assert info.value.node == "a"
     assert "ValueError: boom" in str(info.value)
     assert "start fuse" not in log
@@ -120,8 +144,13 @@ async def test_failure_names_the_node_and_cancels_the_rest():
 
 async def test_deadline_names_the_running_nodes():
     loop = asyncio.get_running_loop()
-    runners = {"a": Recorder("a", [], hang=True), "b": Recorder("b", []),
-               "c": Recorder("c", []), "fuse": Recorder("fuse", [])}
+    runners = {
+        "a": Recorder("a", [], hang=True),
+        "b": Recorder("b", []),
+        "c": Recorder("c", []),
+        "fuse": Recorder("fuse", []),
+    }
     with pytest.raises(DeadlineExceeded, match="running nodes: a"):
-        await execute(spec(DIAMOND), {"x": np.zeros((1, 2), np.float32)}, runners,
-                      deadline=loop.time() + 0.05)
+        await execute(
+            spec(DIAMOND), {"x": np.zeros((1, 2), np.float32)}, runners, deadline=loop.time() + 0.05
+        )

@@ -1,0 +1,148 @@
+"""The engine's errors, and the ONE place where errors are mapped to and from the wire.
+
+::
+
+    DagserveError (model_plugins.errors)
+    ├── ... the SDK's tree (InvalidRequest, PipelineNotFound, Overloaded, ...)
+    ├── ConfigError                      the server configuration is unreadable or invalid
+    ├── ApplicationError                 the server answered with a Thrift TApplicationException
+    │                                    (unknown method, undeclared error, undecodable request)
+    └── ClientConnectionError (ConnectionError)   a client cannot reach the server or lost it
+        └── ClientTimeout (TimeoutError)          no answer within the client's ``timeout_s``
+
+Server side, :func:`map_to_wire` wraps every handler method: a :class:`DagserveError` becomes
+the IDL exception of the same name, and anything else becomes the IDL ``InferenceError``
+("internal error: ...") after its traceback is logged once.  This is not cosmetic: an
+exception that the IDL does not declare would otherwise reach the transport (DESIGN.md, Known
+hazards: thriftpy2's asyncio server drops the connection on it).
+
+Client side, :func:`from_wire` turns the IDL exceptions back into ``model_plugins.errors``
+classes, so callers catch the same types the engine raises.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from thriftpy2.thrift import TApplicationException, TException
+
+from idl import dagserve_thrift
+from model_plugins import errors as sdk
+from model_plugins.errors import DagserveError
+
+logger = logging.getLogger(__name__)
+
+
+class ConfigError(DagserveError):
+    """The server configuration is unreadable or invalid; the message names the file and key."""
+
+
+class ApplicationError(DagserveError):
+    """The server answered with a Thrift ``TApplicationException``.
+
+    ``kind`` is the Thrift code (``TApplicationException.UNKNOWN_METHOD``, ``INTERNAL_ERROR``,
+    ``PROTOCOL_ERROR``, ...); the connection that carried it stays usable.
+    """
+
+    def __init__(self, message: str, kind: int = TApplicationException.UNKNOWN) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+class ClientConnectionError(DagserveError, ConnectionError):
+    """A client cannot connect to ``host:port``, or the connection broke during a call."""
+
+    def __init__(self, message: str, host: str = "", port: int = 0) -> None:
+        super().__init__(message)
+        self.host = host
+        self.port = port
+
+
+class ClientTimeout(ClientConnectionError, TimeoutError):
+    """The server did not answer within the client's ``timeout_s`` (the call may still run)."""
+
+
+def to_wire(exc: DagserveError) -> TException:
+    """The IDL exception for one of our errors (subclasses map to their nearest IDL parent)."""
+    t = dagserve_thrift
+    if isinstance(exc, sdk.InvalidRequest):
+        return t.InvalidRequest(message=exc.message, field=exc.field)
+    if isinstance(exc, sdk.PipelineNotFound):
+        return t.PipelineNotFound(message=exc.message)
+    if isinstance(exc, sdk.Overloaded):
+        return t.Overloaded(message=exc.message, retry_after_ms=exc.retry_after_ms)
+    if isinstance(exc, sdk.DeadlineExceeded):
+        return t.DeadlineExceeded(message=exc.message)
+    if isinstance(exc, sdk.InferenceError):
+        return t.InferenceError(message=exc.message, node=exc.node)
+    # PluginError, ConfigError, dag's PipelineError ...: deliberate errors without an IDL twin.
+    return t.InferenceError(message=exc.message)
+
+
+@contextmanager
+def map_to_wire(what: str = "request") -> Iterator[None]:
+    """Run a handler body so that only IDL exceptions leave it.
+
+    ``what`` names the call in the log line of an unexpected error.  IDL exceptions raised
+    inside pass through unchanged.
+    """
+    try:
+        yield
+    except TException:
+        raise
+    except DagserveError as exc:
+        raise to_wire(exc) from exc
+    except Exception as exc:
+        # The one place a traceback of an unexpected error is logged; the client only gets
+        # the class and message.
+        logger.exception("internal error in %s", what)
+        raise dagserve_thrift.InferenceError(
+            message=f"internal error: {type(exc).__name__}: {exc}"
+        ) from exc
+
+
+def _typed(cls: type[DagserveError], message: str, **fields: Any) -> DagserveError:
+    # Build without the class's own constructor: PipelineNotFound(name, ...) composes its
+    # message, but the wire only carries the composed text.
+    error = cls.__new__(cls)
+    DagserveError.__init__(error, message)
+    error.__dict__.update(fields)
+    return error
+
+
+def from_wire(exc: TException, *, pipeline: str | None = None) -> DagserveError:
+    """Our error for an IDL exception (or a ``TApplicationException``) a server answered.
+
+    ``pipeline`` fills ``PipelineNotFound.pipeline``, which the wire does not carry.
+    """
+    t = dagserve_thrift
+    message = str(getattr(exc, "message", "") or "")
+    if isinstance(exc, t.InvalidRequest):
+        return sdk.InvalidRequest(message, field=exc.field)
+    if isinstance(exc, t.PipelineNotFound):
+        return _typed(sdk.PipelineNotFound, message, pipeline=pipeline, version=None)
+    if isinstance(exc, t.Overloaded):
+        retry = exc.retry_after_ms if exc.retry_after_ms is not None else 100
+        return sdk.Overloaded(message, retry_after_ms=retry)
+    if isinstance(exc, t.DeadlineExceeded):
+        return sdk.DeadlineExceeded(message)
+    if isinstance(exc, t.InferenceError):
+        return sdk.InferenceError(message, node=exc.node)
+    if isinstance(exc, TApplicationException):
+        kind = exc.type if exc.type is not None else TApplicationException.UNKNOWN
+        return ApplicationError(message or f"application exception {kind}", kind=kind)
+    return ApplicationError(f"unexpected exception from the server: {exc!r}")
+
+
+__all__ = [
+    "ApplicationError",
+    "ClientConnectionError",
+    "ClientTimeout",
+    "ConfigError",
+    "from_wire",
+    "map_to_wire",
+    "to_wire",
+]

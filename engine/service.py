@@ -1,0 +1,97 @@
+"""The Thrift handler: a thin adapter between the wire structs and a transport-neutral engine.
+
+Each method does three things: convert the Thrift structs (``engine.converters``), call the
+engine, convert the answer back.  :func:`engine.errors.map_to_wire` wraps each body, so only
+exceptions that the IDL declares leave it (STYLE.md, guideline 6).
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any, Protocol
+
+from engine.converters import (
+    decode_tensors,
+    encode_tensors,
+    health_to_wire,
+    pipeline_to_wire,
+)
+from engine.errors import map_to_wire
+from engine.types import HealthReport, InferenceRequest, InferenceResult, PipelineDescription
+from idl import dagserve_thrift
+from model_plugins.errors import InvalidRequest
+
+
+class EngineLike(Protocol):
+    """What the handler needs from the engine (``engine.engine.Engine`` provides it)."""
+
+    async def infer(self, request: InferenceRequest) -> InferenceResult: ...
+
+    def list_pipelines(self) -> list[PipelineDescription]: ...
+
+    def describe(self, name: str) -> PipelineDescription:
+        """Raises ``PipelineNotFound``."""
+        ...
+
+    def health(self) -> HealthReport: ...
+
+
+def request_from_wire(request: Any) -> InferenceRequest:
+    """Decode and check an ``InferRequest``; a missing ``request_id`` gets a fresh one."""
+    if request is None:
+        msg = "the call carries no request"
+        raise InvalidRequest(msg, field="request")
+    if not request.pipeline:
+        msg = "pipeline is missing"
+        raise InvalidRequest(msg, field="pipeline")
+    if request.timeout_ms is not None and request.timeout_ms <= 0:
+        msg = f"timeout_ms must be > 0 (got {request.timeout_ms})"
+        raise InvalidRequest(msg, field="timeout_ms")
+    return InferenceRequest(
+        pipeline=request.pipeline,
+        inputs=decode_tensors(request.inputs, "inputs"),
+        request_id=request.request_id or uuid.uuid4().hex,
+        version=request.version or None,
+        timeout_ms=request.timeout_ms,
+        # unknown output names are the engine's to judge
+        outputs=list(request.outputs) if request.outputs is not None else None,
+        headers=dict(request.headers or {}),
+    )
+
+
+def response_to_wire(result: InferenceResult) -> Any:
+    """The ``InferResponse`` of an engine result."""
+    return dagserve_thrift.InferResponse(
+        request_id=result.request_id,
+        outputs=encode_tensors(result.outputs),
+        node_latency_us=dict(result.node_latency_us),
+        version=result.version,
+    )
+
+
+class InferenceHandler:
+    """The ``InferenceService`` of ``idl/dagserve.thrift``, served by ``engine.server``."""
+
+    def __init__(self, engine: EngineLike) -> None:
+        self.engine = engine
+
+    async def infer(self, request: Any) -> Any:
+        with map_to_wire("infer"):
+            inference = request_from_wire(request)
+            result = await self.engine.infer(inference)
+            return response_to_wire(result)
+
+    async def list_pipelines(self) -> list[Any]:
+        with map_to_wire("list_pipelines"):
+            return [pipeline_to_wire(d) for d in self.engine.list_pipelines()]
+
+    async def describe(self, pipeline: str) -> Any:
+        with map_to_wire("describe"):
+            return pipeline_to_wire(self.engine.describe(pipeline))
+
+    async def health(self) -> Any:
+        with map_to_wire("health"):
+            return health_to_wire(self.engine.health())
+
+
+__all__ = ["EngineLike", "InferenceHandler", "request_from_wire", "response_to_wire"]
