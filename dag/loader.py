@@ -33,6 +33,9 @@ _MAX_GOT = 60
 #: pydantic's "Input should be ..." / "String should match ..." openings
 _SHOULD = re.compile(r"^\w+ should ")
 
+#: pydantic's tail on length errors, which the "(got ...)" says better
+_AFTER_VALIDATION = re.compile(r" after validation, not \d+$")
+
 #: pydantic's words for bounds, and the signs a reader scans faster
 _COMPARISONS = (
     ("greater than or equal to", ">="),
@@ -81,6 +84,10 @@ class SourceMap:
         )
 
 
+#: the only tags of collections a pipeline may use (set, omap and !!python/... are refused)
+_PLAIN_TAGS = frozenset({"tag:yaml.org,2002:map", "tag:yaml.org,2002:seq"})
+
+
 class _Loader(yaml.SafeLoader):
     """The safe loader; its node tree is walked by :func:`_construct`."""
 
@@ -99,7 +106,10 @@ class _Builder:
         if isinstance(node, yaml.ScalarNode):
             return self.loader.construct_object(node, deep=True)
         if id(node) in self._open:
-            self._error(node, "a recursive alias (an anchor used inside itself) is not allowed")
+            self._error(node, "a recursive alias (an anchor used inside itself) is not allowed", loc)
+            return None
+        if node.tag not in _PLAIN_TAGS:
+            self._error(node, f"the YAML tag {node.tag!r} is not allowed in a pipeline", loc)
             return None
         self._open.add(id(node))
         try:
@@ -128,7 +138,8 @@ class _Builder:
             key = self._key(key_node)
             line = key_node.start_mark.line + 1
             if key in seen:
-                self._error(key_node, f"duplicate key {key!r} (first written at line {seen[key]})")
+                message = f"duplicate key {key!r} (first written at line {seen[key]})"
+                self._error(key_node, message, loc)
             else:
                 seen[key] = line
         self.loader.flatten_mapping(node)  # resolves `<<: *anchor` merges
@@ -143,11 +154,13 @@ class _Builder:
         key = self.build(key_node, ())
         if isinstance(key, Hashable):
             return key
-        self._error(key_node, "a mapping key must be a plain value (got a collection)")
+        self._error(key_node, "a mapping key must be a plain value (got a collection)", ())
         return f"<line {key_node.start_mark.line + 1}>"
 
-    def _error(self, node: yaml.Node, message: str) -> None:
-        self.errors.append(PipelineError(message, file=self.file, line=node.start_mark.line + 1))
+    def _error(self, node: yaml.Node, message: str, loc: Loc) -> None:
+        name = str(loc[1]) if len(loc) >= 2 and loc[0] == "nodes" else None
+        line = node.start_mark.line + 1
+        self.errors.append(PipelineError(message, file=self.file, line=line, node=name))
 
 
 def parse_yaml(text: str, *, file: str | None = None) -> tuple[Any, SourceMap]:
@@ -215,8 +228,8 @@ def parse_spec(text: str, *, file: str | None = None) -> tuple[PipelineSpec, Sou
     Traceback (most recent call last):
     ...
     dag.errors.PipelineInvalid: p.yaml:1: missing required key 'inputs'
-    p.yaml:2: nodes: must have at least 1 item after validation, not 0 (got {})
     p.yaml:1: missing required key 'outputs'
+    p.yaml:2: nodes: must have at least 1 item (got {})
     """
     data, source = parse_yaml(text, file=file)
     if not isinstance(data, dict):
@@ -272,6 +285,7 @@ def _schema_error(detail: Mapping[str, Any], source: SourceMap) -> PipelineError
         where = where[:-1]
     else:
         message = _SHOULD.sub("must ", detail["msg"].removeprefix("Value error, "))
+        message = _AFTER_VALIDATION.sub("", message)
         for words, sign in _COMPARISONS:
             message = message.replace(words, sign)
         if "(got " not in message:

@@ -257,11 +257,11 @@ class _FrameReader:
 
     __slots__ = ("_data", "_pos")
 
-    def __init__(self, data: bytes) -> None:
+    def __init__(self, data: bytes | bytearray) -> None:
         self._data = data
         self._pos = 0
 
-    def read(self, size: int) -> bytes:
+    def read(self, size: int) -> bytes | bytearray:
         if self._pos == 0 and size >= len(self._data):
             self._pos = len(self._data)
             return self._data  # the whole frame: no copy
@@ -270,7 +270,7 @@ class _FrameReader:
         return chunk
 
 
-def message_reader(frame: bytes) -> TCyBinaryProtocol:
+def message_reader(frame: bytes | bytearray) -> TCyBinaryProtocol:
     """A binary protocol that reads one message from a frame body (without its length).
 
     ``string`` fields decode to ``str`` (invalid UTF-8 raises), ``binary`` fields stay

@@ -1,0 +1,490 @@
+"""Python clients of a dagserve server: :class:`Client` (threads) and :class:`AsyncClient`.
+
+Both speak framed binary Thrift over pooled TCP connections (TCP_NODELAY), encode and decode
+with thriftpy2's Cython codec (``engine.converters``), and raise OUR errors:
+
+- the IDL exceptions come back as ``model_plugins.errors`` classes (``InvalidRequest`` with
+  its ``field``, ``Overloaded`` with ``retry_after_ms``, ...);
+- a ``TApplicationException`` (unknown method, an error the method does not declare) as
+  :class:`engine.errors.ApplicationError`;
+- a connection that cannot be made or breaks as :class:`engine.errors.ClientConnectionError`
+  (a ``ConnectionError``; :class:`~engine.errors.ClientTimeout` after ``timeout_s``).
+
+A connection that broke, timed out or answered garbage is closed, never put back in the pool.
+A typed error leaves the connection usable.  No call is retried: ``infer`` may not be
+idempotent for every pipeline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import select
+import socket
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+from thriftpy2.thrift import TApplicationException, TMessageType
+
+from engine.converters import (
+    decode_tensors,
+    encode_message,
+    encode_tensor,
+    health_from_wire,
+    message_reader,
+    pipeline_from_wire,
+)
+from engine.errors import ApplicationError, ClientConnectionError, ClientTimeout, from_wire
+from engine.types import HealthReport, PipelineDescription
+from idl import dagserve_thrift
+from model_plugins.errors import DagserveError, InvalidRequest
+
+#: largest reply frame a client accepts (replies carry whole batches of outputs)
+MAX_REPLY_BYTES = 1024 * 1024 * 1024
+#: payloads below this go out in one send with their header (one packet under TCP_NODELAY);
+#: larger ones are sent after it rather than copied behind it
+_JOIN_BELOW = 64 * 1024
+
+_SERVICE = dagserve_thrift.InferenceService
+
+
+@dataclass(frozen=True)
+class InferResult:
+    """The answer to one ``infer`` call."""
+
+    #: output name -> array (fixed-width arrays are read-only views on the reply)
+    outputs: dict[str, np.ndarray]
+    request_id: str
+    version: str | None
+    #: wall time of each node that ran, in microseconds
+    node_latency_us: dict[str, int] = field(default_factory=dict)
+
+
+class _BadReply(Exception):
+    """The reply cannot be trusted: the connection must be closed."""
+
+
+def _as_array(value: Any) -> np.ndarray:
+    if isinstance(value, np.ndarray):
+        return value
+    array = np.asarray(value)
+    if array.dtype.kind in "SU":
+        # Python str/bytes lists: numpy's S dtype strips trailing NULs, so keep the objects.
+        array = np.array(value, dtype=object)
+    return array
+
+
+def _infer_args(
+    pipeline: str,
+    inputs: Mapping[str, Any],
+    *,
+    version: str | None,
+    timeout_ms: int | None,
+    outputs: Sequence[str] | None,
+    request_id: str | None,
+    headers: Mapping[str, str] | None,
+) -> Any:
+    tensors = {}
+    for name, value in inputs.items():
+        try:
+            tensors[name] = encode_tensor(_as_array(value))
+        except (TypeError, ValueError) as exc:
+            msg = f"input {name!r}: {exc}"
+            raise InvalidRequest(msg, field=f"inputs.{name}") from exc
+    request = dagserve_thrift.InferRequest(
+        pipeline=pipeline,
+        inputs=tensors,
+        request_id=request_id,
+        timeout_ms=timeout_ms,
+        outputs=list(outputs) if outputs is not None else None,
+        version=version,
+        headers=dict(headers) if headers is not None else None,
+    )
+    return _SERVICE.infer_args(request=request)
+
+
+def _infer_result(response: Any) -> InferResult:
+    return InferResult(
+        outputs=decode_tensors(response.outputs, "outputs"),
+        request_id=response.request_id,
+        version=response.version,
+        node_latency_us=dict(response.node_latency_us or {}),
+    )
+
+
+def _unpack_reply(frame: bytes | bytearray, name: str, seqid: int, pipeline: str | None) -> Any:
+    """The ``success`` value of a reply; raises our typed error, or _BadReply."""
+    protocol = message_reader(frame)
+    try:
+        reply_name, message_type, reply_seqid = protocol.read_message_begin()
+        if reply_name != name or reply_seqid != seqid:
+            msg = f"reply to {reply_name!r} #{reply_seqid} for call {name!r} #{seqid}"
+            raise _BadReply(msg)
+        if message_type == TMessageType.EXCEPTION:
+            app_error = TApplicationException()
+            protocol.read_struct(app_error)
+            raise from_wire(app_error)
+        result = getattr(_SERVICE, f"{name}_result")()
+        protocol.read_struct(result)
+    except (DagserveError, _BadReply):
+        raise
+    except Exception as exc:
+        msg = f"undecodable reply: {type(exc).__name__}: {exc}"
+        raise _BadReply(msg) from exc
+    if result.success is not None:
+        return result.success
+    for field_id, spec in result.thrift_spec.items():
+        error = getattr(result, spec[1])
+        if field_id != 0 and error is not None:
+            raise from_wire(error, pipeline=pipeline)
+    msg = f"{name} answered no result"
+    raise ApplicationError(msg, kind=TApplicationException.MISSING_RESULT)
+
+
+class _Endpoint:
+    """What both clients share: address, settings, seqids."""
+
+    def __init__(self, host: str, port: int, timeout_s: float, pool_size: int) -> None:
+        if timeout_s <= 0:
+            msg = f"timeout_s must be > 0 (got {timeout_s})"
+            raise ValueError(msg)
+        if pool_size < 1:
+            msg = f"pool_size must be >= 1 (got {pool_size})"
+            raise ValueError(msg)
+        self.host = host
+        self.port = port
+        self.timeout_s = timeout_s
+        self.pool_size = pool_size
+        # next() on itertools.count is atomic under the GIL: safe across threads
+        self._seqids = itertools.count(1)
+
+    def _next_seqid(self) -> int:
+        return next(self._seqids) % 2**31
+
+    def _connection_error(self, what: str, exc: BaseException) -> ClientConnectionError:
+        where = f"{self.host}:{self.port}"
+        if isinstance(exc, TimeoutError):
+            return ClientTimeout(
+                f"{where}: no answer to {what} within {self.timeout_s} s", self.host, self.port
+            )
+        return ClientConnectionError(f"{where}: {what} failed: {exc}", self.host, self.port)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.host!r}, {self.port})"
+
+
+# --- synchronous ----------------------------------------------------------------------------
+
+
+class _SyncConnection:
+    def __init__(self, host: str, port: int, timeout_s: float) -> None:
+        self.sock = socket.create_connection((host, port), timeout=timeout_s)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def roundtrip(self, payload: bytes) -> bytearray:
+        header = len(payload).to_bytes(4, "big")
+        if len(payload) < _JOIN_BELOW:
+            self.sock.sendall(header + payload)
+        else:
+            self.sock.sendall(header)
+            self.sock.sendall(payload)
+        size = int.from_bytes(self._recv_exactly(4), "big", signed=True)
+        if not 0 <= size <= MAX_REPLY_BYTES:
+            msg = f"reply frame of {size} bytes (limit {MAX_REPLY_BYTES})"
+            raise _BadReply(msg)
+        return self._recv_exactly(size)
+
+    def _recv_exactly(self, size: int) -> bytearray:
+        buffer = bytearray(size)
+        view = memoryview(buffer)
+        got = 0
+        while got < size:
+            count = self.sock.recv_into(view[got:])
+            if count == 0:
+                msg = "connection closed by the server"
+                raise ConnectionError(msg)
+            got += count
+        return buffer
+
+    def is_stale(self) -> bool:
+        # An idle pooled connection must have nothing to read; EOF (the server closed it)
+        # or stray bytes both make it unusable.
+        poller = select.poll()
+        poller.register(self.sock, select.POLLIN)
+        return bool(poller.poll(0))
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class Client(_Endpoint):
+    """A thread-safe, synchronous client with a pool of connections.
+
+    At most ``pool_size`` idle connections are kept; more threads than that may call at
+    once (each extra call opens a connection, closed after it).
+    """
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 9090,
+        *,
+        timeout_s: float = 30.0,
+        pool_size: int = 8,
+    ) -> None:
+        super().__init__(host, port, timeout_s, pool_size)
+        self._idle: list[_SyncConnection] = []
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close every pooled connection; the client cannot be used afterwards."""
+        with self._lock:
+            self._closed = True
+            idle, self._idle = self._idle, []
+        for connection in idle:
+            connection.close()
+
+    def infer(
+        self,
+        pipeline: str,
+        inputs: Mapping[str, Any],
+        *,
+        version: str | None = None,
+        timeout_ms: int | None = None,
+        outputs: Sequence[str] | None = None,
+        request_id: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> InferResult:
+        """Run ``pipeline`` on ``inputs`` (arrays, or lists that ``np.asarray`` takes)."""
+        args = _infer_args(
+            pipeline, inputs, version=version, timeout_ms=timeout_ms, outputs=outputs,
+            request_id=request_id, headers=headers,
+        )  # fmt: skip
+        return _infer_result(self._call("infer", args, pipeline))
+
+    def list_pipelines(self) -> list[PipelineDescription]:
+        """Every served pipeline."""
+        infos = self._call("list_pipelines", _SERVICE.list_pipelines_args())
+        return [pipeline_from_wire(info) for info in infos]
+
+    def describe(self, name: str) -> PipelineDescription:
+        """One pipeline; raises ``PipelineNotFound``."""
+        info = self._call("describe", _SERVICE.describe_args(pipeline=name), name)
+        return pipeline_from_wire(info)
+
+    def health(self) -> HealthReport:
+        """Whether the server is live and ready."""
+        return health_from_wire(self._call("health", _SERVICE.health_args()))
+
+    def _acquire(self) -> _SyncConnection:
+        with self._lock:
+            if self._closed:
+                msg = f"{self!r} is closed"
+                raise RuntimeError(msg)
+            while self._idle:
+                connection = self._idle.pop()
+                if not connection.is_stale():
+                    return connection
+                connection.close()
+        try:
+            return _SyncConnection(self.host, self.port, self.timeout_s)
+        except OSError as exc:
+            raise self._connection_error("connect", exc) from exc
+
+    def _release(self, connection: _SyncConnection) -> None:
+        with self._lock:
+            if not self._closed and len(self._idle) < self.pool_size:
+                self._idle.append(connection)
+                return
+        connection.close()
+
+    def _call(self, name: str, args: Any, pipeline: str | None = None) -> Any:
+        seqid = self._next_seqid()
+        payload = encode_message(name, TMessageType.CALL, seqid, args)
+        connection = self._acquire()
+        try:
+            frame = connection.roundtrip(payload)
+            value = _unpack_reply(frame, name, seqid, pipeline)
+        except DagserveError:
+            self._release(connection)  # a typed answer: the connection is fine
+            raise
+        except (OSError, _BadReply) as exc:
+            connection.close()
+            raise self._connection_error(name, exc) from exc
+        except BaseException:
+            connection.close()
+            raise
+        self._release(connection)
+        return value
+
+
+# --- asyncio --------------------------------------------------------------------------------
+
+
+class _AsyncConnection:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+
+    @classmethod
+    async def open(cls, host: str, port: int) -> _AsyncConnection:
+        reader, writer = await asyncio.open_connection(host, port, limit=1024 * 1024)
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return cls(reader, writer)
+
+    async def roundtrip(self, payload: bytes) -> bytes:
+        self.writer.writelines((len(payload).to_bytes(4, "big"), payload))
+        await self.writer.drain()
+        size = int.from_bytes(await self.reader.readexactly(4), "big", signed=True)
+        if not 0 <= size <= MAX_REPLY_BYTES:
+            msg = f"reply frame of {size} bytes (limit {MAX_REPLY_BYTES})"
+            raise _BadReply(msg)
+        return await self.reader.readexactly(size)
+
+    def is_stale(self) -> bool:
+        return self.writer.is_closing() or self.reader.at_eof() or bool(self.reader._buffer)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class AsyncClient(_Endpoint):
+    """An asyncio client with a pool of connections; use it from one event loop.
+
+    Concurrent calls each take their own connection; at most ``pool_size`` idle ones are
+    kept.  ``timeout_s`` bounds each call (connect included).
+    """
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 9090,
+        *,
+        timeout_s: float = 30.0,
+        pool_size: int = 8,
+    ) -> None:
+        super().__init__(host, port, timeout_s, pool_size)
+        self._idle: list[_AsyncConnection] = []
+        self._closed = False
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close every pooled connection; the client cannot be used afterwards."""
+        self._closed = True
+        idle, self._idle = self._idle, []
+        for connection in idle:
+            connection.close()
+        for connection in idle:
+            try:
+                await connection.writer.wait_closed()
+            except OSError:
+                pass
+
+    async def infer(
+        self,
+        pipeline: str,
+        inputs: Mapping[str, Any],
+        *,
+        version: str | None = None,
+        timeout_ms: int | None = None,
+        outputs: Sequence[str] | None = None,
+        request_id: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> InferResult:
+        """Run ``pipeline`` on ``inputs`` (arrays, or lists that ``np.asarray`` takes)."""
+        args = _infer_args(
+            pipeline, inputs, version=version, timeout_ms=timeout_ms, outputs=outputs,
+            request_id=request_id, headers=headers,
+        )  # fmt: skip
+        return _infer_result(await self._call("infer", args, pipeline))
+
+    async def list_pipelines(self) -> list[PipelineDescription]:
+        """Every served pipeline."""
+        infos = await self._call("list_pipelines", _SERVICE.list_pipelines_args())
+        return [pipeline_from_wire(info) for info in infos]
+
+    async def describe(self, name: str) -> PipelineDescription:
+        """One pipeline; raises ``PipelineNotFound``."""
+        info = await self._call("describe", _SERVICE.describe_args(pipeline=name), name)
+        return pipeline_from_wire(info)
+
+    async def health(self) -> HealthReport:
+        """Whether the server is live and ready."""
+        return health_from_wire(await self._call("health", _SERVICE.health_args()))
+
+    async def _acquire(self) -> _AsyncConnection:
+        if self._closed:
+            msg = f"{self!r} is closed"
+            raise RuntimeError(msg)
+        while self._idle:
+            connection = self._idle.pop()
+            if not connection.is_stale():
+                return connection
+            connection.close()
+        try:
+            return await _AsyncConnection.open(self.host, self.port)
+        except OSError as exc:
+            raise self._connection_error("connect", exc) from exc
+
+    def _release(self, connection: _AsyncConnection) -> None:
+        if not self._closed and len(self._idle) < self.pool_size:
+            self._idle.append(connection)
+        else:
+            connection.close()
+
+    async def _call(self, name: str, args: Any, pipeline: str | None = None) -> Any:
+        seqid = self._next_seqid()
+        payload = encode_message(name, TMessageType.CALL, seqid, args)
+        connection: _AsyncConnection | None = None
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                connection = await self._acquire()
+                frame = await connection.roundtrip(payload)
+            value = _unpack_reply(frame, name, seqid, pipeline)
+        except DagserveError:
+            if connection is not None:
+                self._release(connection)
+            raise
+        except (OSError, EOFError, _BadReply) as exc:
+            # TimeoutError is an OSError; IncompleteReadError an EOFError
+            if connection is not None:
+                connection.close()
+            raise self._connection_error(name, exc) from exc
+        except BaseException:
+            # cancelled mid-call: the reply may still arrive, so the connection is unusable
+            if connection is not None:
+                connection.close()
+            raise
+        self._release(connection)
+        return value
+
+
+__all__ = ["AsyncClient", "Client", "InferResult", "MAX_REPLY_BYTES"]

@@ -1,0 +1,159 @@
+"""The worker's side: load plugins, run their predicts in threads, answer by correlation id.
+
+One worker hosts every model of one framework on one device, so one CUDA context serves them
+all.  A reader thread takes messages off the socket; loads and predicts run in a thread pool,
+so different models (and the instances of one model) execute concurrently whenever the
+framework releases the GIL; replies go back under a lock as each finishes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import signal
+import socket
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from engine.workers import wire
+from engine.workers.messages import (
+    Loaded,
+    LoadModel,
+    Ping,
+    Predict,
+    RemoteError,
+    Reply,
+    Shutdown,
+    Unload,
+)
+from model_plugins.errors import DagserveError, InferenceError
+from model_plugins.plugin import ModelPlugin
+from model_plugins.registry import resolve
+
+logger = logging.getLogger("dagserve.worker")
+
+
+@dataclass
+class _Hosted:
+    plugin: str
+    loaded: list[ModelPlugin]
+    idle: queue.Queue[ModelPlugin]
+
+
+class _Worker:
+    def __init__(self, sock: socket.socket, name: str) -> None:
+        self.sock = sock
+        self.name = name
+        self.send_lock = threading.Lock()
+        self.models: dict[str, _Hosted] = {}
+        # Threads are created on demand; the parent never sends a model more concurrent
+        # predicts than it has instances, so this bounds nothing that matters.
+        self.pool = ThreadPoolExecutor(max_workers=64, thread_name_prefix=f"{name}-exec")
+
+    def reply(self, message: Reply) -> None:
+        with self.send_lock:
+            try:
+                wire.send(self.sock, message)
+            except (OSError, ValueError, TypeError) as exc:
+                if isinstance(exc, OSError):
+                    raise
+                # The value did not pickle: answer with the reason instead.
+                error = RemoteError.from_exception(exc)
+                wire.send(self.sock, Reply(message.id, error=error))
+
+    def serve(self) -> None:
+        while True:
+            try:
+                message_id, message = wire.recv(self.sock)
+            except (EOFError, OSError):
+                return  # the parent went away: nothing left to serve
+            if isinstance(message, Ping):
+                self.reply(Reply(message_id, value=os.getpid()))
+            elif isinstance(message, Predict):
+                self.pool.submit(self._guarded, message_id, self.predict, message)
+            elif isinstance(message, LoadModel):
+                self.pool.submit(self._guarded, message_id, self.load, message)
+            elif isinstance(message, Unload):
+                self.pool.submit(self._guarded, message_id, self.unload, message.model_id)
+            elif isinstance(message, Shutdown):
+                for model_id in list(self.models):
+                    self.unload(model_id)
+                self.reply(Reply(message_id))
+                return
+
+    def _guarded(self, message_id: int, function: Any, *args: Any) -> None:
+        try:
+            value = function(*args)
+        except DagserveError as exc:
+            self.reply(Reply(message_id, error=exc))
+        except BaseException as exc:
+            self.reply(Reply(message_id, error=RemoteError.from_exception(exc)))
+        else:
+            self.reply(Reply(message_id, value=value))
+
+    def load(self, message: LoadModel) -> Loaded:
+        start = time.perf_counter()
+        plugin_class = resolve(message.plugin)
+        loaded: list[ModelPlugin] = []
+        idle: queue.Queue[ModelPlugin] = queue.Queue()
+        for context in message.contexts:
+            plugin = plugin_class()
+            plugin.load(context)
+            loaded.append(plugin)
+            idle.put(plugin)
+        self.models[message.model_id] = _Hosted(message.plugin, loaded, idle)
+        first = loaded[0]
+        # Adapters learn their specs from the model file during load: report what they know.
+        inputs = dict(getattr(first, "loaded_inputs", None) or plugin_class.inputs)
+        outputs = dict(getattr(first, "loaded_outputs", None) or plugin_class.outputs)
+        logger.info("%s: loaded %s (%s)", self.name, message.model_id, message.plugin)
+        return Loaded(inputs, outputs, plugin_class.framework, time.perf_counter() - start)
+
+    def predict(self, message: Predict) -> dict[str, Any]:
+        hosted = self.models.get(message.model_id)
+        if hosted is None:
+            msg = f"model {message.model_id!r} is not loaded in worker {self.name}"
+            raise InferenceError(msg)
+        plugin = hosted.idle.get()
+        try:
+            return plugin.predict(message.inputs)
+        finally:
+            hosted.idle.put(plugin)
+
+    def unload(self, model_id: str) -> None:
+        hosted = self.models.pop(model_id, None)
+        for plugin in hosted.loaded if hosted else []:
+            try:
+                plugin.unload()
+            except Exception:
+                logger.exception("%s: unloading %s failed", self.name, model_id)
+
+
+def worker_entry(sock: socket.socket, name: str, log_level: int) -> None:
+    """The target of the spawned worker process."""
+    # Frameworks print to stdout (Paddle's oneDNN check does): send it to stderr, so that
+    # nothing a plugin prints can mix with whatever owns the parent's stdout.
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    # The parent handles Ctrl-C and shuts workers down in order; a terminal's SIGINT reaches
+    # the whole process group, so ignore it here.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    logging.basicConfig(
+        level=log_level, format=f"%(asctime)s %(levelname)s [{name} pid %(process)d] %(message)s"
+    )
+    worker = _Worker(sock, name)
+    try:
+        worker.serve()
+    finally:
+        worker.pool.shutdown(wait=False, cancel_futures=True)
+        sock.close()
+        # Skip interpreter teardown: frameworks' atexit hooks can hang or crash on the way out.
+        os._exit(0)
+
+
+__all__ = ["worker_entry"]

@@ -1,0 +1,91 @@
+"""Framing of worker messages: pickle protocol 5 with out-of-band buffers.
+
+A numpy array's payload never goes through pickle: pickle writes a small header and hands
+each contiguous buffer to us, and we send the buffers as they are, after the header::
+
+    u32 header length | u32 buffer count | u64 length of each buffer | header | buffers...
+
+The receiver reads each buffer into its own bytearray and unpickles with ``buffers=``, so the
+arrays it gets are views on those bytearrays: one copy from the kernel, none in Python.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import pickle
+import socket
+import struct
+from typing import Any
+
+_PREFIX = struct.Struct("<II")
+_LENGTH = struct.Struct("<Q")
+
+
+def encode(message: Any) -> list[bytes | memoryview]:
+    """The pieces of one frame, ready for ``sendmsg`` / ``writelines`` (no payload copies)."""
+    buffers: list[pickle.PickleBuffer] = []
+    header = pickle.dumps(message, protocol=5, buffer_callback=buffers.append)
+    raws = [b.raw() for b in buffers]
+    lengths = b"".join(_LENGTH.pack(r.nbytes) for r in raws)
+    return [_PREFIX.pack(len(header), len(raws)) + lengths, header, *raws]
+
+
+def send(sock: socket.socket, message: Any) -> None:
+    """Send one frame on a blocking socket (the caller serialises concurrent senders)."""
+    pieces = [memoryview(p).cast("B") for p in encode(message)]
+    while pieces:
+        sent = sock.sendmsg(pieces)
+        while pieces and sent >= pieces[0].nbytes:
+            sent -= pieces[0].nbytes
+            pieces.pop(0)
+        if pieces and sent:
+            pieces[0] = pieces[0][sent:]
+
+
+def _recv_exactly(sock: socket.socket, size: int) -> bytearray:
+    data = bytearray(size)
+    view = memoryview(data)
+    got = 0
+    while got < size:
+        n = sock.recv_into(view[got:], size - got)
+        if n == 0:
+            raise EOFError("peer closed the connection")
+        got += n
+    return data
+
+
+def recv(sock: socket.socket) -> Any:
+    """Receive one frame on a blocking socket.
+
+    Raises:
+        EOFError: the peer closed the socket.
+    """
+    header_length, count = _PREFIX.unpack(_recv_exactly(sock, _PREFIX.size))
+    lengths = _recv_exactly(sock, _LENGTH.size * count)
+    sizes = [_LENGTH.unpack_from(lengths, i * _LENGTH.size)[0] for i in range(count)]
+    header = _recv_exactly(sock, header_length)
+    buffers = [_recv_exactly(sock, size) for size in sizes]
+    return pickle.loads(header, buffers=buffers)
+
+
+async def read(reader: asyncio.StreamReader) -> Any:
+    """Receive one frame from an asyncio stream.
+
+    Raises:
+        asyncio.IncompleteReadError: the peer closed the stream.
+    """
+    header_length, count = _PREFIX.unpack(await reader.readexactly(_PREFIX.size))
+    lengths = await reader.readexactly(_LENGTH.size * count)
+    sizes = [_LENGTH.unpack_from(lengths, i * _LENGTH.size)[0] for i in range(count)]
+    header = await reader.readexactly(header_length)
+    # bytes, not bytearray: the arrays are read-only views, as decoded request inputs are
+    buffers = [await reader.readexactly(size) for size in sizes]
+    return pickle.loads(header, buffers=buffers)
+
+
+def write(writer: asyncio.StreamWriter, message: Any) -> None:
+    """Queue one frame on an asyncio stream; the caller awaits ``drain()``."""
+    writer.writelines(encode(message))
+
+
+__all__ = ["encode", "read", "recv", "send", "write"]
