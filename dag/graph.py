@@ -71,8 +71,10 @@ def build_graph(spec: PipelineSpec) -> nx.DiGraph:
     ...     "outputs": {"y": "a.x"},
     ... })
     >>> graph = build_graph(spec)
-    >>> list(graph.edges(data="wires"))
-    [('$inputs', 'a', [Wire(tensor='x', input='x')]), ('a', '$outputs', [Wire(tensor='x', input='y')])]
+    >>> for tail, head, wires in graph.edges(data="wires"):
+    ...     print(tail, head, wires)
+    $inputs a [Wire(tensor='x', input='x')]
+    a $outputs [Wire(tensor='x', input='y')]
     """
     graph = nx.DiGraph(name=spec.name)
     graph.add_node(INPUTS, kind="inputs")
@@ -345,9 +347,7 @@ class _Checker:
         except Exception as exc:  # a resolver is user-replaceable: never let it escape
             return f"plugin {plugin!r} cannot be resolved: {type(exc).__name__}: {exc}"
 
-    def tensor_spec(
-        self, ref: Ref, loc: Loc, what: str, node: str | None
-    ) -> TensorSpec | None:
+    def tensor_spec(self, ref: Ref, loc: Loc, what: str, node: str | None) -> TensorSpec | None:
         """The spec of the tensor ``ref`` names; reports an output its node does not have."""
         if ref.is_input:
             return self.input_specs.get(ref.name)

@@ -106,7 +106,9 @@ class _Builder:
         if isinstance(node, yaml.ScalarNode):
             return self.loader.construct_object(node, deep=True)
         if id(node) in self._open:
-            self._error(node, "a recursive alias (an anchor used inside itself) is not allowed", loc)
+            self._error(
+                node, "a recursive alias (an anchor used inside itself) is not allowed", loc
+            )
             return None
         if node.tag not in _PLAIN_TAGS:
             self._error(node, f"the YAML tag {node.tag!r} is not allowed in a pipeline", loc)
@@ -261,7 +263,9 @@ def load_spec(path: str | Path) -> tuple[PipelineSpec, SourceMap]:
         text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        raise PipelineInvalid([PipelineError(f"cannot read the file: {reason}", file=file)]) from exc
+        raise PipelineInvalid(
+            [PipelineError(f"cannot read the file: {reason}", file=file)]
+        ) from exc
     return parse_spec(text, file=file)
 
 
@@ -305,7 +309,9 @@ def _data_loc(loc: Sequence[Any], source: SourceMap) -> Loc:
 
 
 def _is_pydantic_step(step: Any) -> bool:
-    return isinstance(step, str) and (step == "[key]" or "[" in step or step.startswith("function-"))
+    return isinstance(step, str) and (
+        step == "[key]" or "[" in step or step.startswith("function-")
+    )
 
 
 def _dotted(loc: Sequence[Hashable]) -> str:

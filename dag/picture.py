@@ -93,12 +93,15 @@ def to_dot(pipeline: Pipeline) -> graphviz.Digraph:
     """The graphviz description of ``pipeline`` (what :func:`render` draws)."""
     import graphviz
 
-    dot = graphviz.Digraph(name=pipeline.name, graph_attr={"rankdir": "LR", "label": _title(pipeline)})
+    dot = graphviz.Digraph(
+        name=pipeline.name,
+        graph_attr={"rankdir": "LR", "label": _title(pipeline), "fontname": "Helvetica"},
+    )
     dot.attr("node", fontname="Helvetica", fontsize="11")
     dot.attr("edge", fontname="Helvetica", fontsize="9")
-    for name, spec in pipeline.input_specs.items():
-        style = {**_MAYBE, "style": "dashed"} if spec.optional else {}
-        label = f"{name}\n{spec.describe()}" + ("\noptional" if spec.optional else "")
+    for name, declared in pipeline.input_specs.items():
+        style = {**_MAYBE, "style": "dashed"} if declared.optional else {}
+        label = f"{name}\n{declared.describe()}" + ("\noptional" if declared.optional else "")
         dot.node(_input_id(name), label, shape="invhouse", **style)
     skipped = maybe_absent(pipeline)
     for name in pipeline.order:

@@ -80,9 +80,11 @@ class NodeSpec(_Strict):
     """Concurrent executions of this node's model."""
     framework: Literal["torch", "tensorflow", "paddle", "numpy"] | None = None
     """Overrides the framework the plugin declares (which worker hosts it)."""
-    runner: Literal["auto", "inline", "thread"] = "auto"
-    """Where the node runs in the front process: ``inline`` in the event loop (cheap ops),
-    ``thread`` in the thread pool (GIL-releasing work); ``auto`` lets the plugin decide."""
+    runner: Literal["auto", "inline", "thread", "worker"] = "auto"
+    """Where the node runs: ``worker`` in the worker process of its framework and device;
+    ``inline`` in the front process's event loop (cheap ops); ``thread`` in the front
+    process's thread pool.  ``auto``: built-in numpy nodes run in the front process (inline
+    when cheap), every other plugin in a worker."""
     batching: BatchingConfig | None = None
     """Dynamic batching; absent = one request's items per call."""
     timeout_ms: float | None = Field(None, gt=0)

@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 
 from dag.errors import PipelineError
-from dag.pipeline import load_pipelines
 from engine.config import ServerConfig, is_server_config, load_config
+from engine.loading import load_for_serving as load_pipelines
 from model_plugins.errors import DagserveError
 from model_plugins.specs import NUMPY_DTYPES, TensorSpec
 
@@ -87,7 +87,7 @@ def _validate(args: argparse.Namespace) -> int:
     pipelines, errors = load_pipelines(args.files)
     for pipeline in pipelines:
         for warning in pipeline.warnings:
-            print(f"warning: {warning}", file=sys.stderr)
+            print(warning, file=sys.stderr)
     if errors:
         _print_errors(errors)
         print(f"{len(errors)} error(s) in {len(args.files)} file(s)", file=sys.stderr)
@@ -107,7 +107,11 @@ def _graph(args: argparse.Namespace) -> int:
     if errors:
         _print_errors(errors)
         return 1
-    render(pipelines[0], args.output)
+    try:
+        render(pipelines[0], args.output)
+    except ValueError as exc:
+        print(f"dagserve graph: {exc}", file=sys.stderr)
+        return 2
     print(f"wrote {args.output}")
     return 0
 

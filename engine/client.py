@@ -18,6 +18,7 @@ idempotent for every pipeline.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import select
 import socket
@@ -305,7 +306,8 @@ class Client(_Endpoint):
         try:
             return _SyncConnection(self.host, self.port, self.timeout_s)
         except OSError as exc:
-            raise self._connection_error("connect", exc) from exc
+            error = self._connection_error("connect", exc)
+            raise error from exc
 
     def _release(self, connection: _SyncConnection) -> None:
         with self._lock:
@@ -360,7 +362,7 @@ class _AsyncConnection:
         return await self.reader.readexactly(size)
 
     def is_stale(self) -> bool:
-        return self.writer.is_closing() or self.reader.at_eof() or bool(self.reader._buffer)
+        return self.writer.is_closing() or self.reader.at_eof()
 
     def close(self) -> None:
         self.writer.close()
@@ -403,10 +405,8 @@ class AsyncClient(_Endpoint):
         for connection in idle:
             connection.close()
         for connection in idle:
-            try:
+            with contextlib.suppress(OSError):
                 await connection.writer.wait_closed()
-            except OSError:
-                pass
 
     async def infer(
         self,
@@ -452,7 +452,8 @@ class AsyncClient(_Endpoint):
         try:
             return await _AsyncConnection.open(self.host, self.port)
         except OSError as exc:
-            raise self._connection_error("connect", exc) from exc
+            error = self._connection_error("connect", exc)
+            raise error from exc
 
     def _release(self, connection: _AsyncConnection) -> None:
         if not self._closed and len(self._idle) < self.pool_size:

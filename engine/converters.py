@@ -19,10 +19,14 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
-from thriftpy2.protocol.cybin import TCyBinaryProtocol
+
+# The Cython classes, imported from their compiled modules on purpose: thriftpy2's package
+# namespaces fall back to pure-Python classes without a word when Cython is missing, and those
+# decode differently.  The compiled modules carry no type information.
+from thriftpy2.protocol.cybin import TCyBinaryProtocol  # type: ignore[attr-defined]
 from thriftpy2.thrift import TPayload
-from thriftpy2.transport.buffered import TCyBufferedTransport
-from thriftpy2.transport.memory import TCyMemoryBuffer
+from thriftpy2.transport.buffered import TCyBufferedTransport  # type: ignore[attr-defined]
+from thriftpy2.transport.memory import TCyMemoryBuffer  # type: ignore[attr-defined]
 
 from engine.types import EdgeDescription, HealthReport, PipelineDescription
 from idl import dagserve_thrift

@@ -15,8 +15,9 @@ from pathlib import Path
 
 from dag.executor import Execution, _Plan, execute, plan
 from dag.pipeline import Pipeline
-from dag.schema import parse_ref
+from dag.schema import NodeSpec, parse_ref
 from engine.runners.local import InlineRunner, LocalRunner, NodeBinding, ThreadPoolRunner
+from engine.runners.worker import WorkerRunner
 from engine.types import (
     EdgeDescription,
     HealthReport,
@@ -24,9 +25,11 @@ from engine.types import (
     InferenceResult,
     PipelineDescription,
 )
+from engine.workers.pool import WorkerPool, worker_key
 from model_plugins.contract import check_inputs
-from model_plugins.errors import InvalidRequest, PipelineNotFound, PluginLoadError
-from model_plugins.plugin import LoadContext
+from model_plugins.errors import DagserveError, InvalidRequest, PipelineNotFound, PluginLoadError
+from model_plugins.plugin import LoadContext, ModelPlugin
+from model_plugins.registry import BUILTINS
 
 logger = logging.getLogger(__name__)
 
@@ -36,12 +39,15 @@ def _version_key(version: str) -> tuple[tuple[int, int | str], ...]:
     return tuple((0, int(p)) if p.isdigit() else (1, p) for p in re.split(r"[.\-_]", version))
 
 
+Runner = LocalRunner | WorkerRunner
+
+
 @dataclass
 class ServedPipeline:
     """A pipeline with its runners, ready to execute requests."""
 
     pipeline: Pipeline
-    runners: dict[str, LocalRunner]
+    runners: dict[str, Runner]
     plan: _Plan
     description: PipelineDescription
     required_inputs: frozenset[str] = field(default_factory=frozenset)
@@ -50,57 +56,61 @@ class ServedPipeline:
 class Engine:
     """Serves a set of pipelines.
 
-    Lifecycle: ``await start()`` loads every node's plugin (a failure stops startup with
-    the node, the plugin and the plugin's own message); ``await aclose()`` unloads them.
+    Lifecycle: ``await start()`` loads every node's plugin, in the front process or in the
+    worker of its framework and device (a failure stops startup with the node, the plugin and
+    the plugin's own message); ``await aclose()`` unloads them and stops the workers.
     """
 
-    def __init__(self, pipelines: Iterable[Pipeline], *, thread_pool_size: int = 8) -> None:
+    def __init__(
+        self,
+        pipelines: Iterable[Pipeline],
+        *,
+        thread_pool_size: int = 8,
+        workers: WorkerPool | None = None,
+    ) -> None:
         self._served: dict[str, dict[str, ServedPipeline]] = {}
         self._pending = list(pipelines)
+        seen: set[tuple[str, str]] = set()
         for p in self._pending:
-            if p.version in self._served.get(p.name, {}):
+            if (p.name, p.version) in seen:
                 msg = f"pipeline {p.name!r} version {p.version!r} is defined twice"
                 raise ValueError(msg)
+            seen.add((p.name, p.version))
             self._served.setdefault(p.name, {})
         self._pool = ThreadPoolExecutor(thread_pool_size, thread_name_prefix="dagserve-node")
+        self.workers = workers or WorkerPool()
         self.ready = False
 
     # -- lifecycle ---------------------------------------------------------------------
 
     async def start(self) -> None:
-        for pipeline in self._pending:
-            served = _serve(pipeline, self._pool)
-            for name, runner in served.runners.items():
-                try:
-                    await runner.start(self._pool)
-                except Exception as exc:
-                    await self._close_runners()
-                    await _close_served(served)
-                    node = pipeline.spec.nodes[name]
-                    msg = (
-                        f"pipeline {pipeline.name!r}: node {name!r} (plugin {node.plugin!r}) "
-                        f"failed to load: {type(exc).__name__}: {exc}"
-                    )
-                    raise PluginLoadError(msg) from exc
-            self._served[pipeline.name][pipeline.version] = served
-            logger.info(
-                "serving pipeline %s version %s: %s",
-                pipeline.name,
-                pipeline.version,
-                ", ".join(f"{n}[{r.kind}]" for n, r in served.runners.items()),
-            )
+        try:
+            for pipeline in self._pending:
+                served = _serve(pipeline, self._pool, self.workers)
+                # Register before loading, so that aclose() unloads a half-started pipeline.
+                self._served[pipeline.name][pipeline.version] = served
+                for name, runner in served.runners.items():
+                    await _start_runner(pipeline, name, runner)
+                logger.info(
+                    "serving pipeline %s version %s: %s",
+                    pipeline.name,
+                    pipeline.version,
+                    ", ".join(f"{n} [{_where(r)}]" for n, r in served.runners.items()),
+                )
+        except BaseException:
+            await self.aclose()
+            raise
         self._pending.clear()
         self.ready = True
 
     async def aclose(self) -> None:
         self.ready = False
-        await self._close_runners()
-        self._pool.shutdown(wait=False, cancel_futures=True)
-
-    async def _close_runners(self) -> None:
         for versions in self._served.values():
             for served in versions.values():
-                await _close_served(served)
+                for runner in served.runners.values():
+                    await runner.aclose()
+        await self.workers.aclose()
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
     # -- the service -------------------------------------------------------------------
 
@@ -154,28 +164,59 @@ class Engine:
 
     def health(self) -> HealthReport:
         details = {
-            f"pipeline.{name}:{version}": "ready"
+            f"pipeline.{name}:{version}": "ready" if self.ready else "loading"
             for name, versions in self._served.items()
             for version in versions
         }
         details["pipelines"] = str(sum(len(v) for v in self._served.values()))
+        for worker, stats in self.workers.statistics().items():
+            details[f"worker.{worker}"] = (
+                f"pid={stats['pid']} ready={stats['ready']} restarts={stats['restarts']} "
+                f"models={','.join(stats['models'])}"  # type: ignore[arg-type]
+            )
         return HealthReport(live=True, ready=self.ready, details=details)
 
 
-async def _close_served(served: ServedPipeline) -> None:
-    for runner in served.runners.values():
-        await runner.aclose()
+async def _start_runner(pipeline: Pipeline, name: str, runner: Runner) -> None:
+    node = pipeline.spec.nodes[name]
+    try:
+        await runner.start()
+    except Exception as exc:
+        where = f" in worker {runner.key.name}" if isinstance(runner, WorkerRunner) else ""
+        cause = exc.message if isinstance(exc, DagserveError) else f"{type(exc).__name__}: {exc}"
+        msg = (
+            f"pipeline {pipeline.name!r}: node {name!r} (plugin {node.plugin!r}) "
+            f"failed to load{where}: {cause}"
+        )
+        raise PluginLoadError(msg) from exc
 
 
-def _serve(pipeline: Pipeline, pool: ThreadPoolExecutor) -> ServedPipeline:
-    runners: dict[str, LocalRunner] = {}
-    base = pipeline.path.parent if pipeline.path else None
+def _where(runner: Runner) -> str:
+    return f"worker {runner.key.name}" if isinstance(runner, WorkerRunner) else runner.kind
+
+
+def runner_kind(node: NodeSpec, plugin_class: type[ModelPlugin]) -> str:
+    """Where a node runs: ``inline``, ``thread`` or ``worker`` (see ``NodeSpec.runner``)."""
+    if node.runner != "auto":
+        return node.runner
+    if node.plugin in BUILTINS and framework_of(node, plugin_class) is None:
+        return "inline" if getattr(plugin_class, "inline", False) else "thread"
+    return "worker"
+
+
+def framework_of(node: NodeSpec, plugin_class: type[ModelPlugin]) -> str | None:
+    """The node's framework: its ``framework:`` key, else what the plugin declares."""
+    if node.framework is not None:
+        return None if node.framework == "numpy" else node.framework
+    return plugin_class.framework
+
+
+def _serve(pipeline: Pipeline, pool: ThreadPoolExecutor, workers: WorkerPool) -> ServedPipeline:
+    runners: dict[str, Runner] = {}
+    base = pipeline.path.parent.resolve() if pipeline.path else Path.cwd()
     for name, node in pipeline.spec.nodes.items():
         plugin_class = pipeline.plugin_classes[name]
-        model_path = None
-        if node.model is not None:
-            model_path = (base / node.model) if base else None
-            model_path = model_path.resolve() if model_path else None
+        model_path = (base / node.model).resolve() if node.model is not None else None
         device = "cpu" if node.device == "auto" else node.device
         contexts = tuple(
             LoadContext(
@@ -184,7 +225,7 @@ def _serve(pipeline: Pipeline, pool: ThreadPoolExecutor) -> ServedPipeline:
                 model_path=model_path,
                 device=device,
                 params=node.params,
-                pipeline_dir=base or Path.cwd(),
+                pipeline_dir=base,
                 instance=i,
             )
             for i in range(node.instances)
@@ -197,10 +238,14 @@ def _serve(pipeline: Pipeline, pool: ThreadPoolExecutor) -> ServedPipeline:
             outputs=pipeline.node_signatures[name][1],
             contexts=contexts,
         )
-        inline = node.runner == "inline" or (
-            node.runner == "auto" and bool(getattr(plugin_class, "inline", False))
-        )
-        runners[name] = InlineRunner(binding) if inline else ThreadPoolRunner(binding, pool)
+        kind = runner_kind(node, plugin_class)
+        if kind == "worker":
+            key = worker_key(framework_of(node, plugin_class), device)
+            runners[name] = WorkerRunner(binding, workers, key)
+        elif kind == "inline":
+            runners[name] = InlineRunner(binding)
+        else:
+            runners[name] = ThreadPoolRunner(binding, pool)
     required = frozenset(n for n, s in pipeline.input_specs.items() if not s.optional)
     return ServedPipeline(pipeline, runners, plan(pipeline.spec), describe(pipeline), required)
 

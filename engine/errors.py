@@ -68,18 +68,22 @@ class ClientTimeout(ClientConnectionError, TimeoutError):
 def to_wire(exc: DagserveError) -> TException:
     """The IDL exception for one of our errors (subclasses map to their nearest IDL parent)."""
     t = dagserve_thrift
+    wire: TException
     if isinstance(exc, sdk.InvalidRequest):
-        return t.InvalidRequest(message=exc.message, field=exc.field)
-    if isinstance(exc, sdk.PipelineNotFound):
-        return t.PipelineNotFound(message=exc.message)
-    if isinstance(exc, sdk.Overloaded):
-        return t.Overloaded(message=exc.message, retry_after_ms=exc.retry_after_ms)
-    if isinstance(exc, sdk.DeadlineExceeded):
-        return t.DeadlineExceeded(message=exc.message)
-    if isinstance(exc, sdk.InferenceError):
-        return t.InferenceError(message=exc.message, node=exc.node)
-    # PluginError, ConfigError, dag's PipelineError ...: deliberate errors without an IDL twin.
-    return t.InferenceError(message=exc.message)
+        wire = t.InvalidRequest(message=exc.message, field=exc.field)
+    elif isinstance(exc, sdk.PipelineNotFound):
+        wire = t.PipelineNotFound(message=exc.message)
+    elif isinstance(exc, sdk.Overloaded):
+        wire = t.Overloaded(message=exc.message, retry_after_ms=exc.retry_after_ms)
+    elif isinstance(exc, sdk.DeadlineExceeded):
+        wire = t.DeadlineExceeded(message=exc.message)
+    elif isinstance(exc, sdk.InferenceError):
+        wire = t.InferenceError(message=exc.message, node=exc.node)
+    else:
+        # PluginError, ConfigError, dag's PipelineError ...: deliberate errors without an
+        # IDL twin.
+        wire = t.InferenceError(message=exc.message)
+    return wire
 
 
 @contextmanager

@@ -47,6 +47,7 @@ STREAM_LIMIT = 1024 * 1024
 @dataclass
 class _Connection:
     peer: str
+    writer: asyncio.StreamWriter
     #: a request is being read, run or answered (aclose lets it finish within its grace)
     busy: bool = False
 
@@ -69,7 +70,7 @@ def _set_nodelay(writer: asyncio.StreamWriter) -> None:
         logger.debug("cannot set TCP_NODELAY: %s", exc)
 
 
-class ThriftServer(TAsyncServer):  # type: ignore[misc]
+class ThriftServer(TAsyncServer):
     """Serves one Thrift service over framed binary Thrift.
 
     Args:
@@ -188,7 +189,7 @@ class ThriftServer(TAsyncServer):  # type: ignore[misc]
         writer: asyncio.StreamWriter = client.writer
         task = asyncio.current_task()
         assert task is not None
-        connection = _Connection(peer=_peer_name(writer))
+        connection = _Connection(peer=_peer_name(writer), writer=writer)
         self._connections[task] = connection
         self.accepted_connections += 1
         _set_nodelay(writer)

@@ -38,18 +38,19 @@ class LocalRunner:
 
     kind = "local"
 
-    def __init__(self, binding: NodeBinding) -> None:
+    def __init__(self, binding: NodeBinding, pool: Executor | None = None) -> None:
         self.binding = binding
+        self._pool = pool
         self._idle: asyncio.Queue[ModelPlugin] | None = None
         self._loaded: list[ModelPlugin] = []
 
-    async def start(self, load_in: Executor | None = None) -> None:
-        """Load every instance (in ``load_in``, so slow loads do not block the loop)."""
+    async def start(self) -> None:
+        """Load every instance (in the thread pool, so slow loads do not block the loop)."""
         loop = asyncio.get_running_loop()
         self._idle = asyncio.Queue()
         for context in self.binding.contexts:
             plugin = self.binding.plugin_class()
-            await loop.run_in_executor(load_in, plugin.load, context)
+            await loop.run_in_executor(self._pool, plugin.load, context)
             self._loaded.append(plugin)
             self._idle.put_nowait(plugin)
 
@@ -113,10 +114,6 @@ class ThreadPoolRunner(LocalRunner):
     """Calls ``predict`` in a thread pool: for GIL-releasing CPU work (decoding, numpy)."""
 
     kind = "thread"
-
-    def __init__(self, binding: NodeBinding, pool: Executor) -> None:
-        super().__init__(binding)
-        self._pool = pool
 
     async def _call(self, predict: Callable[[Batch], Batch], inputs: Batch) -> Batch:
         return await asyncio.get_running_loop().run_in_executor(self._pool, predict, inputs)

@@ -163,7 +163,9 @@ class WorkerPool:
             if deadline is not None and when == deadline:
                 msg = f"deadline exceeded waiting for worker {slot.key.name} to restart"
                 raise DeadlineExceeded(msg) from None
-            msg = f"worker {slot.key.name} is restarting and was not back in {self.restart_wait_s} s"
+            msg = (
+                f"worker {slot.key.name} is restarting and was not back in {self.restart_wait_s} s"
+            )
             raise InferenceError(msg, node=node, plugin=plugin) from None
 
     async def _supervise(self, slot: _Slot) -> None:

@@ -153,7 +153,9 @@ class WorkerProcess:
                 if reply.error is None:
                     call.future.set_result(reply.value)
                 elif isinstance(reply.error, RemoteError):
-                    call.future.set_exception(reply.error.to_inference_error(call.node, call.plugin))
+                    call.future.set_exception(
+                        reply.error.to_inference_error(call.node, call.plugin)
+                    )
                 else:
                     call.future.set_exception(reply.error)
         except (asyncio.IncompleteReadError, ConnectionError, OSError):

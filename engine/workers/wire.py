@@ -49,7 +49,8 @@ def _recv_exactly(sock: socket.socket, size: int) -> bytearray:
     while got < size:
         n = sock.recv_into(view[got:], size - got)
         if n == 0:
-            raise EOFError("peer closed the connection")
+            msg = "peer closed the connection"
+            raise EOFError(msg)
         got += n
     return data
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -14,8 +14,8 @@ from model_plugins.specs import TensorSpec
 class Decode(ModelPlugin):
     """bytes -> float32[3, 4, 4] pixels (all zeros)."""
 
-    inputs = {"data": TensorSpec("bytes", [])}
-    outputs = {"pixels": TensorSpec("float32", [3, 4, 4])}
+    inputs: ClassVar[Mapping[str, TensorSpec]] = {"data": TensorSpec("bytes", [])}
+    outputs: ClassVar[Mapping[str, TensorSpec]] = {"pixels": TensorSpec("float32", [3, 4, 4])}
 
     def predict(self, batch: Batch) -> Batch:
         return {"pixels": np.zeros((len(batch["data"]), 3, 4, 4), dtype=np.float32)}
@@ -24,8 +24,8 @@ class Decode(ModelPlugin):
 class Embed(ModelPlugin):
     """float32[3, 4, 4] pixels -> float32[8] embedding (the mean of each pixel row)."""
 
-    inputs = {"pixels": TensorSpec("float32", [3, 4, 4])}
-    outputs = {"embedding": TensorSpec("float32", [8])}
+    inputs: ClassVar[Mapping[str, TensorSpec]] = {"pixels": TensorSpec("float32", [3, 4, 4])}
+    outputs: ClassVar[Mapping[str, TensorSpec]] = {"embedding": TensorSpec("float32", [8])}
 
     def predict(self, batch: Batch) -> Batch:
         pixels = batch["pixels"]
@@ -35,8 +35,8 @@ class Embed(ModelPlugin):
 class TextEmbed(ModelPlugin):
     """string -> float32[8] embedding (the text's length, repeated)."""
 
-    inputs = {"text": TensorSpec("string", [])}
-    outputs = {"embedding": TensorSpec("float32", [8])}
+    inputs: ClassVar[Mapping[str, TensorSpec]] = {"text": TensorSpec("string", [])}
+    outputs: ClassVar[Mapping[str, TensorSpec]] = {"embedding": TensorSpec("float32", [8])}
 
     def predict(self, batch: Batch) -> Batch:
         lengths = np.array([len(t) for t in batch["text"]], dtype=np.float32)
@@ -46,11 +46,11 @@ class TextEmbed(ModelPlugin):
 class Fuse(ModelPlugin):
     """Optional float32[8] ``image`` and ``text`` -> their sum, float32[8]."""
 
-    inputs = {
+    inputs: ClassVar[Mapping[str, TensorSpec]] = {
         "image": TensorSpec("float32", [8], optional=True),
         "text": TensorSpec("float32", [8], optional=True),
     }
-    outputs = {"embedding": TensorSpec("float32", [8])}
+    outputs: ClassVar[Mapping[str, TensorSpec]] = {"embedding": TensorSpec("float32", [8])}
 
     def predict(self, batch: Batch) -> Batch:
         return {"embedding": sum(batch.values())}  # type: ignore[dict-item]
@@ -59,8 +59,11 @@ class Fuse(ModelPlugin):
 class Scale(ModelPlugin):
     """float32[-1] ``x`` (required) and an optional ``factor`` -> float32[-1] ``y``."""
 
-    inputs = {"x": TensorSpec("float32", [-1]), "factor": TensorSpec("float32", [], optional=True)}
-    outputs = {"y": TensorSpec("float32", [-1])}
+    inputs: ClassVar[Mapping[str, TensorSpec]] = {
+        "x": TensorSpec("float32", [-1]),
+        "factor": TensorSpec("float32", [], optional=True),
+    }
+    outputs: ClassVar[Mapping[str, TensorSpec]] = {"y": TensorSpec("float32", [-1])}
 
     def predict(self, batch: Batch) -> Batch:
         factor = batch.get("factor", np.ones(len(batch["x"]), dtype=np.float32))

@@ -116,12 +116,16 @@ class TestParseSpec:
         assert error.message.endswith(expected)
 
     def test_all_schema_errors_at_once_in_line_order(self):
-        text = VALID.replace("plugin: identity", "plugin: identity\n    device: gpu\n    instances: 0")
+        text = VALID.replace(
+            "plugin: identity", "plugin: identity\n    device: gpu\n    instances: 0"
+        )
         text = text.replace("shape: [2]", "shape: [two]")
         found = problems(text)
         assert [(e.line, e.node) for e in found] == [(4, None), (8, "a"), (9, "a")]
-        assert found[0].message == "inputs.x.shape[0]: must be a valid integer, unable to parse " \
+        assert (
+            found[0].message == "inputs.x.shape[0]: must be a valid integer, unable to parse "
             "string as an integer (got 'two')"
+        )
         assert found[1].message == "device: must be auto, cpu or cuda:N (got 'gpu')"
         assert found[2].message == "instances: must be >= 1 (got 0)"
 
@@ -186,7 +190,11 @@ class TestErrors:
         error = PipelineError("bad", file="p.yaml", line=3, node="a", severity="warning")
         copy = pickle.loads(pickle.dumps(error))
         assert (copy.message, copy.file, copy.line, copy.node, copy.severity) == (
-            "bad", "p.yaml", 3, "a", "warning"
+            "bad",
+            "p.yaml",
+            3,
+            "a",
+            "warning",
         )
         assert str(copy) == str(error)
 

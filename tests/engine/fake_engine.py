@@ -59,11 +59,14 @@ class FakeEngine:
 
     def __init__(self) -> None:
         self.requests: list[InferenceRequest] = []
+        #: set when a request reaches infer (a test thread can wait for it)
+        self.entered = threading.Event()
         #: raised by health() when set
         self.health_error: Exception | None = None
 
     async def infer(self, request: InferenceRequest) -> InferenceResult:
         self.requests.append(request)
+        self.entered.set()
         if request.pipeline != "echo":
             raise PipelineNotFound(request.pipeline, request.version, known=["echo"])
         if "sleep_ms" in request.headers:
