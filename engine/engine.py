@@ -29,7 +29,7 @@ from engine.workers.pool import WorkerPool, worker_key
 from model_plugins.contract import check_inputs
 from model_plugins.errors import DagserveError, InvalidRequest, PipelineNotFound, PluginLoadError
 from model_plugins.plugin import LoadContext, ModelPlugin
-from model_plugins.registry import BUILTINS
+from model_plugins.registry import BUILTINS, resolve
 
 logger = logging.getLogger(__name__)
 
@@ -211,6 +211,24 @@ def framework_of(node: NodeSpec, plugin_class: type[ModelPlugin]) -> str | None:
     return plugin_class.framework
 
 
+def _in_process_class(
+    pipeline: Pipeline, name: str, node: NodeSpec, plugin_class: type[ModelPlugin]
+) -> type[ModelPlugin]:
+    """The real plugin class, for a node that asked to run in the front process."""
+    framework = framework_of(node, plugin_class)
+    if framework is not None:
+        msg = (
+            f"pipeline {pipeline.name!r}: node {name!r} asks for runner {node.runner!r}, but its "
+            f"plugin runs on {framework}, and the front process never imports a framework: "
+            "use runner: worker (or leave runner: auto)"
+        )
+        raise PluginLoadError(msg)
+    if getattr(plugin_class, "inspected", False):
+        # The user chose to run this plugin in the front process: import it here.
+        return resolve(node.plugin)
+    return plugin_class
+
+
 def _serve(pipeline: Pipeline, pool: ThreadPoolExecutor, workers: WorkerPool) -> ServedPipeline:
     runners: dict[str, Runner] = {}
     base = pipeline.path.parent.resolve() if pipeline.path else Path.cwd()
@@ -230,6 +248,9 @@ def _serve(pipeline: Pipeline, pool: ThreadPoolExecutor, workers: WorkerPool) ->
             )
             for i in range(node.instances)
         )
+        kind = runner_kind(node, plugin_class)
+        if kind != "worker":
+            plugin_class = _in_process_class(pipeline, name, node, plugin_class)
         binding = NodeBinding(
             pipeline=pipeline.name,
             node=name,
@@ -238,7 +259,6 @@ def _serve(pipeline: Pipeline, pool: ThreadPoolExecutor, workers: WorkerPool) ->
             outputs=pipeline.node_signatures[name][1],
             contexts=contexts,
         )
-        kind = runner_kind(node, plugin_class)
         if kind == "worker":
             key = worker_key(framework_of(node, plugin_class), device)
             runners[name] = WorkerRunner(binding, workers, key)
@@ -265,12 +285,8 @@ def _check_request(served: ServedPipeline, request: InferenceRequest) -> None:
     if not request.inputs:
         msg = "the request carries no inputs"
         raise InvalidRequest(msg, field="inputs")
+    # dtypes, item shapes, and the same number of items in every input
     check_inputs({n: specs[n] for n in request.inputs}, request.inputs, where="inputs")
-    counts = {name: len(array) for name, array in request.inputs.items()}
-    if len(set(counts.values())) > 1:
-        listed = ", ".join(f"{n}: {c}" for n, c in counts.items())
-        msg = f"every input must carry the same number of items (first dimension); got {listed}"
-        raise InvalidRequest(msg, field="inputs")
     if request.outputs is not None:
         unknown = [o for o in request.outputs if o not in served.pipeline.spec.outputs]
         if unknown:

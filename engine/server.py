@@ -195,6 +195,11 @@ class ThriftServer(TAsyncServer):
         _set_nodelay(writer)
         try:
             await self._serve_connection(reader, writer, connection)
+        except asyncio.CancelledError:
+            # aclose() cancels idle connections.  End the task normally: Python 3.11's
+            # StreamReaderProtocol calls task.exception() on it, which logs a cancelled task
+            # as an "Exception in callback".
+            pass
         except Exception:
             logger.exception("connection from %s failed", connection.peer)
         finally:

@@ -1,7 +1,8 @@
 """The typed messages between the front process and a worker.
 
 Each message travels in an envelope ``(correlation id, message)``; the worker answers each
-with a :class:`Reply` of the same id.  Messages are small dataclasses; tensors inside them travel out of band (``wire``).
+with a :class:`Reply` of the same id.  Messages are small dataclasses; tensors inside them
+travel out of band (``wire``).
 """
 
 from __future__ import annotations

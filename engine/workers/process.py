@@ -64,6 +64,7 @@ class WorkerProcess:
         self._calls: dict[int, _Call] = {}
         self._writer: asyncio.StreamWriter | None = None
         self._reader_task: asyncio.Task[None] | None = None
+        self._stopping = False
 
     @property
     def pid(self) -> int | None:
@@ -126,6 +127,7 @@ class WorkerProcess:
 
     async def stop(self, timeout_s: float = 5.0) -> None:
         """Ask the worker to unload and exit; kill it if it does not within ``timeout_s``."""
+        self._stopping = True
         if not self.exited.is_set():
             try:
                 async with asyncio.timeout(timeout_s):
@@ -179,7 +181,8 @@ class WorkerProcess:
         self.exited.set()
         if self.on_exit is not None:
             self.on_exit()
-        logger.warning("worker %s (pid %s) ended: %s", self.name, self.pid, how)
+        level = logging.INFO if self._stopping else logging.WARNING
+        logger.log(level, "worker %s (pid %s) ended: %s", self.name, self.pid, how)
 
     async def _exit_code(self) -> int | None:
         # The socket closes a moment before the process is reaped: wait briefly for the code.

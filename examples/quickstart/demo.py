@@ -43,6 +43,10 @@ def sample_images() -> dict[str, bytes]:
     return encoded
 
 
+def _fmt(values: np.ndarray) -> str:
+    return np.array2string(values, precision=2, floatmode="fixed", suppress_small=True)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -95,8 +99,7 @@ def main() -> int:
                 nodes = " ".join(f"{n}={us / 1000:.2f}" for n, us in result.node_latency_us.items())
                 print(
                     f"{name:<22} {'yes' if i != 1 else 'no':<8} "
-                    f"{np.array2string(mean, precision=2):<20} "
-                    f"{np.array2string(emb[:6], precision=2):<40} {nodes}"
+                    f"{_fmt(mean):<20} {_fmt(emb[:6]):<40} {nodes}"
                 )
     finally:
         server.send_signal(signal.SIGTERM)

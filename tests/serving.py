@@ -1,0 +1,62 @@
+"""Run a real dagserve server (engine, workers, Thrift) on a loop in a background thread."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from engine.app import Server
+from engine.config import ServerConfig
+from engine.loading import load_for_serving
+
+ROOT = Path(__file__).resolve().parent.parent
+PIPELINES = Path(__file__).resolve().parent / "pipelines"
+
+
+class ServerThread:
+    """``engine.app.Server`` on 127.0.0.1, port 0, in another thread (sync clients block)."""
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+
+    @property
+    def port(self) -> int:
+        return self.server.port
+
+    @property
+    def engine(self) -> Any:
+        return self.server.engine
+
+    def run(self, coro: Any, timeout_s: float = 60.0) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout_s)
+
+    def start(self) -> None:
+        self._thread.start()
+        self.run(self.server.startup())
+
+    def stop(self) -> None:
+        try:
+            self.run(self.server.shutdown())
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(10)
+            self.loop.close()
+
+
+@contextmanager
+def serving(paths: Sequence[Path], **config: Any) -> Iterator[ServerThread]:
+    """Load ``paths`` (failing the test on any pipeline error) and serve them."""
+    pipelines, errors = load_for_serving(paths)
+    assert not errors, "\n".join(str(e) for e in errors)
+    thread = ServerThread(Server(ServerConfig(port=0, **config), pipelines))
+    thread.start()
+    try:
+        yield thread
+    finally:
+        thread.stop()
