@@ -1,0 +1,167 @@
+"""What the adapters share: parameter checks, the model path, specs and safe casts."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from model_plugins.errors import InvalidRequest, PluginLoadError
+from model_plugins.plugin import LoadContext, ModelPlugin
+from model_plugins.specs import NUMPY_DTYPES, TensorSpec
+
+
+class Adapter(ModelPlugin):
+    """A plugin whose tensor specs come from the model file, known only once it is loaded.
+
+    Before load, the node's inputs mirror what is wired into them and its outputs are what the
+    node's ``outputs:`` declares.  After load, ``loaded_inputs`` / ``loaded_outputs`` hold the
+    specs the model file states, where it states them (None where it does not).
+    """
+
+    #: the ``params:`` keys the adapter understands; any other key is an error
+    known_params: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self) -> None:
+        self.loaded_inputs: dict[str, TensorSpec] | None = None
+        self.loaded_outputs: dict[str, TensorSpec] | None = None
+
+    @classmethod
+    def signature(
+        cls,
+        params: Mapping[str, Any],
+        upstream: Mapping[str, TensorSpec | None],
+    ) -> tuple[dict[str, TensorSpec], dict[str, TensorSpec]]:
+        """Inputs mirror the wired tensors whose spec is known; outputs come from the node."""
+        known = {name: spec for name, spec in upstream.items() if spec is not None}
+        return known, {}
+
+
+class Params:
+    """Typed reads of a node's ``params:``; every problem is a :class:`PluginLoadError`.
+
+    Args:
+        context: the load context; its node and plugin name the errors.
+        known: the keys the adapter understands.
+    """
+
+    def __init__(self, context: LoadContext, known: Sequence[str]) -> None:
+        self.values = dict(context.params)
+        self.where = f"node {context.node!r} (plugin {context.plugin!r})"
+        unknown = sorted(set(self.values) - set(known))
+        if unknown:
+            self.fail(f"unknown params: {', '.join(unknown)} (known: {', '.join(known)})")
+
+    def fail(self, message: str) -> PluginLoadError:
+        """Raise a load error naming the node."""
+        raise PluginLoadError(f"{self.where}: {message}")
+
+    def string(self, key: str, default: str | None = None) -> str | None:
+        value = self.values.get(key, default)
+        if value is not None and not (isinstance(value, str) and value):
+            self.fail(f"params.{key} must be a non-empty string (got {value!r})")
+        return value
+
+    def flag(self, key: str, default: bool) -> bool:
+        value = self.values.get(key, default)
+        if not isinstance(value, bool):
+            self.fail(f"params.{key} must be true or false (got {value!r})")
+        return value
+
+    def positive_int(self, key: str) -> int | None:
+        value = self.values.get(key)
+        if value is not None and not (
+            isinstance(value, int) and not isinstance(value, bool) and value > 0
+        ):
+            self.fail(f"params.{key} must be a positive integer (got {value!r})")
+        return value
+
+    def names(self, key: str) -> list[str] | None:
+        """A list of distinct, non-empty names, or None when absent."""
+        value = self.values.get(key)
+        if value is None:
+            return None
+        if not (
+            isinstance(value, list)
+            and value
+            and all(isinstance(v, str) and v for v in value)
+            and len(set(value)) == len(value)
+        ):
+            self.fail(f"params.{key} must be a list of distinct names (got {value!r})")
+        return list(value)
+
+    def mapping(self, key: str) -> dict[str, str]:
+        """A name -> name mapping, empty when absent."""
+        value = self.values.get(key, {})
+        if not (
+            isinstance(value, Mapping)
+            and all(isinstance(k, str) and isinstance(v, str) and k and v for k, v in value.items())
+        ):
+            self.fail(f"params.{key} must be a mapping of names to names (got {value!r})")
+        return dict(value)
+
+
+def model_path(context: LoadContext, what: str) -> Path:
+    """The node's ``model:``, which must exist.
+
+    Args:
+        context: the load context.
+        what: what the file is, for the messages (``"a TorchScript file"``).
+
+    Raises:
+        PluginLoadError: ``model:`` is not set, or names nothing on disk.
+    """
+    where = f"node {context.node!r} (plugin {context.plugin!r})"
+    if context.model_path is None:
+        msg = f"{where}: model: must name {what} (got nothing)"
+        raise PluginLoadError(msg)
+    path = Path(context.model_path)
+    if not path.exists():
+        msg = f"{where}: model file not found: {path.resolve()} (model: must name {what})"
+        raise PluginLoadError(msg)
+    return path
+
+
+def cuda_index(device: str) -> int | None:
+    """``cuda:N`` -> N; ``cpu`` -> None."""
+    if device.startswith("cuda"):
+        _, _, index = device.partition(":")
+        return int(index or 0)
+    return None
+
+
+def spec_from(dtype: str, dims: Sequence[int | None], what: str) -> TensorSpec:
+    """The spec of one item of a batched tensor: drop the batch dimension, None -> -1.
+
+    Raises:
+        PluginLoadError: the tensor has no batch dimension or a dtype dagserve lacks.
+    """
+    if len(dims) == 0:
+        msg = f"{what} is a scalar: an adapter needs a first (batch) dimension"
+        raise PluginLoadError(msg)
+    if dtype not in NUMPY_DTYPES:
+        msg = f"{what} has dtype {dtype}, which dagserve does not carry"
+        raise PluginLoadError(msg)
+    return TensorSpec(dtype, [-1 if d is None or d < 0 else int(d) for d in dims[1:]])  # type: ignore[arg-type]
+
+
+def cast_input(name: str, array: np.ndarray, target: np.dtype[Any], model: str) -> np.ndarray:
+    """``array`` as ``target`` when the cast loses nothing (int32 -> int64), else an error.
+
+    Raises:
+        InvalidRequest: the cast could lose values (int64 -> int32, float -> int).
+    """
+    if array.dtype == target:
+        return array
+    if array.dtype.kind != "O" and np.can_cast(array.dtype, target, casting="safe"):
+        return array.astype(target)
+    msg = (
+        f"input {name!r} must be {target.name} for the {model} (got {array.dtype.name}); "
+        "only casts that lose nothing are made"
+    )
+    raise InvalidRequest(msg, field=f"inputs.{name}.dtype")
+
+
+__all__ = ["Adapter", "Params", "cast_input", "cuda_index", "model_path", "spec_from"]
