@@ -16,6 +16,7 @@ from engine.config import ServerConfig
 from engine.engine import Engine
 from engine.server import ThriftServer
 from engine.service import InferenceHandler
+from engine.workers.pool import WorkerPool
 
 logger = logging.getLogger("dagserve")
 
@@ -25,7 +26,13 @@ class Server:
 
     def __init__(self, config: ServerConfig, pipelines: Sequence[Pipeline]) -> None:
         self.config = config
-        self.engine = Engine(pipelines, thread_pool_size=config.thread_pool_size)
+        workers = WorkerPool(
+            ping_interval_s=config.worker_ping_interval_s,
+            ping_timeout_s=config.worker_ping_timeout_s,
+            restart_wait_s=config.worker_restart_wait_s,
+            log_level=logging.getLevelName(config.log_level.upper()),
+        )
+        self.engine = Engine(pipelines, thread_pool_size=config.thread_pool_size, workers=workers)
         self.thrift: ThriftServer | None = None
         self.should_exit = asyncio.Event()
         self.started = asyncio.Event()

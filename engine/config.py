@@ -42,6 +42,12 @@ class ServerConfig(BaseModel):
     thread_pool_size: int = Field(8, ge=1)
     """Threads for nodes that run in the thread pool (and for loading plugins)."""
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    worker_ping_interval_s: float = Field(1.0, gt=0)
+    """How often the supervisor pings each worker process."""
+    worker_ping_timeout_s: float = Field(5.0, gt=0)
+    """A worker that does not answer a ping this fast is killed and replaced."""
+    worker_restart_wait_s: float = Field(30.0, gt=0)
+    """How long a request waits for its worker to come back after a crash."""
 
 
 def load_config(path: Path) -> ServerConfig:

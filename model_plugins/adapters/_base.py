@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NoReturn
 
 import numpy as np
 
@@ -54,7 +54,7 @@ class Params:
         if unknown:
             self.fail(f"unknown params: {', '.join(unknown)} (known: {', '.join(known)})")
 
-    def fail(self, message: str) -> PluginLoadError:
+    def fail(self, message: str) -> NoReturn:
         """Raise a load error naming the node."""
         raise PluginLoadError(f"{self.where}: {message}")
 

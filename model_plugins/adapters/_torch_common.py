@@ -1,0 +1,115 @@
+"""What the two PyTorch adapters share: parameters, and tensors in and out of the model."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from model_plugins.adapters._base import Adapter, Params
+from model_plugins.errors import InferenceError, InvalidRequest
+from model_plugins.plugin import Batch, LoadContext
+
+if TYPE_CHECKING:
+    import torch
+
+#: the output name of a model that returns one tensor, when ``params.output_names`` is absent
+DEFAULT_OUTPUT = "output"
+
+
+class TorchAdapter(Adapter):
+    """Feeds numpy batches to a loaded ``torch`` module, positionally, and names its outputs."""
+
+    framework = "torch"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.module: Callable[..., Any] | None = None
+        self.device = "cpu"
+        self.input_names: list[str] = []
+        self.output_names: list[str] = [DEFAULT_OUTPUT]
+
+    def read_names(self, params: Params, forward_names: Sequence[str]) -> None:
+        """Set the input order (``params.input_names`` or forward's) and the output names."""
+        self.input_names = params.names("input_names") or list(forward_names)
+        self.output_names = params.names("output_names") or [DEFAULT_OUTPUT]
+
+    def use(self, module: Any, context: LoadContext) -> None:
+        """Hold ``module``, in inference mode on the context's device."""
+        module.eval()
+        self.module = module
+        self.device = context.device
+
+    def predict(self, batch: Batch) -> Batch:
+        """Call the module with the inputs in order, under ``torch.inference_mode()``."""
+        import torch
+
+        if self.module is None:
+            msg = "the model is not loaded"
+            raise InferenceError(msg)
+        unknown = sorted(set(batch) - set(self.input_names))
+        if unknown:
+            msg = (
+                f"unexpected inputs {', '.join(map(repr, unknown))} "
+                f"(the model takes: {', '.join(self.input_names)})"
+            )
+            raise InvalidRequest(msg, field=f"inputs.{unknown[0]}")
+        with torch.inference_mode():
+            args = [_to_tensor(name, batch, self.device) for name in self.input_names]
+            result = self.module(*args)
+            return self.name_outputs(result)
+
+    def name_outputs(self, result: object) -> Batch:
+        """A tensor, a tuple/list of tensors or a dict of tensors -> named numpy arrays."""
+        import torch
+
+        names = self.output_names
+        if isinstance(result, torch.Tensor):
+            if len(names) != 1:
+                msg = (
+                    f"the model returned one tensor but params.output_names names "
+                    f"{len(names)}: {names}"
+                )
+                raise InferenceError(msg)
+            return {names[0]: _to_numpy(names[0], result)}
+        if isinstance(result, (tuple, list)):
+            if len(result) != len(names):
+                msg = (
+                    f"the model returned {len(result)} tensors but params.output_names names "
+                    f"{len(names)}: {names}"
+                )
+                raise InferenceError(msg)
+            return {name: _to_numpy(name, value) for name, value in zip(names, result, strict=True)}
+        if isinstance(result, Mapping):
+            return {str(name): _to_numpy(str(name), value) for name, value in result.items()}
+        msg = f"the model returned {type(result).__name__}: expected a tensor, tuple, list or dict"
+        raise InferenceError(msg)
+
+
+def _to_tensor(name: str, batch: Batch, device: str) -> torch.Tensor:
+    import torch
+
+    if name not in batch:
+        msg = f"input {name!r} is missing"
+        raise InvalidRequest(msg, field=f"inputs.{name}")
+    array = batch[name]
+    if array.dtype.kind in "OUS":
+        msg = f"input {name!r} holds {array.dtype} values; a torch model takes numbers"
+        raise InvalidRequest(msg, field=f"inputs.{name}.dtype")
+    # from_numpy shares memory and warns on read-only arrays (decoded requests are read-only).
+    if not (array.flags.writeable and array.flags.c_contiguous):
+        array = np.array(array, order="C", copy=True)
+    return torch.from_numpy(array).to(device)
+
+
+def _to_numpy(name: str, value: object) -> np.ndarray:
+    import torch
+
+    if not isinstance(value, torch.Tensor):
+        msg = f"output {name!r} is a {type(value).__name__}, not a tensor"
+        raise InferenceError(msg)
+    return value.detach().cpu().numpy()
+
+
+__all__ = ["DEFAULT_OUTPUT", "TorchAdapter"]

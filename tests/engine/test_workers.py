@@ -1,0 +1,156 @@
+"""Model plugins in worker processes: sharing, concurrency, errors, crashes and hangs."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import os
+import signal
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from engine.client import Client
+from engine.types import InferenceRequest
+from model_plugins.errors import BatchContractError, InferenceError
+from tests.serving import PIPELINES, serving
+
+pytestmark = pytest.mark.e2e
+
+X = np.ones((1, 4), np.float32)
+
+
+@pytest.fixture(scope="module")
+def server():
+    paths = [PIPELINES / "workers.yaml", PIPELINES / "isolated.yaml"]
+    with serving(paths, worker_ping_interval_s=0.2, worker_ping_timeout_s=1.0) as thread:
+        yield thread
+
+
+@pytest.fixture
+def client(server):
+    with Client("127.0.0.1", server.port, timeout_s=30) as c:
+        yield c
+
+
+def worker_pid(server, name: str) -> int:
+    return int(server.engine.workers.statistics()[name]["pid"])
+
+
+def test_models_of_one_framework_share_one_worker(server, client):
+    got = client.infer("workers", {"x": X}, outputs=["pid"]).outputs["pid"][0]
+    also = client.infer("isolated", {"x": X}, outputs=["numpy_pid", "other_pid"]).outputs
+    assert got == also["numpy_pid"][0] == worker_pid(server, "numpy@cpu")
+    assert also["other_pid"][0] == worker_pid(server, "tensorflow@cpu")
+    assert got != os.getpid()
+    assert also["other_pid"][0] != got
+    stats = server.engine.workers.statistics()
+    assert sorted(stats["numpy@cpu"]["models"]) == [
+        "isolated/fail", "isolated/numpy_side", "isolated/wrong",
+        "workers/slow_a", "workers/slow_b", "workers/where",
+    ]  # fmt: skip
+
+
+def test_two_models_in_one_worker_run_side_by_side(server):
+    # slow_a and slow_b sleep 0.3 s each in the same worker process; their runs overlap.
+    request = InferenceRequest("workers", {"x": X}, request_id="overlap")
+    execution = server.run(server.engine.execute(server.engine.find("workers"), request))
+    a, b = execution.timings["slow_a"], execution.timings["slow_b"]
+    assert a.start < b.end
+    assert b.start < a.end
+
+
+def test_a_plugin_that_raises_fails_its_request_and_the_worker_lives_on(server, client):
+    pid = worker_pid(server, "numpy@cpu")
+    with pytest.raises(InferenceError) as info:
+        client.infer("isolated", {"x": -X}, outputs=["checked"])
+    assert info.value.node == "fail"
+    assert "builtins.ValueError: negative input is not allowed" in str(info.value)
+    assert worker_pid(server, "numpy@cpu") == pid
+    assert client.infer("isolated", {"x": X}, outputs=["checked"]).outputs["checked"].shape == (
+        1,
+        4,
+    )
+
+
+def test_wrong_number_of_items_gives_both_numbers(client):
+    with pytest.raises(InferenceError) as info:
+        client.infer("isolated", {"x": np.ones((3, 4), np.float32)}, outputs=["wrong"])
+    assert info.value.node == "wrong"
+    assert "3 items" in str(info.value)
+    assert "has 4" in str(info.value)
+
+
+def test_batch_contract_error_is_the_typed_class_inside_the_server(server):
+    request = InferenceRequest("isolated", {"x": X}, request_id="r", outputs=["wrong"])
+    with pytest.raises(BatchContractError) as info:
+        server.run(server.engine.execute(server.engine.find("isolated"), request))
+    assert (info.value.expected, info.value.actual) == (1, 2)
+
+
+@pytest.mark.slow
+def test_sigkill_under_load_fails_in_flight_fast_and_spares_other_workers(server):
+    old_pid = worker_pid(server, "numpy@cpu")
+    stop = threading.Event()
+    failures: dict[str, list[tuple[float, BaseException]]] = {"numpy": [], "other": []}
+    successes = {"numpy": 0, "other": 0}
+
+    def load(kind: str) -> None:
+        pipeline, outputs = ("workers", ["a"]) if kind == "numpy" else ("isolated", ["other_pid"])
+        with Client("127.0.0.1", server.port, timeout_s=30) as c:
+            while not stop.is_set():
+                started = time.monotonic()
+                try:
+                    c.infer(pipeline, {"x": X}, outputs=outputs)
+                    successes[kind] += 1
+                except InferenceError as exc:
+                    failures[kind].append((time.monotonic() - started, exc))
+
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        futures = [pool.submit(load, k) for k in ("numpy", "numpy", "numpy", "other", "other")]
+        time.sleep(0.5)
+        killed_at = time.monotonic()
+        os.kill(old_pid, signal.SIGKILL)
+        # wait until the worker is back and has answered again
+        deadline = killed_at + 30
+        while time.monotonic() < deadline:
+            stats = server.engine.workers.statistics()["numpy@cpu"]
+            if stats["pid"] != old_pid and stats["ready"]:
+                break
+            time.sleep(0.05)
+        before = successes["numpy"]
+        while successes["numpy"] == before and time.monotonic() < deadline:
+            time.sleep(0.05)
+        stop.set()
+        for f in futures:
+            f.result(timeout=60)
+
+    assert failures["other"] == []  # the other worker's requests never failed
+    assert failures["numpy"], "the in-flight requests on the killed worker should have failed"
+    for elapsed, exc in failures["numpy"]:
+        # slow_a sleeps 0.3 s, so a request had at most that long to go when the kill came
+        assert elapsed < 2.0
+        assert exc.node == "slow_a"
+        assert "died" in str(exc)
+    assert successes["numpy"] > before  # the worker came back and serves again
+    assert server.engine.workers.statistics()["numpy@cpu"]["restarts"] >= 1
+
+
+@pytest.mark.slow
+def test_a_hung_worker_is_replaced(server, client):
+    old_pid = worker_pid(server, "tensorflow@cpu")
+    os.kill(old_pid, signal.SIGSTOP)  # alive but silent: only the ping notices
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if worker_pid(server, "tensorflow@cpu") != old_pid:
+                break
+            time.sleep(0.05)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(old_pid, signal.SIGKILL)
+    assert worker_pid(server, "tensorflow@cpu") != old_pid
+    result = client.infer("isolated", {"x": X}, outputs=["other_pid"])
+    assert result.outputs["other_pid"][0] == worker_pid(server, "tensorflow@cpu")
