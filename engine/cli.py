@@ -6,6 +6,7 @@
     dagserve validate PIPELINE.yaml...
     dagserve graph PIPELINE.yaml -o FILE.svg|png
     dagserve infer --pipeline NAME --input NAME=VALUE|@FILE ...  [--host --port]
+    dagserve new-plugin NAME [--dir DIR]
 """
 
 from __future__ import annotations
@@ -63,12 +64,21 @@ def _parser() -> argparse.ArgumentParser:
     infer.add_argument("--host", default="127.0.0.1")
     infer.add_argument("--port", type=int, default=9090)
     infer.add_argument("--json", action="store_true", help="print the whole answer as JSON")
+    scaffold = commands.add_parser("new-plugin", help="write a plugin skeleton with its test")
+    scaffold.add_argument("name", help="a lower-case identifier, e.g. my_scorer")
+    scaffold.add_argument("--dir", type=Path, default=Path.cwd(), help="where (default: here)")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    handler = {"serve": _serve, "validate": _validate, "graph": _graph, "infer": _infer}
+    handler = {
+        "serve": _serve,
+        "validate": _validate,
+        "graph": _graph,
+        "infer": _infer,
+        "new-plugin": _new_plugin,
+    }
     try:
         return handler[args.command](args)
     except DagserveError as exc:
@@ -113,6 +123,19 @@ def _graph(args: argparse.Namespace) -> int:
         print(f"dagserve graph: {exc}", file=sys.stderr)
         return 2
     print(f"wrote {args.output}")
+    return 0
+
+
+def _new_plugin(args: argparse.Namespace) -> int:
+    from engine.scaffold import new_plugin
+
+    try:
+        folder = new_plugin(args.name, args.dir)
+    except ValueError as exc:
+        print(f"dagserve new-plugin: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {folder}/: {args.name}.py, pipeline.yaml, test_{args.name}.py")
+    print(f"next: pytest {folder}    then: dagserve serve {folder}/pipeline.yaml")
     return 0
 
 

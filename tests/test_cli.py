@@ -134,3 +134,23 @@ def test_serve_refuses_an_invalid_pipeline():
     result = dagserve("serve", str(CASES / "e_cycle.yaml"), "--port", "0")
     assert result.returncode == 1
     assert "cycle:" in result.stderr
+
+
+def test_new_plugin_skeleton_passes_its_own_test(tmp_path: Path):
+    result = dagserve("new-plugin", "my_scorer", "--dir", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    folder = tmp_path / "my_scorer"
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "my_scorer.py", "pipeline.yaml", "test_my_scorer.py",
+    ]  # fmt: skip
+    # as a plugin author runs it: from their own folder, without our pytest configuration
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(folder)],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path, check=False,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "3 passed" in run.stdout
+    again = dagserve("new-plugin", "my_scorer", "--dir", str(tmp_path))
+    assert again.returncode == 2
+    assert "already exists" in again.stderr
+    assert dagserve("new-plugin", "Bad-Name", "--dir", str(tmp_path)).returncode == 2

@@ -62,7 +62,8 @@ class WorkerProcess:
         self.exited = asyncio.Event()
         self._ids = itertools.count(1)
         self._calls: dict[int, _Call] = {}
-        self._writer: asyncio.StreamWriter | None = None
+        self._sock: socket.socket | None = None
+        self._send_lock = asyncio.Lock()
         self._reader_task: asyncio.Task[None] | None = None
         self._stopping = False
 
@@ -91,23 +92,24 @@ class WorkerProcess:
                         os.environ[key] = value
         child_sock.close()
         self.process = process
-        reader, self._writer = await asyncio.open_connection(sock=parent_sock, limit=2**20)
-        self._reader_task = asyncio.create_task(self._read_replies(reader), name=f"{self.name}-rx")
+        parent_sock.setblocking(False)
+        self._sock = parent_sock
+        self._reader_task = asyncio.create_task(self._read_replies(), name=f"{self.name}-rx")
         logger.info("worker %s started (pid %s)", self.name, process.pid)
 
     async def call(
         self, message: Any, *, node: str | None = None, plugin: str | None = None
     ) -> Any:
         """Send ``message`` and return the value of the worker's reply to it."""
-        if self.exited.is_set() or self._writer is None:
+        if self.exited.is_set() or self._sock is None:
             msg = f"worker {self.name} is not running"
             raise WorkerDied(msg, node=node, plugin=plugin)
         message_id = next(self._ids)
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._calls[message_id] = _Call(future, node, plugin)
         try:
-            wire.write(self._writer, (message_id, message))
-            await self._writer.drain()
+            async with self._send_lock:  # frames must not interleave
+                await wire.write(asyncio.get_running_loop(), self._sock, (message_id, message))
             return await future
         except (ConnectionError, RuntimeError) as exc:
             if future.done() and future.exception() is not None:
@@ -142,13 +144,13 @@ class WorkerProcess:
     def kill(self) -> None:
         if self.process is not None and self.process.is_alive():
             self.process.kill()
-        if self._writer is not None:
-            self._writer.close()
 
-    async def _read_replies(self, reader: asyncio.StreamReader) -> None:
+    async def _read_replies(self) -> None:
+        loop = asyncio.get_running_loop()
+        assert self._sock is not None
         try:
             while True:
-                reply: Reply = await wire.read(reader)
+                reply: Reply = await wire.read(loop, self._sock)
                 call = self._calls.get(reply.id)
                 if call is None or call.future.done():
                     continue  # the caller gave up (deadline): drop the late answer
@@ -160,7 +162,7 @@ class WorkerProcess:
                     )
                 else:
                     call.future.set_exception(reply.error)
-        except (asyncio.IncompleteReadError, ConnectionError, OSError):
+        except (EOFError, ConnectionError, OSError):
             pass
         except Exception:
             logger.exception("worker %s: unreadable reply; dropping the worker", self.name)
@@ -178,6 +180,8 @@ class WorkerProcess:
                 where = f" while running node {call.node!r}" if call.node else ""
                 msg = f"worker {self.name} (pid {self.pid}) died{where}: {how}"
                 call.future.set_exception(WorkerDied(msg, node=call.node, plugin=call.plugin))
+        if self._sock is not None:
+            self._sock.close()
         self.exited.set()
         if self.on_exit is not None:
             self.on_exit()

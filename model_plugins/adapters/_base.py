@@ -56,7 +56,8 @@ class Params:
 
     def fail(self, message: str) -> NoReturn:
         """Raise a load error naming the node."""
-        raise PluginLoadError(f"{self.where}: {message}")
+        text = f"{self.where}: {message}"
+        raise PluginLoadError(text)
 
     def string(self, key: str, default: str | None = None) -> str | None:
         value = self.values.get(key, default)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import ClassVar
 
 from model_plugins.adapters._base import Params, model_path
@@ -48,7 +49,10 @@ class TorchScriptAdapter(TorchAdapter):
         import torch
 
         try:
-            module = torch.jit.load(str(path), map_location=context.device)
+            with warnings.catch_warnings():
+                # torch 2.13 deprecates TorchScript in favour of torch.export; it still loads.
+                warnings.filterwarnings("ignore", r"`torch\.jit\.load` is deprecated")
+                module = torch.jit.load(str(path), map_location=context.device)
         except (RuntimeError, ValueError) as exc:
             msg = f"{params.where}: torch.jit.load({str(path)!r}) failed: {exc}"
             raise PluginLoadError(msg) from exc

@@ -1,0 +1,1 @@
+"""The framework adapters against small real models, each framework in its own process."""
