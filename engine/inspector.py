@@ -82,8 +82,13 @@ def _run(references: list[str], timeout_s: float, sys_path: list[str]) -> dict[s
         if process.is_alive():
             process.kill()
         receiver.close()
-        if process.exitcode not in (0, None):
-            logger.debug("inspector for %s exited with %s", references, process.exitcode)
+        if process.exitcode not in (0, None) and len(references) > 1:
+            logger.warning(
+                "the inspector process for %d plugins ended with exit code %s (two frameworks "
+                "that crash when imported together?); inspecting each plugin on its own",
+                len(references),
+                process.exitcode,
+            )
 
 
 def _with_path(sys_path: list[str], references: list[str], conn: Any) -> None:
@@ -106,7 +111,7 @@ def inspect_plugins(
     Returns:
         reference -> its description, or the error that resolving it raised.
     """
-    todo = sorted(set(references))
+    todo = list(dict.fromkeys(references))
     if not todo:
         return {}
     path = list(sys_path)
