@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed-$(shell cksum setup.py | cut -d' ' -f1)
 DEBS   := thrift-compiler graphviz
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: all test demo lint check system-deps clean
+.PHONY: all test demo bench lint check system-deps clean
 
 all: test
 
@@ -25,7 +25,8 @@ system-deps:
 $(STAMP): setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	# the suite serves real PyTorch, TensorFlow and Paddle models (each in its own worker)
+	$(PY) -m pip install -q -e '.[dev,torch,tensorflow,paddle]'
 	rm -f $(VENV)/.installed-*; touch $@
 
 test: system-deps $(STAMP)
@@ -33,6 +34,9 @@ test: system-deps $(STAMP)
 
 demo: system-deps $(STAMP)
 	$(PY) examples/quickstart/demo.py
+
+bench: system-deps $(STAMP)
+	$(PY) -m benchmarks.worker_crossing
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff format engine dag model_plugins idl tests examples

@@ -13,6 +13,7 @@ so a plugin that imports a deep-learning framework never enters the test's proce
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import signal
@@ -386,10 +387,8 @@ class _Child:
 
     def stop(self) -> None:
         if self.process.is_alive():
-            try:
+            with contextlib.suppress(OSError):  # the child is already going
                 self.conn.send(("stop", ()))
-            except OSError:
-                pass
             self.process.join(timeout=10)
             if self.process.is_alive():
                 self.process.kill()
@@ -426,17 +425,16 @@ def _child_run(op: str, args: tuple[Any, ...]) -> tuple[Any, ...]:
     import pickle
 
     try:
-        value = _CHILD_OPS[op](*args)
-        reply: tuple[Any, ...] = ("ok", value)
+        return ("ok", _CHILD_OPS[op](*args))
     except DagserveError as exc:
         reply = ("error", exc, "".join(traceback.format_exception(exc)))
+        try:  # a plugin's own subclass may hold fields that do not pickle
+            pickle.dumps(reply)
+        except Exception:
+            return _raised(exc)
+        return reply
     except BaseException as exc:
-        reply = _raised(exc)
-    try:
-        pickle.dumps(reply)
-    except Exception as exc:
-        reply = _raised(exc)
-    return reply
+        return _raised(exc)
 
 
 def _raised(exc: BaseException) -> tuple[Any, ...]:
@@ -474,16 +472,16 @@ def _child_predict(batch: Batch) -> Batch:
         msg = f"{where}: predict() must return a dict of arrays (got {type(result).__name__})"
         raise InferenceError(msg, node=context.node, plugin=context.plugin)
     for name, value in result.items():
-        if not isinstance(value, np.ndarray) or value.dtype.kind == "O" and _foreign(value):
-            kind = type(value).__name__
-            msg = f"{where}: output {name!r} must be a numpy array (got {kind})"
+        if not isinstance(value, np.ndarray):
+            msg = f"{where}: output {name!r} must be a numpy array (got {type(value).__name__})"
             raise InferenceError(msg, node=context.node, plugin=context.plugin)
+        if value.dtype.kind == "O":
+            for element in value.flat:
+                if not isinstance(element, (str, bytes)):
+                    kind = type(element).__name__
+                    msg = f"{where}: output {name!r} must hold str or bytes (holds {kind})"
+                    raise InferenceError(msg, node=context.node, plugin=context.plugin)
     return dict(result)
-
-
-def _foreign(array: np.ndarray) -> bool:
-    """Whether an object array holds anything but str and bytes."""
-    return any(not isinstance(v, (str, bytes)) for v in array.flat)
 
 
 def _child_unload() -> None:

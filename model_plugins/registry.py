@@ -27,6 +27,10 @@ BUILTINS: dict[str, str] = {
     "image_decode": "model_plugins.builtins.image_decode:ImageDecode",
     "concat_fusion": "model_plugins.builtins.fusion:ConcatFusion",
     "weighted_mean_fusion": "model_plugins.builtins.fusion:WeightedMeanFusion",
+    "torchscript": "model_plugins.adapters.torchscript:TorchScriptAdapter",
+    "torch": "model_plugins.adapters.torch_module:TorchModuleAdapter",
+    "tensorflow": "model_plugins.adapters.tensorflow:SavedModelAdapter",
+    "paddle": "model_plugins.adapters.paddle:PaddleInferenceAdapter",
 }
 
 _IMPORT_STRING = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")

@@ -7,6 +7,7 @@ import asyncio
 from engine.runners.local import NodeBinding
 from engine.workers.pool import WorkerKey, WorkerPool
 from model_plugins.contract import check_outputs
+from model_plugins.errors import PluginLoadError
 from model_plugins.plugin import Batch
 
 
@@ -25,12 +26,25 @@ class WorkerRunner:
         self.key = key
         self.model_id = f"{binding.pipeline}/{binding.node}"
         self._slots = asyncio.Semaphore(len(binding.contexts))
+        self.outputs = dict(binding.outputs)
 
     async def start(self) -> None:
-        loaded = await self.pool.load(
-            self.key, self.model_id, self.binding.plugin, self.binding.contexts
-        )
-        self.loaded = loaded
+        b = self.binding
+        loaded = await self.pool.load(self.key, self.model_id, b.plugin, b.contexts)
+        # An adapter learns its specs from the model file: check them against what the
+        # pipeline declares, and adopt them where the pipeline declares nothing.
+        outputs = dict(b.outputs)
+        for name, spec in loaded.outputs.items():
+            declared = outputs.get(name)
+            if declared is None:
+                outputs[name] = spec
+            elif not spec.compatible_with(declared):
+                msg = (
+                    f"the model gives output {name!r} as {spec.describe()}, "
+                    f"but the pipeline declares {declared.describe()}"
+                )
+                raise PluginLoadError(msg)
+        self.outputs = outputs
 
     async def aclose(self) -> None:
         """The pool stops the workers; nothing to do per node."""
@@ -42,7 +56,7 @@ class WorkerRunner:
                 self.key, self.model_id, inputs, node=b.node, plugin=b.plugin, deadline=deadline
             )
         n_items = len(next(iter(inputs.values()))) if inputs else None
-        return check_outputs(b.outputs, outputs, n_items, plugin=b.plugin, node=b.node)
+        return check_outputs(self.outputs, outputs, n_items, plugin=b.plugin, node=b.node)
 
 
 __all__ = ["WorkerRunner"]

@@ -8,7 +8,7 @@ from typing import Any, ClassVar, NoReturn
 
 import numpy as np
 
-from model_plugins.errors import InvalidRequest, PluginLoadError
+from model_plugins.errors import InferenceError, InvalidRequest, PluginLoadError
 from model_plugins.plugin import LoadContext, ModelPlugin
 from model_plugins.specs import NUMPY_DTYPES, TensorSpec
 
@@ -27,6 +27,23 @@ class Adapter(ModelPlugin):
     def __init__(self) -> None:
         self.loaded_inputs: dict[str, TensorSpec] | None = None
         self.loaded_outputs: dict[str, TensorSpec] | None = None
+        self.node: str | None = None
+        self.reference: str | None = None
+        self.where = "adapter"
+
+    def read_params(self, context: LoadContext) -> Params:
+        """Check the node's params against :attr:`known_params`; remember the node for errors."""
+        params = Params(context, self.known_params)
+        self.node, self.reference, self.where = context.node, context.plugin, params.where
+        return params
+
+    def invalid(self, message: str, field: str) -> InvalidRequest:
+        """A request error naming the node."""
+        return InvalidRequest(f"{self.where}: {message}", field=field)
+
+    def failure(self, message: str) -> InferenceError:
+        """A run-time error naming the node."""
+        return InferenceError(f"{self.where}: {message}", node=self.node, plugin=self.reference)
 
     @classmethod
     def signature(
@@ -148,7 +165,9 @@ def spec_from(dtype: str, dims: Sequence[int | None], what: str) -> TensorSpec:
     return TensorSpec(dtype, [-1 if d is None or d < 0 else int(d) for d in dims[1:]])  # type: ignore[arg-type]
 
 
-def cast_input(name: str, array: np.ndarray, target: np.dtype[Any], model: str) -> np.ndarray:
+def cast_input(
+    name: str, array: np.ndarray, target: np.dtype[Any], model: str, where: str
+) -> np.ndarray:
     """``array`` as ``target`` when the cast loses nothing (int32 -> int64), else an error.
 
     Raises:
@@ -159,7 +178,7 @@ def cast_input(name: str, array: np.ndarray, target: np.dtype[Any], model: str) 
     if array.dtype.kind != "O" and np.can_cast(array.dtype, target, casting="safe"):
         return array.astype(target)
     msg = (
-        f"input {name!r} must be {target.name} for the {model} (got {array.dtype.name}); "
+        f"{where}: input {name!r} must be {target.name} for the {model} (got {array.dtype.name}); "
         "only casts that lose nothing are made"
     )
     raise InvalidRequest(msg, field=f"inputs.{name}.dtype")

@@ -8,7 +8,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from model_plugins.adapters._base import Adapter, Params
-from model_plugins.errors import InferenceError, InvalidRequest
 from model_plugins.plugin import Batch, LoadContext
 
 if TYPE_CHECKING:
@@ -30,16 +29,17 @@ class TorchAdapter(Adapter):
         self.input_names: list[str] = []
         self.output_names: list[str] = [DEFAULT_OUTPUT]
 
-    def read_names(self, params: Params, forward_names: Sequence[str]) -> None:
-        """Set the input order (``params.input_names`` or forward's) and the output names."""
-        self.input_names = params.names("input_names") or list(forward_names)
+    def read_names(self, params: Params) -> None:
+        """Read ``params.input_names`` / ``params.output_names`` (before the model loads)."""
+        self.input_names = params.names("input_names") or []
         self.output_names = params.names("output_names") or [DEFAULT_OUTPUT]
 
-    def use(self, module: Any, context: LoadContext) -> None:
-        """Hold ``module``, in inference mode on the context's device."""
+    def use(self, module: Any, context: LoadContext, forward_names: Sequence[str]) -> None:
+        """Hold ``module`` in inference mode; its inputs default to forward's arguments."""
         module.eval()
         self.module = module
         self.device = context.device
+        self.input_names = self.input_names or list(forward_names)
 
     def predict(self, batch: Batch) -> Batch:
         """Call the module with the inputs in order, under ``torch.inference_mode()``."""
@@ -47,16 +47,16 @@ class TorchAdapter(Adapter):
 
         if self.module is None:
             msg = "the model is not loaded"
-            raise InferenceError(msg)
+            raise self.failure(msg)
         unknown = sorted(set(batch) - set(self.input_names))
         if unknown:
             msg = (
                 f"unexpected inputs {', '.join(map(repr, unknown))} "
                 f"(the model takes: {', '.join(self.input_names)})"
             )
-            raise InvalidRequest(msg, field=f"inputs.{unknown[0]}")
+            raise self.invalid(msg, field=f"inputs.{unknown[0]}")
         with torch.inference_mode():
-            args = [_to_tensor(name, batch, self.device) for name in self.input_names]
+            args = [self.tensor(name, batch) for name in self.input_names]
             result = self.module(*args)
             return self.name_outputs(result)
 
@@ -71,45 +71,47 @@ class TorchAdapter(Adapter):
                     f"the model returned one tensor but params.output_names names "
                     f"{len(names)}: {names}"
                 )
-                raise InferenceError(msg)
-            return {names[0]: _to_numpy(names[0], result)}
+                raise self.failure(msg)
+            return {names[0]: self.array(names[0], result)}
         if isinstance(result, (tuple, list)):
             if len(result) != len(names):
                 msg = (
                     f"the model returned {len(result)} tensors but params.output_names names "
                     f"{len(names)}: {names}"
                 )
-                raise InferenceError(msg)
-            return {name: _to_numpy(name, value) for name, value in zip(names, result, strict=True)}
+                raise self.failure(msg)
+            return {
+                name: self.array(name, value) for name, value in zip(names, result, strict=True)
+            }
         if isinstance(result, Mapping):
-            return {str(name): _to_numpy(str(name), value) for name, value in result.items()}
+            return {str(name): self.array(str(name), value) for name, value in result.items()}
         msg = f"the model returned {type(result).__name__}: expected a tensor, tuple, list or dict"
-        raise InferenceError(msg)
+        raise self.failure(msg)
 
+    def tensor(self, name: str, batch: Batch) -> torch.Tensor:
+        """Input ``name`` of the batch as a tensor on the model's device."""
+        import torch
 
-def _to_tensor(name: str, batch: Batch, device: str) -> torch.Tensor:
-    import torch
+        if name not in batch:
+            msg = f"input {name!r} is missing"
+            raise self.invalid(msg, field=f"inputs.{name}")
+        array = batch[name]
+        if array.dtype.kind in "OUS":
+            msg = f"input {name!r} holds {array.dtype} values; a torch model takes numbers"
+            raise self.invalid(msg, field=f"inputs.{name}.dtype")
+        # from_numpy shares memory and warns on read-only arrays (decoded requests are read-only).
+        if not (array.flags.writeable and array.flags.c_contiguous):
+            array = np.array(array, order="C", copy=True)
+        return torch.from_numpy(array).to(self.device)
 
-    if name not in batch:
-        msg = f"input {name!r} is missing"
-        raise InvalidRequest(msg, field=f"inputs.{name}")
-    array = batch[name]
-    if array.dtype.kind in "OUS":
-        msg = f"input {name!r} holds {array.dtype} values; a torch model takes numbers"
-        raise InvalidRequest(msg, field=f"inputs.{name}.dtype")
-    # from_numpy shares memory and warns on read-only arrays (decoded requests are read-only).
-    if not (array.flags.writeable and array.flags.c_contiguous):
-        array = np.array(array, order="C", copy=True)
-    return torch.from_numpy(array).to(device)
+    def array(self, name: str, value: object) -> np.ndarray:
+        """An output tensor as a numpy array."""
+        import torch
 
-
-def _to_numpy(name: str, value: object) -> np.ndarray:
-    import torch
-
-    if not isinstance(value, torch.Tensor):
-        msg = f"output {name!r} is a {type(value).__name__}, not a tensor"
-        raise InferenceError(msg)
-    return value.detach().cpu().numpy()
+        if not isinstance(value, torch.Tensor):
+            msg = f"output {name!r} is a {type(value).__name__}, not a tensor"
+            raise self.failure(msg)
+        return value.detach().cpu().numpy()
 
 
 __all__ = ["DEFAULT_OUTPUT", "TorchAdapter"]

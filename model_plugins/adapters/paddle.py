@@ -18,7 +18,7 @@ from model_plugins.adapters._base import (
     spec_from,
 )
 from model_plugins.adapters._paddle_program import program_specs
-from model_plugins.errors import InferenceError, InvalidRequest, PluginLoadError
+from model_plugins.errors import PluginLoadError
 from model_plugins.plugin import Batch, LoadContext
 
 #: model file suffixes: PIR program (Paddle 3 default), then the legacy program
@@ -63,12 +63,12 @@ class PaddleInferenceAdapter(Adapter):
         super().__init__()
         self.predictor: Any = None
         self.to_paddle: dict[str, str] = {}  # node input name -> Paddle input name
-        self.outputs: dict[str, str] = {}  # node output name -> Paddle output name
+        self.fetch_names: dict[str, str] = {}  # node output name -> Paddle output name
         self.input_dtypes: dict[str, np.dtype[Any]] = {}  # node input name -> declared dtype
 
     def load(self, context: LoadContext) -> None:
         """Find the model files, create one predictor, read the declared specs."""
-        params = Params(context, self.known_params)
+        params = self.read_params(context)
         input_map = params.mapping("input_map")
         output_names = params.names("output_names")
         onednn = params.flag("onednn", False)
@@ -112,7 +112,7 @@ class PaddleInferenceAdapter(Adapter):
                 f"params.output_names must name the model's {len(outputs)} outputs "
                 f"({', '.join(outputs)}) (got {output_names})"
             )
-        self.outputs = dict(zip(output_names or outputs, outputs, strict=True))
+        self.fetch_names = dict(zip(output_names or outputs, outputs, strict=True))
         if model_file.suffix == ".json":
             self._read_specs(model_file, params)
 
@@ -121,7 +121,8 @@ class PaddleInferenceAdapter(Adapter):
         if declared is None:
             return
         feeds, fetches = declared
-        if set(feeds) != set(self.to_paddle.values()) or set(fetches) != set(self.outputs.values()):
+        same_feeds = set(feeds) == set(self.to_paddle.values())
+        if not (same_feeds and set(fetches) == set(self.fetch_names.values())):
             return  # the program and the predictor disagree: state nothing rather than guess
         self.loaded_inputs = {}
         for node, name in self.to_paddle.items():
@@ -130,34 +131,34 @@ class PaddleInferenceAdapter(Adapter):
             self.input_dtypes[node] = np.dtype(dtype)
         self.loaded_outputs = {
             node: spec_from(*fetches[name], f"{params.where}: output {name!r}")
-            for node, name in self.outputs.items()
+            for node, name in self.fetch_names.items()
         }
 
     def predict(self, batch: Batch) -> Batch:
         """Feed the inputs by name, run the predictor, copy the outputs out."""
         if self.predictor is None:
             msg = "the model is not loaded"
-            raise InferenceError(msg)
+            raise self.failure(msg)
         for name in batch:
             if name not in self.to_paddle:
                 takes = ", ".join(self.to_paddle)
                 msg = f"unexpected input {name!r} (the model takes: {takes})"
-                raise InvalidRequest(msg, field=f"inputs.{name}")
+                raise self.invalid(msg, field=f"inputs.{name}")
         for node, name in self.to_paddle.items():
             if node not in batch:
                 takes = ", ".join(self.to_paddle)
                 msg = f"input {node!r} is missing (the model takes all of: {takes})"
-                raise InvalidRequest(msg, field=f"inputs.{node}")
+                raise self.invalid(msg, field=f"inputs.{node}")
             array = batch[node]
             if node in self.input_dtypes:
-                array = cast_input(node, array, self.input_dtypes[node], "model")
+                array = cast_input(node, array, self.input_dtypes[node], "model", self.where)
             handle = self.predictor.get_input_handle(name)
             handle.reshape(list(array.shape))
             handle.copy_from_cpu(np.ascontiguousarray(array))
         self.predictor.run()
         return {
             node: self.predictor.get_output_handle(name).copy_to_cpu()
-            for node, name in self.outputs.items()
+            for node, name in self.fetch_names.items()
         }
 
     def unload(self) -> None:

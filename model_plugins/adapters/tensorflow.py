@@ -15,7 +15,7 @@ from model_plugins.adapters._base import (
     model_path,
     spec_from,
 )
-from model_plugins.errors import InferenceError, InvalidRequest, PluginLoadError
+from model_plugins.errors import PluginLoadError
 from model_plugins.plugin import Batch, LoadContext
 from model_plugins.specs import TensorSpec
 
@@ -66,8 +66,8 @@ class SavedModelAdapter(Adapter):
 
     def load(self, context: LoadContext) -> None:
         """Load the SavedModel, pick the signature and read its input and output specs."""
-        params = Params(context, self.known_params)
-        name = params.string("signature", DEFAULT_SIGNATURE)
+        params = self.read_params(context)
+        name = params.string("signature") or DEFAULT_SIGNATURE
         input_map = params.mapping("input_map")
         output_map = params.mapping("output_map")
         path = model_path(context, "a SavedModel folder (with saved_model.pb)")
@@ -107,7 +107,7 @@ class SavedModelAdapter(Adapter):
 
         if self.function is None:
             msg = "the model is not loaded"
-            raise InferenceError(msg)
+            raise self.failure(msg)
         kwargs = {}
         for name, array in batch.items():
             if name not in self.to_signature:
@@ -115,15 +115,19 @@ class SavedModelAdapter(Adapter):
                     f"unexpected input {name!r} (the signature takes: "
                     f"{', '.join(self.to_signature)})"
                 )
-                raise InvalidRequest(msg, field=f"inputs.{name}")
+                raise self.invalid(msg, field=f"inputs.{name}")
             target = self.input_dtypes[name]
-            value = array if target is None else cast_input(name, array, target, "signature")
+            value = (
+                array
+                if target is None
+                else cast_input(name, array, target, "signature", self.where)
+            )
             kwargs[self.to_signature[name]] = tf.constant(value)
         missing = [name for name in self.to_signature if name not in batch]
         if missing:
             takes = ", ".join(self.to_signature)
             msg = f"input {missing[0]!r} is missing (the signature takes all of: {takes})"
-            raise InvalidRequest(msg, field=f"inputs.{missing[0]}")
+            raise self.invalid(msg, field=f"inputs.{missing[0]}")
         with tf.device(self.device):
             result = self.function(**kwargs)
         return {self.from_signature[key]: value.numpy() for key, value in result.items()}
@@ -149,14 +153,14 @@ def _side(
     names: dict[str, str] = {}
     found: dict[str, TensorSpec] = {}
     for sig, spec in specs.items():
-        node = by_signature.get(sig, sig)
-        names[node] = sig
+        local = by_signature.get(sig, str(sig))
+        names[local] = sig
         dtype = spec.dtype.name
         if dtype == "string":  # TF takes str or bytes, and gives bytes back
             dtype = "string" if what == "input" else "bytes"
         if spec.shape.rank is None:
             params.fail(f"signature {what} {sig!r} must have a known rank (got an unknown shape)")
-        found[node] = spec_from(dtype, spec.shape.as_list(), f"{params.where}: {what} {sig!r}")
+        found[local] = spec_from(dtype, spec.shape.as_list(), f"{params.where}: {what} {sig!r}")
     return names, found
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import pickle
 from typing import Any, ClassVar
 
 from model_plugins.adapters._base import Params, model_path
@@ -49,7 +50,8 @@ class TorchModuleAdapter(TorchAdapter):
 
     def load(self, context: LoadContext) -> None:
         """Build the module, load the state_dict if any, move it to the device, ``eval()``."""
-        params = Params(context, self.known_params)
+        params = self.read_params(context)
+        self.read_names(params)
         reference = params.string("factory")
         if reference is None or ":" not in reference:
             params.fail(f"params.factory must be 'module:function' (got {reference!r})")
@@ -75,12 +77,11 @@ class TorchModuleAdapter(TorchAdapter):
             try:
                 state = torch.load(str(path), map_location="cpu", weights_only=True)
                 module.load_state_dict(state, strict=True)
-            except (RuntimeError, ValueError, OSError) as exc:
+            except (RuntimeError, ValueError, OSError, pickle.UnpicklingError) as exc:
                 msg = f"{params.where}: loading the state_dict {str(path)!r} failed: {exc}"
                 raise PluginLoadError(msg) from exc
         module.to(context.device)
-        self.read_names(params, _positional_names(module.forward))
-        self.use(module, context)
+        self.use(module, context, _positional_names(module.forward))
 
 
 def _import(reference: str, params: Params) -> Any:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import warnings
 from typing import ClassVar
 
-from model_plugins.adapters._base import Params, model_path
+from model_plugins.adapters._base import model_path
 from model_plugins.adapters._torch_common import TorchAdapter
 from model_plugins.errors import PluginLoadError
 from model_plugins.plugin import LoadContext
@@ -44,7 +44,8 @@ class TorchScriptAdapter(TorchAdapter):
 
     def load(self, context: LoadContext) -> None:
         """Check the params, then ``torch.jit.load`` the file onto the node's device."""
-        params = Params(context, self.known_params)
+        params = self.read_params(context)
+        self.read_names(params)
         path = model_path(context, "a TorchScript file written by torch.jit.save")
         import torch
 
@@ -52,13 +53,12 @@ class TorchScriptAdapter(TorchAdapter):
             with warnings.catch_warnings():
                 # torch 2.13 deprecates TorchScript in favour of torch.export; it still loads.
                 warnings.filterwarnings("ignore", r"`torch\.jit\.load` is deprecated")
-                module = torch.jit.load(str(path), map_location=context.device)
+                module = torch.jit.load(str(path), map_location=context.device)  # type: ignore[no-untyped-call]
         except (RuntimeError, ValueError) as exc:
             msg = f"{params.where}: torch.jit.load({str(path)!r}) failed: {exc}"
             raise PluginLoadError(msg) from exc
         arguments = module.forward.schema.arguments[1:]  # [0] is self
-        self.read_names(params, [argument.name for argument in arguments])
-        self.use(module, context)
+        self.use(module, context, [argument.name for argument in arguments])
 
 
 __all__ = ["TorchScriptAdapter"]

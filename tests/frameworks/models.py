@@ -34,7 +34,7 @@ Case = tuple[dict[str, np.ndarray], dict[str, np.ndarray]]
 
 def save_cases(path: Path, cases: list[Case]) -> None:
     """Save ``[(inputs, outputs), ...]`` as one .npz."""
-    arrays = {}
+    arrays: dict[str, Any] = {}
     for index, (inputs, outputs) in enumerate(cases):
         arrays.update({f"{index}.in.{name}": value for name, value in inputs.items()})
         arrays.update({f"{index}.out.{name}": value for name, value in outputs.items()})
@@ -90,7 +90,8 @@ def build_torchscript(out: Path) -> None:
 
     torch.manual_seed(0)
     mlp = make_mlp().eval()
-    torch.jit.save(torch.jit.trace(mlp, torch.zeros(2, 8)), str(out / "mlp.pt"))
+    traced = torch.jit.trace(mlp, torch.zeros(2, 8))  # type: ignore[no-untyped-call]
+    torch.jit.save(traced, str(out / "mlp.pt"))
     with torch.inference_mode():
         cases = [(i, {"y": mlp(torch.from_numpy(i["x"])).numpy()}) for i in _mlp_inputs()]
     save_cases(out / "mlp.npz", cases)
@@ -128,7 +129,7 @@ def build_tensorflow(out: Path) -> None:
 
     rng = np.random.default_rng(0)
 
-    class Models(tf.Module):
+    class Models(tf.Module):  # type: ignore[misc]
         def __init__(self) -> None:
             super().__init__()
             self.w = tf.Variable(rng.standard_normal((8, 4)).astype(np.float32))
@@ -137,11 +138,11 @@ def build_tensorflow(out: Path) -> None:
             self.w2 = tf.Variable(rng.standard_normal((6, 3)).astype(np.float32))
             self.b2 = tf.Variable(rng.standard_normal(3).astype(np.float32))
 
-        @tf.function(input_signature=[tf.TensorSpec([None, 8], tf.float32, name="x")])
+        @tf.function(input_signature=[tf.TensorSpec([None, 8], tf.float32, name="x")])  # type: ignore[untyped-decorator]
         def mlp(self, x: Any) -> dict[str, Any]:
             return {"y": tf.nn.relu(tf.matmul(x, self.w) + self.b)}
 
-        @tf.function(input_signature=[tf.TensorSpec([None, None], tf.int32, name="ids")])
+        @tf.function(input_signature=[tf.TensorSpec([None, None], tf.int32, name="ids")])  # type: ignore[untyped-decorator]
         def seq(self, ids: Any) -> dict[str, Any]:
             pooled = tf.reduce_mean(tf.gather(self.table, ids), axis=1)
             return {"scores": tf.matmul(pooled, self.w2) + self.b2}

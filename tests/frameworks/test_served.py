@@ -1,0 +1,168 @@
+"""Real PyTorch, TensorFlow and Paddle models served through pipelines, over Thrift.
+
+The served outputs must equal what each framework computed itself when the model was built
+(max abs difference <= 1e-5).  The pytest process imports no framework: the models load in
+the server's worker processes, one per framework.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from engine.client import Client
+from tests.frameworks.conftest import Builds
+from tests.frameworks.models import load_cases
+from tests.serving import ServerThread, serving
+
+pytestmark = pytest.mark.e2e
+
+ATOL = 1e-5
+
+THREE = """
+name: three_frameworks
+inputs:
+  x: {dtype: float32, shape: [8]}
+nodes:
+  ts:
+    plugin: torchscript
+    model: torchscript/mlp.pt
+    params: {output_names: [y]}
+    inputs: {x: $inputs.x}
+    outputs: {y: {dtype: float32, shape: [4]}}
+  tf:
+    plugin: tensorflow
+    model: tensorflow/saved_model
+    inputs: {x: $inputs.x}
+  pd:
+    plugin: paddle
+    model: paddle/mlp/inference
+    params: {output_names: [y]}
+    inputs: {x: $inputs.x}
+  fuse:
+    plugin: concat_fusion
+    inputs: {torch: ts.y, tensorflow: tf.y, paddle: pd.y}
+outputs:
+  torch: ts.y
+  tensorflow: tf.y
+  paddle: pd.y
+  fused: fuse.embedding
+"""
+
+MODULE_AND_SEQUENCES = """
+name: more_models
+inputs:
+  x: {dtype: float32, shape: [8]}
+  ids32: {dtype: int32, shape: [-1], optional: true}
+  ids64: {dtype: int64, shape: [-1], optional: true}
+nodes:
+  module:
+    plugin: torch
+    model: torch/mlp_state.pt
+    params: {factory: "tests.frameworks.models:make_mlp", output_names: [y]}
+    instances: 2
+    inputs: {x: $inputs.x}
+  tf_seq:
+    plugin: tensorflow
+    model: tensorflow/saved_model
+    params: {signature: seq}
+    inputs: {ids: $inputs.ids32}
+  pd_seq:
+    plugin: paddle
+    model: paddle/seq
+    params: {output_names: [scores]}
+    inputs: {ids: $inputs.ids64}
+outputs:
+  module: module.y
+  tf_scores: tf_seq.scores
+  pd_scores: pd_seq.scores
+"""
+
+
+@pytest.fixture(scope="module")
+def server(builds: Builds) -> Iterator[ServerThread]:
+    for which in ("torchscript", "torch", "tensorflow", "paddle"):
+        builds.folder(which)
+    root = builds.root
+    (root / "three.yaml").write_text(THREE)
+    (root / "more.yaml").write_text(MODULE_AND_SEQUENCES)
+    with serving([root / "three.yaml", root / "more.yaml"]) as thread:
+        yield thread
+
+
+@pytest.fixture
+def client(server: ServerThread) -> Iterator[Client]:
+    with Client("127.0.0.1", server.port, timeout_s=60) as c:
+        yield c
+
+
+def close(got: np.ndarray, want: np.ndarray) -> None:
+    assert got.dtype == want.dtype
+    np.testing.assert_allclose(got, want, rtol=0, atol=ATOL)
+
+
+def test_three_frameworks_in_one_pipeline(server: ServerThread, client: Client, builds: Builds):
+    torch_cases = load_cases(builds.root / "torchscript" / "mlp.npz")
+    tf_cases = load_cases(builds.root / "tensorflow" / "mlp.npz")
+    paddle_cases = load_cases(builds.root / "paddle" / "mlp.npz")
+    for (inputs, t), (_, f), (_, p) in zip(torch_cases, tf_cases, paddle_cases, strict=True):
+        result = client.infer("three_frameworks", inputs)
+        close(result.outputs["torch"], t["y"])
+        close(result.outputs["tensorflow"], f["y"])
+        close(result.outputs["paddle"], p["y"])
+        close(result.outputs["fused"], np.concatenate([t["y"], f["y"], p["y"]], axis=1))
+    workers = server.engine.workers.statistics()
+    assert {"torch@cpu", "tensorflow@cpu", "paddle@cpu"} <= set(workers)
+    for name in ("torch", "tensorflow", "paddle"):
+        assert name not in sys.modules, f"the front process imported {name}"
+
+
+def test_torch_module_factory_with_state_dict(client: Client, builds: Builds):
+    for inputs, outputs in load_cases(builds.root / "torch" / "mlp.npz"):
+        close(
+            client.infer("more_models", inputs, outputs=["module"]).outputs["module"], outputs["y"]
+        )
+
+
+@pytest.mark.parametrize(
+    ("folder", "input_name", "output"),
+    [("tensorflow", "ids32", "tf_scores"), ("paddle", "ids64", "pd_scores")],
+)
+def test_variable_length_integer_inputs(
+    client: Client, builds: Builds, folder: str, input_name: str, output: str
+):
+    for inputs, outputs in load_cases(builds.root / folder / "seq.npz"):
+        ids = inputs["ids"]
+        request = {"x": np.zeros((len(ids), 8), np.float32), input_name: ids}
+        result = client.infer("more_models", request, outputs=[output])
+        close(result.outputs[output], outputs["scores"])
+
+
+def test_model_specs_reported_by_the_framework_are_adopted(server: ServerThread):
+    served = server.engine.find("three_frameworks")
+    # tf and pd declare no outputs in the YAML: the workers reported them after load
+    assert served.runners["tf"].outputs["y"].describe() == "float32[4]"
+    assert served.runners["pd"].outputs["y"].describe() == "float32[4]"
+
+
+def test_a_model_whose_outputs_contradict_the_pipeline_refuses_to_start(
+    builds: Builds, tmp_path: Path
+):
+    from model_plugins.errors import PluginLoadError
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        "name: bad\ninputs: {x: {dtype: float32, shape: [8]}}\nnodes:\n  pd:\n"
+        f"    plugin: paddle\n    model: {builds.root / 'paddle/mlp/inference'}\n"
+        "    params: {output_names: [y]}\n    inputs: {x: $inputs.x}\n"
+        "    outputs: {y: {dtype: float32, shape: [5]}}\noutputs: {y: pd.y}\n"
+    )
+    with (
+        pytest.raises(PluginLoadError, match=r"float32\[4\].*declares float32\[5\]"),
+        serving([bad]),
+    ):
+        pass
