@@ -121,7 +121,7 @@ def check_inputs(
 def check_outputs(
     specs: Mapping[str, TensorSpec],
     outputs: object,
-    n_items: int,
+    n_items: int | None,
     *,
     plugin: str,
     node: str | None = None,
@@ -136,7 +136,8 @@ def check_outputs(
     Args:
         specs: output name -> spec of one item.
         outputs: what ``predict`` returned.
-        n_items: N, the number of items of the batch that went in.
+        n_items: N, the number of items of the batch that went in (None: a node without
+            inputs, whose outputs may hold any number of items).
         plugin: the plugin reference, for the messages.
         node: the pipeline node, for the messages, when there is one.
 
@@ -178,7 +179,7 @@ def check_outputs(
         if array.ndim == 0:
             msg = f"output {name!r} is a scalar; its first dimension must be the items"
             raise fail(msg)
-        if array.shape[0] != n_items:
+        if n_items is not None and array.shape[0] != n_items:
             raise BatchContractError(plugin, name, n_items, array.shape[0], node=node)
     for name, spec in specs.items():
         if name in result and not spec.accepts_item_shape(result[name].shape[1:]):
