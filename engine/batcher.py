@@ -1,0 +1,550 @@
+"""Dynamic batching of one model: items from many requests meet in one ``predict`` call.
+
+The batcher is work-conserving.  While an instance of the model is idle, waiting items go at
+once (``max_delay_s`` = 0, the default, never holds an item back); while every instance is
+busy, items accumulate, and the next batch takes up to ``max_batch_size`` of them.  With
+``max_delay_s`` > 0 the first waiting item may be held that long for the batch to grow.
+
+It is bounded (``max_queue`` items; past it ``submit`` raises ``Overloaded`` at once), deadline
+aware (an item whose deadline has passed is answered ``DeadlineExceeded`` before it costs
+compute; a request whose caller gave up is dropped), and isolates failures: when a batch
+raises, it is split by request and each half is run again, so that only the requests that
+fail on their own are answered with the error.
+
+Items are concatenated along the first dimension and the results split back.  Items whose
+other dimensions differ are batched only with items of the same shape (shape buckets), unless
+the plugin declares how to pad them (:class:`Padding`).  A request that carries more items
+than fit in one batch is split across batches and merged back in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+import logging
+import math
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from model_plugins.errors import (
+    DagserveError,
+    DeadlineExceeded,
+    InferenceError,
+    InvalidRequest,
+    Overloaded,
+)
+from model_plugins.plugin import Batch
+
+logger = logging.getLogger(__name__)
+
+
+class Clock(Protocol):
+    """Where the batcher reads time and sets timers: the event loop, or a fake in tests."""
+
+    def time(self) -> float: ...
+
+    def call_at(self, when: float, callback: Callable[[], None]) -> asyncio.TimerHandle: ...
+
+
+@dataclass(frozen=True)
+class Padding:
+    """How a plugin lets items of different shapes share a batch.
+
+    Attributes:
+        inputs: input name -> pad value; those inputs are padded at the end of every
+            non-item dimension to the largest item of the batch.
+        outputs: output name -> (input name, dimension): the output's ``dimension`` (counted
+            without the item dimension) follows that input's padded dimension, and is cut back
+            to each item's own length.
+    """
+
+    inputs: Mapping[str, float | int | str | bytes] = field(default_factory=dict)
+    outputs: Mapping[str, tuple[str, int]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class BatcherStatistics:
+    """A snapshot of one batcher, for metrics and ``health``."""
+
+    queued_items: int
+    """Items waiting for a batch now."""
+    busy_instances: int
+    """Batches being computed now."""
+    batches: int
+    """Batches sent to the model since start."""
+    items: int
+    """Items in those batches."""
+    batch_sizes: dict[int, int]
+    """Batch size -> how many batches had it."""
+    queue_wait_s_total: float
+    """Sum over dispatched items of the time they waited in the queue."""
+    queue_wait_s_max: float
+    """The longest any item waited."""
+    deadline_dropped: int
+    """Items answered DeadlineExceeded before compute."""
+    rejected: int
+    """Requests answered Overloaded because the queue was full."""
+    failed_requests: int
+    """Requests answered with the model's error (after isolation)."""
+
+    @property
+    def mean_batch_size(self) -> float:
+        return self.items / self.batches if self.batches else 0.0
+
+
+@dataclass(eq=False)
+class _Request:
+    inputs: Batch
+    n: int
+    deadline: float | None
+    enqueued: float
+    future: asyncio.Future[Batch]
+    shape_key: tuple[Any, ...]
+    taken: int = 0  # items already handed to batches
+    answered: int = 0
+    parts: dict[int, Batch] = field(default_factory=dict)
+
+    @property
+    def waiting(self) -> int:
+        return self.n - self.taken
+
+
+@dataclass(frozen=True)
+class _Slice:
+    request: _Request
+    start: int
+    stop: int
+
+    @property
+    def size(self) -> int:
+        return self.stop - self.start
+
+
+class Batcher:
+    """Batches the items of concurrent requests for one model.
+
+    Args:
+        call: runs the model on one batch (a dict of arrays, first dimension = items).
+        max_batch_size: the most items per call.  None: never merge requests (each call
+            gets exactly one request's items, however many).
+        max_delay_s: how long the first waiting item may be held to grow a batch.
+        max_queue: the most items that may wait; more is ``Overloaded``.
+        instances: how many calls may run at once.
+        padding: how items of different shapes may share a batch (else: shape buckets).
+        ragged: hand the model lists of per-item arrays instead of stacked arrays.
+        clock: ``time()`` and ``call_at()``; default: the running loop.
+        name: for messages and logs.
+    """
+
+    def __init__(
+        self,
+        call: Callable[[Batch], Awaitable[Batch]],
+        *,
+        max_batch_size: int | None,
+        max_delay_s: float = 0.0,
+        max_queue: int,
+        instances: int = 1,
+        padding: Padding | None = None,
+        ragged: bool = False,
+        clock: Clock | None = None,
+        name: str = "model",
+    ) -> None:
+        if max_batch_size is not None and (
+            not isinstance(max_batch_size, int) or max_batch_size < 1
+        ):
+            msg = f"max_batch_size must be an integer >= 1 or None (got {max_batch_size!r})"
+            raise ValueError(msg)
+        if max_delay_s < 0:
+            msg = f"max_delay_s must be >= 0 (got {max_delay_s!r})"
+            raise ValueError(msg)
+        if max_queue < 1 or instances < 1:
+            msg = f"max_queue and instances must be >= 1 (got {max_queue}, {instances})"
+            raise ValueError(msg)
+        self._call = call
+        self.max_batch_size = max_batch_size
+        self.max_delay_s = max_delay_s
+        self.max_queue = max_queue
+        self.instances = instances
+        self.padding = padding or Padding()
+        self.ragged = ragged
+        self.name = name
+        self._clock = clock
+        self._queue: collections.deque[_Request] = collections.deque()
+        self._queued_items = 0
+        self._busy = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._delay_timer: asyncio.TimerHandle | None = None
+        self._closed = False
+        # statistics
+        self._batches = 0
+        self._items = 0
+        self._sizes: collections.Counter[int] = collections.Counter()
+        self._wait_total = 0.0
+        self._wait_max = 0.0
+        self._dropped = 0
+        self._rejected = 0
+        self._failed = 0
+        self._batch_seconds = 0.0  # exponential average of a batch's compute time
+
+    # -- the public side -----------------------------------------------------------------
+
+    def _now(self) -> float:
+        return self._clock.time() if self._clock else asyncio.get_running_loop().time()
+
+    async def submit(self, inputs: Batch, *, deadline: float | None = None) -> Batch:
+        """Queue one request's items and return the model's outputs for them, in order.
+
+        Raises:
+            Overloaded: the queue holds ``max_queue`` items already.
+            DeadlineExceeded: the deadline passed before the items reached the model.
+            DagserveError: what the model raised for this request.
+        """
+        if self._closed:
+            msg = f"{self.name} is shutting down"
+            raise Overloaded(msg, retry_after_ms=1000)
+        n = _count_items(inputs)
+        if self._queued_items + n > self.max_queue:
+            self._rejected += 1
+            msg = (
+                f"{self.name}: {self._queued_items} items are waiting (max_queue "
+                f"{self.max_queue}); retry later"
+            )
+            raise Overloaded(msg, retry_after_ms=self._retry_after_ms())
+        if n == 0:
+            return await self._call(inputs)
+        future: asyncio.Future[Batch] = asyncio.get_running_loop().create_future()
+        request = _Request(inputs, n, deadline, self._now(), future, self._shape_key(inputs))
+        self._queue.append(request)
+        self._queued_items += n
+        self._dispatch()
+        try:
+            return await future
+        except asyncio.CancelledError:
+            # The caller gave up (deadline, hung-up client): its waiting items are skipped.
+            self._forget(request)
+            raise
+
+    def statistics(self) -> BatcherStatistics:
+        return BatcherStatistics(
+            queued_items=self._queued_items,
+            busy_instances=self._busy,
+            batches=self._batches,
+            items=self._items,
+            batch_sizes=dict(sorted(self._sizes.items())),
+            queue_wait_s_total=self._wait_total,
+            queue_wait_s_max=self._wait_max,
+            deadline_dropped=self._dropped,
+            rejected=self._rejected,
+            failed_requests=self._failed,
+        )
+
+    async def aclose(self) -> None:
+        """Refuse new requests, fail the waiting ones, and wait for running batches."""
+        self._closed = True
+        while self._queue:
+            request = self._queue.popleft()
+            if not request.future.done():
+                msg = f"{self.name} shut down before the request reached it"
+                request.future.set_exception(Overloaded(msg, retry_after_ms=1000))
+        self._queued_items = 0
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    # -- forming batches -----------------------------------------------------------------
+
+    def _dispatch(self) -> None:
+        """Start as many batches as there are idle instances (called on every change)."""
+        while self._busy < self.instances and self._queue:
+            self._drop_dead_heads()
+            if not self._queue:
+                return
+            if self._should_wait():
+                return
+            batch = self._take_batch()
+            if not batch:
+                continue
+            self._busy += 1
+            task = asyncio.get_running_loop().create_task(self._run(batch))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    def _should_wait(self) -> bool:
+        """Hold the batch back while it may still grow within ``max_delay_s``."""
+        if self.max_delay_s <= 0 or self.max_batch_size is None:
+            return False
+        if self._queued_items >= self.max_batch_size:
+            return False
+        wake_at = self._queue[0].enqueued + self.max_delay_s
+        if self._now() >= wake_at:
+            return False
+        if self._delay_timer is None:
+            self._delay_timer = self._call_at(wake_at, self._on_delay_timer)
+        return True
+
+    def _on_delay_timer(self) -> None:
+        self._delay_timer = None
+        self._dispatch()
+
+    def _call_at(self, when: float, callback: Callable[[], None]) -> asyncio.TimerHandle:
+        if self._clock is not None:
+            return self._clock.call_at(when, callback)
+        return asyncio.get_running_loop().call_at(when, callback)
+
+    def _drop_dead_heads(self) -> None:
+        now = self._now()
+        kept: collections.deque[_Request] = collections.deque()
+        for request in self._queue:
+            if request.future.done():  # cancelled by its caller
+                self._queued_items -= request.waiting
+                continue
+            if request.deadline is not None and now >= request.deadline:
+                self._queued_items -= request.waiting
+                self._dropped += request.waiting
+                msg = (
+                    f"{self.name}: the deadline passed after {now - request.enqueued:.3f} s "
+                    "in the queue, before the model ran"
+                )
+                request.future.set_exception(DeadlineExceeded(msg))
+                continue
+            kept.append(request)
+        self._queue = kept
+
+    def _take_batch(self) -> list[_Slice]:
+        now = self._now()
+        limit = self.max_batch_size
+        if limit is None:  # one whole request per call
+            request = self._queue.popleft()
+            self._queued_items -= request.waiting
+            self._note_wait(now - request.enqueued, request.waiting)
+            slice_ = _Slice(request, request.taken, request.n)
+            request.taken = request.n
+            return [slice_]
+        key = self._queue[0].shape_key
+        batch: list[_Slice] = []
+        room = limit
+        for request in list(self._queue):
+            if room == 0:
+                break
+            if request.shape_key != key:
+                continue  # another shape bucket: it waits for a batch of its own shape
+            take = min(room, request.waiting)
+            batch.append(_Slice(request, request.taken, request.taken + take))
+            request.taken += take
+            room -= take
+            self._queued_items -= take
+            self._note_wait(now - request.enqueued, take)
+            if request.waiting == 0:
+                self._queue.remove(request)
+        return batch
+
+    def _note_wait(self, waited: float, items: int) -> None:
+        self._wait_total += waited * items
+        self._wait_max = max(self._wait_max, waited)
+
+    def _forget(self, request: _Request) -> None:
+        if request in self._queue:
+            self._queue.remove(request)
+            self._queued_items -= request.waiting
+
+    def _retry_after_ms(self) -> int:
+        per_batch = self._batch_seconds or 0.01
+        batches_ahead = math.ceil(self._queued_items / (self.max_batch_size or 1))
+        return max(1, math.ceil(1000 * per_batch * batches_ahead / self.instances))
+
+    def _shape_key(self, inputs: Batch) -> tuple[Any, ...]:
+        if self.ragged or self.max_batch_size is None:
+            return ()
+        return tuple(
+            (name, None if name in self.padding.inputs else _item_shape(value))
+            for name, value in sorted(inputs.items())
+        )
+
+    # -- running batches -----------------------------------------------------------------
+
+    async def _run(self, batch: list[_Slice]) -> None:
+        try:
+            await self._run_isolating(batch)
+        finally:
+            self._busy -= 1
+            if not self._closed:
+                self._dispatch()
+
+    async def _run_isolating(self, batch: list[_Slice]) -> None:
+        live = [s for s in batch if not s.request.future.done()]
+        if not live:
+            return
+        size = sum(s.size for s in live)
+        self._batches += 1
+        self._items += size
+        self._sizes[size] += 1
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        try:
+            inputs, lengths = self._merge(live)
+            outputs = await self._call(inputs)
+        except (InferenceError, InvalidRequest, ValueError, TypeError) as exc:
+            requests = list(dict.fromkeys(s.request for s in live))
+            if len(requests) > 1 and _isolatable(exc):
+                # Split by request and run each half again: only the requests that fail on
+                # their own get the error.
+                half = _split_index(live)
+                await self._run_isolating(live[:half])
+                await self._run_isolating(live[half:])
+                return
+            for request in requests:
+                self._fail(request, exc)
+            return
+        except DagserveError as exc:
+            for request in dict.fromkeys(s.request for s in live):
+                self._fail(request, exc)
+            return
+        elapsed = loop.time() - started
+        self._batch_seconds = (
+            elapsed if not self._batch_seconds else 0.8 * self._batch_seconds + 0.2 * elapsed
+        )
+        try:
+            self._split(live, outputs, size, lengths)
+        except DagserveError as exc:
+            for request in dict.fromkeys(s.request for s in live):
+                self._fail(request, exc)
+
+    def _fail(self, request: _Request, exc: BaseException) -> None:
+        if not request.future.done():
+            self._failed += 1
+            request.future.set_exception(exc)
+            self._forget(request)
+
+    def _merge(self, batch: list[_Slice]) -> tuple[Batch, dict[str, list[tuple[int, ...]]]]:
+        names = batch[0].request.inputs.keys()
+        merged: Batch = {}
+        lengths: dict[str, list[tuple[int, ...]]] = {}
+        for name in names:
+            parts = [s.request.inputs[name][s.start : s.stop] for s in batch]
+            if self.ragged:
+                merged[name] = [item for part in parts for item in part]  # type: ignore[assignment]
+            elif name in self.padding.inputs:
+                merged[name], lengths[name] = _pad(parts, self.padding.inputs[name])
+            elif len(parts) == 1:
+                merged[name] = parts[0]
+            else:
+                merged[name] = np.concatenate(parts, axis=0)
+        return merged, lengths
+
+    def _split(
+        self,
+        batch: list[_Slice],
+        outputs: Batch,
+        size: int,
+        lengths: dict[str, list[tuple[int, ...]]],
+    ) -> None:
+        for name, value in outputs.items():
+            got = len(value)
+            if got != size:
+                msg = (
+                    f"{self.name} broke the batch contract: the batch has {size} items but "
+                    f"output {name!r} has {got}"
+                )
+                raise InferenceError(msg)
+        offset = 0
+        for s in batch:
+            part: Batch = {}
+            for name, value in outputs.items():
+                piece = value[offset : offset + s.size]
+                if name in self.padding.outputs:
+                    source, dim = self.padding.outputs[name]
+                    piece = _unpad(piece, lengths.get(source, []), offset, dim)
+                part[name] = piece
+            offset += s.size
+            self._deliver(s, part)
+
+    def _deliver(self, s: _Slice, part: Batch) -> None:
+        request = s.request
+        if request.future.done():
+            return
+        request.parts[s.start] = part
+        request.answered += s.size
+        if request.answered < request.n:
+            return
+        if len(request.parts) == 1:
+            request.future.set_result(part)
+            return
+        ordered = [request.parts[k] for k in sorted(request.parts)]
+        result: Batch = {}
+        for name in ordered[0]:
+            pieces = [p[name] for p in ordered]
+            if isinstance(pieces[0], np.ndarray):
+                result[name] = _concat_padded(pieces)
+            else:
+                result[name] = list(itertools.chain.from_iterable(pieces))  # type: ignore[assignment]
+        request.future.set_result(result)
+
+
+def _count_items(inputs: Batch) -> int:
+    counts = {len(v) for v in inputs.values()}
+    if len(counts) > 1:
+        msg = f"inputs disagree on the number of items: {sorted(counts)}"
+        raise InvalidRequest(msg, field="inputs")
+    return counts.pop() if counts else 0
+
+
+def _item_shape(value: Any) -> tuple[int, ...]:
+    shape = getattr(value, "shape", None)
+    return tuple(shape[1:]) if shape is not None else ()
+
+
+def _isolatable(exc: BaseException) -> bool:
+    # A dead worker says nothing about which request was bad: do not re-run the others on it.
+    return type(exc).__name__ != "WorkerDied"
+
+
+def _split_index(batch: list[_Slice]) -> int:
+    requests = list(dict.fromkeys(s.request for s in batch))
+    first_half = set(requests[: len(requests) // 2])
+    return sum(1 for s in batch if s.request in first_half)
+
+
+def _pad(parts: list[np.ndarray], value: Any) -> tuple[np.ndarray, list[tuple[int, ...]]]:
+    items = [item for part in parts for item in part]
+    shapes = [np.shape(item) for item in items]
+    target = tuple(max(dims) for dims in zip(*shapes, strict=True)) if shapes else ()
+    dtype = parts[0].dtype
+    out = np.full((len(items), *target), value, dtype=dtype)
+    for i, item in enumerate(items):
+        out[(i, *(slice(0, d) for d in np.shape(item)))] = item
+    return out, shapes
+
+
+def _unpad(piece: np.ndarray, shapes: list[tuple[int, ...]], offset: int, dim: int) -> np.ndarray:
+    """Cut each item's ``dim`` back to its own length; items of one slice may differ."""
+    if not shapes:
+        return piece
+    own = [shapes[offset + i][dim] for i in range(len(piece))]
+    width = max(own) if own else 0
+    piece = piece[(slice(None), *([slice(None)] * dim), slice(0, width))]
+    if len(set(own)) <= 1:
+        return piece
+    # Items of one request still differ: keep the request's own maximum, zero the rest.
+    out = piece.copy()
+    for i, length in enumerate(own):
+        out[(i, *([slice(None)] * dim), slice(length, None))] = 0
+    return out
+
+
+def _concat_padded(pieces: list[np.ndarray]) -> np.ndarray:
+    shapes = [p.shape[1:] for p in pieces]
+    if len(set(shapes)) == 1:
+        return np.concatenate(pieces, axis=0)
+    target = tuple(max(d) for d in zip(*shapes, strict=True))
+    out = np.zeros((sum(len(p) for p in pieces), *target), dtype=pieces[0].dtype)
+    offset = 0
+    for p in pieces:
+        out[(slice(offset, offset + len(p)), *(slice(0, d) for d in p.shape[1:]))] = p
+        offset += len(p)
+    return out
+
+
+__all__ = ["Batcher", "BatcherStatistics", "Clock", "Padding"]

@@ -1,0 +1,302 @@
+"""The batcher on a fake clock: no sleeps, every step driven by the test."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+
+from engine.batcher import Batcher, Padding
+from model_plugins.errors import DeadlineExceeded, InferenceError, Overloaded
+
+
+class FakeTimer:
+    def __init__(self, when: float, callback: Callable[[], None]) -> None:
+        self.when, self.callback, self.cancelled = when, callback, False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+        self.timers: list[FakeTimer] = []
+
+    def time(self) -> float:
+        return self.now
+
+    def call_at(self, when: float, callback: Callable[[], None]) -> FakeTimer:
+        timer = FakeTimer(when, callback)
+        self.timers.append(timer)
+        return timer
+
+    async def advance(self, seconds: float) -> None:
+        self.now += seconds
+        due = sorted((t for t in self.timers if t.when <= self.now), key=lambda t: t.when)
+        self.timers = [t for t in self.timers if t.when > self.now]
+        for timer in due:
+            if not timer.cancelled:
+                timer.callback()
+        await settle()
+
+
+async def settle() -> None:
+    """Let every ready task run (no time passes)."""
+    for _ in range(20):
+        await asyncio.sleep(0)
+
+
+class FakeModel:
+    """Records each batch; holds it until the test calls finish(), unless auto."""
+
+    def __init__(self, auto: bool = False) -> None:
+        self.auto = auto
+        self.calls: list[tuple[dict[str, np.ndarray], asyncio.Future[None]]] = []
+
+    @property
+    def sizes(self) -> list[int]:
+        return [len(batch["x"]) for batch, _ in self.calls]
+
+    async def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.calls.append((batch, done))
+        if not self.auto:
+            await done
+        if (batch["x"] < 0).any():
+            raise InferenceError("negative item in the batch", node="n")
+        return {"y": batch["x"] * 2}
+
+    async def finish(self, index: int) -> None:
+        self.calls[index][1].set_result(None)
+        await settle()
+
+
+def items(*values: float) -> dict[str, np.ndarray]:
+    return {"x": np.array(values, np.float32).reshape(-1, 1)}
+
+
+def make(model: FakeModel, clock: FakeClock, **options) -> Batcher:
+    options.setdefault("max_batch_size", 4)
+    options.setdefault("max_queue", 100)
+    return Batcher(model, clock=clock, name="m", **options)
+
+
+async def test_dispatches_at_once_when_idle():
+    model, clock = FakeModel(), FakeClock()
+    batcher = make(model, clock, max_delay_s=0)
+    task = asyncio.create_task(batcher.submit(items(1)))
+    await settle()
+    assert model.sizes == [1]  # no time passed, no waiting for company
+    await model.finish(0)
+    np.testing.assert_array_equal((await task)["y"], [[2]])
+
+
+async def test_accumulates_while_busy_and_takes_up_to_max_batch_size():
+    model, clock = FakeModel(), FakeClock()
+    batcher = make(model, clock, max_batch_size=4)
+    tasks = [asyncio.create_task(batcher.submit(items(i))) for i in range(7)]
+    await settle()
+    assert model.sizes == [1]  # the first went alone, the others wait
+    assert batcher.statistics().queued_items == 6
+    await model.finish(0)
+    assert model.sizes == [1, 4]
+    await model.finish(1)
+    assert model.sizes == [1, 4, 2]
+    await model.finish(2)
+    results = await asyncio.gather(*tasks)
+    assert [float(r["y"][0, 0]) for r in results] == [0, 2, 4, 6, 8, 10, 12]
+    stats = batcher.statistics()
+    assert stats.batch_sizes == {1: 1, 2: 1, 4: 1}
+    assert stats.mean_batch_size == 7 / 3
+
+
+async def test_two_instances_run_two_batches_at_once():
+    model, clock = FakeModel(), FakeClock()
+    batcher = make(model, clock, instances=2)
+    tasks = [asyncio.create_task(batcher.submit(items(i))) for i in range(4)]
+    await settle()
+    assert model.sizes == [1, 1]
+    await model.finish(0)
+    assert model.sizes == [1, 1, 2]
+    await model.finish(1)
+    await model.finish(2)
+    await asyncio.gather(*tasks)
+
+
+async def test_max_delay_holds_the_first_item_to_grow_the_batch():
+    model, clock = FakeModel(auto=True), FakeClock()
+    # (binary fractions of a second, so that the fake clock adds up exactly)
+    batcher = make(model, clock, max_batch_size=4, max_delay_s=0.5)
+    first = asyncio.create_task(batcher.submit(items(1)))
+    await clock.advance(0.25)
+    assert model.sizes == []
+    second = asyncio.create_task(batcher.submit(items(2)))
+    await clock.advance(0.125)
+    assert model.sizes == []  # still within the bound
+    await clock.advance(0.125)
+    assert model.sizes == [2]  # max_delay after the first item: go with what is there
+    await asyncio.gather(first, second)
+    assert batcher.statistics().queue_wait_s_max == pytest.approx(0.5)
+
+
+async def test_max_delay_does_not_hold_a_full_batch():
+    model, clock = FakeModel(auto=True), FakeClock()
+    batcher = make(model, clock, max_batch_size=2, max_delay_s=1.0)
+    tasks = [asyncio.create_task(batcher.submit(items(i))) for i in range(2)]
+    await settle()
+    assert model.sizes == [2]
+    await asyncio.gather(*tasks)
+
+
+async def test_items_past_their_deadline_are_dropped_before_compute():
+    model, clock = FakeModel(), FakeClock()
+    batcher = make(model, clock)
+    busy = asyncio.create_task(batcher.submit(items(1)))
+    late = asyncio.create_task(batcher.submit(items(2), deadline=clock.now + 0.05))
+    on_time = asyncio.create_task(batcher.submit(items(3), deadline=clock.now + 5))
+    await settle()
+    await clock.advance(0.1)
+    await model.finish(0)
+    with pytest.raises(DeadlineExceeded, match="before the model ran"):
+        await late
+    assert model.sizes == [1, 1]  # only the on-time item reached the model
+    await model.finish(1)
+    await asyncio.gather(busy, on_time)
+    assert batcher.statistics().deadline_dropped == 1
+
+
+async def test_a_full_queue_answers_overloaded_at_once():
+    model, clock = FakeModel(), FakeClock()
+    batcher = make(model, clock, max_queue=3)
+    busy = asyncio.create_task(batcher.submit(items(1)))
+    await settle()
+    waiting = asyncio.create_task(batcher.submit(items(1, 2, 3)))
+    await settle()
+    with pytest.raises(Overloaded) as info:
+        await batcher.submit(items(4))
+    assert info.value.retry_after_ms >= 1
+    assert "max_queue 3" in str(info.value)
+    assert batcher.statistics().rejected == 1
+    await model.finish(0)
+    await model.finish(1)
+    await asyncio.gather(busy, waiting)
+
+
+async def test_a_poison_request_fails_alone():
+    model, clock = FakeModel(auto=True), FakeClock()
+    # hold the only instance until all requests are queued
+    gate = asyncio.get_running_loop().create_future()
+
+    async def call(batch):
+        if not gate.done():
+            await gate
+        return await model(batch)
+
+    batcher = Batcher(call, clock=clock, max_batch_size=8, max_queue=100, name="m")
+    tasks = [asyncio.create_task(batcher.submit(items(v))) for v in (1, 2, -3, 4, 5)]
+    await settle()
+    gate.set_result(None)
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    assert isinstance(results[2], InferenceError)
+    assert [float(r["y"][0, 0]) for i, r in enumerate(results) if i != 2] == [2, 4, 8, 10]
+    assert batcher.statistics().failed_requests == 1
+
+
+async def test_a_multi_item_request_is_split_across_batches_and_merged_in_order():
+    model, clock = FakeModel(), FakeClock()
+    batcher = make(model, clock, max_batch_size=4)
+    busy = asyncio.create_task(batcher.submit(items(0)))
+    await settle()
+    big = asyncio.create_task(batcher.submit(items(*range(1, 7))))  # 6 items
+    await settle()
+    await model.finish(0)
+    assert model.sizes == [1, 4]
+    await model.finish(1)
+    assert model.sizes == [1, 4, 2]
+    await model.finish(2)
+    result = await big
+    np.testing.assert_array_equal(result["y"][:, 0], [2, 4, 6, 8, 10, 12])
+    await busy
+
+
+async def test_requests_of_different_shapes_go_in_separate_batches():
+    model, clock = FakeModel(), FakeClock()
+    batcher = make(model, clock)
+    busy = asyncio.create_task(batcher.submit(items(0)))
+    await settle()
+    wide = {"x": np.ones((1, 3), np.float32)}
+    tasks = [
+        asyncio.create_task(batcher.submit(items(1))),
+        asyncio.create_task(batcher.submit(wide)),
+        asyncio.create_task(batcher.submit(items(2))),
+    ]
+    await settle()
+    await model.finish(0)
+    assert [b["x"].shape for b, _ in model.calls[1:]] == [(2, 1)]
+    await model.finish(1)
+    assert model.calls[2][0]["x"].shape == (1, 3)
+    await model.finish(2)
+    await asyncio.gather(busy, *tasks)
+
+
+async def test_padding_round_trip():
+    calls: list[np.ndarray] = []
+
+    async def embed(batch):
+        ids = batch["ids"]
+        calls.append(ids)
+        return {"tokens": ids.astype(np.float32)[..., None] * 10, "length": (ids > 0).sum(1)}
+
+    clock = FakeClock()
+    padding = Padding(inputs={"ids": 0}, outputs={"tokens": ("ids", 0)})
+    batcher = Batcher(embed, clock=clock, max_batch_size=8, max_queue=100, padding=padding)
+    gate = asyncio.create_task(batcher.submit({"ids": np.array([[9]])}))
+    short = asyncio.create_task(batcher.submit({"ids": np.array([[1, 2]])}))
+    long = asyncio.create_task(batcher.submit({"ids": np.array([[3, 4, 5, 6]])}))
+    await asyncio.gather(gate, short, long)
+    assert calls[1].shape == (2, 4)  # both in one batch, padded to 4
+    np.testing.assert_array_equal(calls[1][0], [1, 2, 0, 0])
+    assert (await short)["tokens"].shape == (1, 2, 1)  # padding removed
+    np.testing.assert_array_equal((await long)["tokens"][0, :, 0], [30, 40, 50, 60])
+    np.testing.assert_array_equal((await short)["length"], [2])
+
+
+async def test_a_caller_that_gives_up_is_skipped():
+    model, clock = FakeModel(), FakeClock()
+    batcher = make(model, clock)
+    busy = asyncio.create_task(batcher.submit(items(0)))
+    await settle()
+    gone = asyncio.create_task(batcher.submit(items(1)))
+    stays = asyncio.create_task(batcher.submit(items(2)))
+    await settle()
+    gone.cancel()
+    await settle()
+    await model.finish(0)
+    assert model.sizes == [1, 1]
+    np.testing.assert_array_equal(model.calls[1][0]["x"], [[2]])
+    await model.finish(1)
+    await asyncio.gather(busy, stays)
+
+
+async def test_never_merging_mode_keeps_requests_whole():
+    model, clock = FakeModel(), FakeClock()
+    batcher = make(model, clock, max_batch_size=None)
+    busy = asyncio.create_task(batcher.submit(items(0, 0, 0, 0, 0)))
+    await settle()
+    others = [asyncio.create_task(batcher.submit(items(1))) for _ in range(2)]
+    await settle()
+    await model.finish(0)
+    await model.finish(1)
+    await model.finish(2)
+    assert model.sizes == [5, 1, 1]
+    await asyncio.gather(busy, *others)
+
+
+def test_parameters_are_checked():
+    with pytest.raises(ValueError, match="max_batch_size must be an integer >= 1"):
+        Batcher(FakeModel(), max_batch_size=0, max_queue=1)
+    with pytest.raises(ValueError, match="max_delay_s must be >= 0"):
+        Batcher(FakeModel(), max_batch_size=1, max_delay_s=-1, max_queue=1)
