@@ -131,9 +131,11 @@ async def test_max_delay_holds_the_first_item_to_grow_the_batch():
     # (binary fractions of a second, so that the fake clock adds up exactly)
     batcher = make(model, clock, max_batch_size=4, max_delay_s=0.5)
     first = asyncio.create_task(batcher.submit(items(1)))
+    await settle()
     await clock.advance(0.25)
     assert model.sizes == []
     second = asyncio.create_task(batcher.submit(items(2)))
+    await settle()
     await clock.advance(0.125)
     assert model.sizes == []  # still within the bound
     await clock.advance(0.125)
