@@ -47,7 +47,7 @@ class TensorDecl(_Strict):
 class BatchingConfig(_Strict):
     """Dynamic batching of a model node (the batcher lands with the worker runner)."""
 
-    max_batch_size: int = Field(1, ge=1)
+    max_batch_size: int = Field(8, ge=1)
     """The most items one call of ``predict`` gets."""
     max_delay_ms: float = Field(0.0, ge=0)
     """How long the first waiting item may be held to grow a batch; 0 = never wait."""
@@ -86,7 +86,11 @@ class NodeSpec(_Strict):
     process's thread pool.  ``auto``: built-in numpy nodes run in the front process (inline
     when cheap), every other plugin in a worker."""
     batching: BatchingConfig | None = None
-    """Dynamic batching; absent = one request's items per call."""
+    """Dynamic batching across requests; absent = one request's items per call."""
+    gpu_memory_mb: int | None = Field(None, ge=1)
+    """GPU memory the model needs; placement never over-commits a card's memory."""
+    gpu_share: float | None = Field(None, gt=0, le=1)
+    """The fraction of a GPU's compute the model needs; placement never over-commits it."""
     timeout_ms: float | None = Field(None, gt=0)
     """A per-node time limit, on top of the request's deadline."""
 

@@ -479,7 +479,7 @@ class Batcher:
             if isinstance(pieces[0], np.ndarray):
                 result[name] = _concat_padded(pieces)
             else:
-                result[name] = list(itertools.chain.from_iterable(pieces))  # type: ignore[assignment]
+                result[name] = list(itertools.chain.from_iterable(pieces))
         request.future.set_result(result)
 
 
@@ -514,7 +514,8 @@ def _pad(parts: list[np.ndarray], value: Any) -> tuple[np.ndarray, list[tuple[in
     dtype = parts[0].dtype
     out = np.full((len(items), *target), value, dtype=dtype)
     for i, item in enumerate(items):
-        out[(i, *(slice(0, d) for d in np.shape(item)))] = item
+        index: tuple[Any, ...] = (i, *(slice(0, d) for d in np.shape(item)))
+        out[index] = item
     return out, shapes
 
 
@@ -530,7 +531,8 @@ def _unpad(piece: np.ndarray, shapes: list[tuple[int, ...]], offset: int, dim: i
     # Items of one request still differ: keep the request's own maximum, zero the rest.
     out = piece.copy()
     for i, length in enumerate(own):
-        out[(i, *([slice(None)] * dim), slice(length, None))] = 0
+        index: tuple[Any, ...] = (i, *([slice(None)] * dim), slice(length, None))
+        out[index] = 0
     return out
 
 

@@ -322,8 +322,7 @@ class DeviceInventory:
     def describe(self) -> list[str]:
         """Lines for the startup log: one per card, then the CPU."""
         lines = [
-            f"{gpu.device}: {gpu.name}, {gpu.memory_total_mb} MB"
-            f" ({gpu.memory_used_mb} MB in use)"
+            f"{gpu.device}: {gpu.name}, {gpu.memory_total_mb} MB ({gpu.memory_used_mb} MB in use)"
             for gpu in self._gpus
         ]
         if not self._gpus:
@@ -336,7 +335,8 @@ class DeviceInventory:
         return lines
 
     def __repr__(self) -> str:
-        return f"DeviceInventory(gpus={list(self._gpus)!r}, cpu={self.cpu!r}, source={self.source!r})"
+        gpus = list(self._gpus)
+        return f"DeviceInventory(gpus={gpus!r}, cpu={self.cpu!r}, source={self.source!r})"
 
 
 # -- NVML reading (every call into the module goes through these) ------------------------------
@@ -351,7 +351,9 @@ def _read_all(nvml: Any, visible: Sequence[int] | None) -> list[GpuInfo]:
         if visible is not None:
             unknown = sorted(set(visible) - set(indices))
             if unknown:
-                logger.warning("visible: GPU indices %s are absent (NVML counts %d)", unknown, count)
+                logger.warning(
+                    "visible: GPU indices %s are absent (NVML counts %d)", unknown, count
+                )
             indices = [index for index in indices if index in set(visible)]
         gpus: list[GpuInfo] = []
         for index in indices:
@@ -413,9 +415,7 @@ def _text(value: Any) -> str:
 
 
 def _unknown(gpu: GpuInfo) -> GpuInfo:
-    return dataclasses.replace(
-        gpu, utilization_percent=None, temperature_c=None, power_watts=None
-    )
+    return dataclasses.replace(gpu, utilization_percent=None, temperature_c=None, power_watts=None)
 
 
 # -- CPU --------------------------------------------------------------------------------------

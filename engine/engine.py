@@ -6,16 +6,20 @@ The Thrift adapter (``engine.service``) calls :class:`Engine`; so do tests, with
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import re
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from dag.executor import Execution, _Plan, execute, plan
 from dag.pipeline import Pipeline
 from dag.schema import NodeSpec, parse_ref
+from engine.batcher import Batcher, Padding
+from engine.runners.batched import BatchedNode, SharedModel
 from engine.runners.local import InlineRunner, LocalRunner, NodeBinding, ThreadPoolRunner
 from engine.runners.worker import WorkerRunner
 from engine.types import (
@@ -28,10 +32,14 @@ from engine.types import (
 from engine.workers.pool import WorkerPool, worker_key
 from model_plugins.contract import check_inputs
 from model_plugins.errors import DagserveError, InvalidRequest, PipelineNotFound, PluginLoadError
-from model_plugins.plugin import LoadContext, ModelPlugin
+from model_plugins.plugin import Batch, LoadContext, ModelPlugin
 from model_plugins.registry import BUILTINS, resolve
 
 logger = logging.getLogger(__name__)
+
+
+#: items that may wait for a model node without `batching:` before requests are Overloaded
+DEFAULT_MAX_QUEUE = 1024
 
 
 def _version_key(version: str) -> tuple[tuple[int, int | str], ...]:
@@ -39,7 +47,7 @@ def _version_key(version: str) -> tuple[tuple[int, int | str], ...]:
     return tuple((0, int(p)) if p.isdigit() else (1, p) for p in re.split(r"[.\-_]", version))
 
 
-Runner = LocalRunner | WorkerRunner
+Runner = LocalRunner | BatchedNode
 
 
 @dataclass
@@ -79,6 +87,8 @@ class Engine:
             self._served.setdefault(p.name, {})
         self._pool = ThreadPoolExecutor(thread_pool_size, thread_name_prefix="dagserve-node")
         self.workers = workers or WorkerPool()
+        #: identity of a loaded model -> the model and its batcher, shared by every node using it
+        self.models: dict[tuple[Any, ...], SharedModel] = {}
         self.ready = False
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -86,11 +96,16 @@ class Engine:
     async def start(self) -> None:
         try:
             for pipeline in self._pending:
-                served = _serve(pipeline, self._pool, self.workers)
+                known = set(self.models)
+                served = _serve(pipeline, self._pool, self.workers, self.models)
                 # Register before loading, so that aclose() unloads a half-started pipeline.
                 self._served[pipeline.name][pipeline.version] = served
                 for name, runner in served.runners.items():
-                    await _start_runner(pipeline, name, runner)
+                    if not isinstance(runner, BatchedNode):  # shared models start below, once
+                        await _start_runner(pipeline, name, runner)
+                for key, shared in self.models.items():
+                    if key not in known:
+                        await _start_model(pipeline, shared)
                 logger.info(
                     "serving pipeline %s version %s: %s",
                     pipeline.name,
@@ -109,6 +124,8 @@ class Engine:
             for served in versions.values():
                 for runner in served.runners.values():
                     await runner.aclose()
+        for shared in self.models.values():
+            await shared.aclose()
         await self.workers.aclose()
         self._pool.shutdown(wait=False, cancel_futures=True)
 
@@ -169,6 +186,13 @@ class Engine:
             for version in versions
         }
         details["pipelines"] = str(sum(len(v) for v in self._served.values()))
+        for shared in self.models.values():
+            stats = shared.batcher.statistics()
+            details[f"model.{shared.model_id}"] = (
+                f"nodes={','.join(shared.nodes)} queued={stats.queued_items} "
+                f"batches={stats.batches} mean_batch={stats.mean_batch_size:.2f} "
+                f"deadline_dropped={stats.deadline_dropped} rejected={stats.rejected}"
+            )
         for worker, stats in self.workers.statistics().items():
             details[f"worker.{worker}"] = (
                 f"pid={stats['pid']} ready={stats['ready']} restarts={stats['restarts']} "
@@ -177,22 +201,34 @@ class Engine:
         return HealthReport(live=True, ready=self.ready, details=details)
 
 
-async def _start_runner(pipeline: Pipeline, name: str, runner: Runner) -> None:
+async def _start_runner(pipeline: Pipeline, name: str, runner: LocalRunner) -> None:
     node = pipeline.spec.nodes[name]
     try:
         await runner.start()
     except Exception as exc:
-        where = f" in worker {runner.key.name}" if isinstance(runner, WorkerRunner) else ""
-        cause = exc.message if isinstance(exc, DagserveError) else f"{type(exc).__name__}: {exc}"
-        msg = (
-            f"pipeline {pipeline.name!r}: node {name!r} (plugin {node.plugin!r}) "
-            f"failed to load{where}: {cause}"
-        )
-        raise PluginLoadError(msg) from exc
+        raise _load_failed(pipeline.name, name, node.plugin, "", exc) from exc
+
+
+async def _start_model(pipeline: Pipeline, shared: SharedModel) -> None:
+    b = shared.runner.binding
+    try:
+        await shared.start()
+    except Exception as exc:
+        where = f" in worker {shared.runner.key.name}"
+        raise _load_failed(b.pipeline, b.node, b.plugin, where, exc) from exc
+
+
+def _load_failed(pipeline: str, node: str, plugin: str, where: str, exc: Exception) -> Exception:
+    cause = exc.message if isinstance(exc, DagserveError) else f"{type(exc).__name__}: {exc}"
+    msg = f"pipeline {pipeline!r}: node {node!r} (plugin {plugin!r}) failed to load{where}: {cause}"
+    return PluginLoadError(msg)
 
 
 def _where(runner: Runner) -> str:
-    return f"worker {runner.key.name}" if isinstance(runner, WorkerRunner) else runner.kind
+    if isinstance(runner, BatchedNode):
+        shared = runner.shared
+        return f"worker {runner.key.name}, model {shared.model_id}"
+    return runner.kind
 
 
 def runner_kind(node: NodeSpec, plugin_class: type[ModelPlugin]) -> str:
@@ -229,7 +265,45 @@ def _in_process_class(
     return plugin_class
 
 
-def _serve(pipeline: Pipeline, pool: ThreadPoolExecutor, workers: WorkerPool) -> ServedPipeline:
+def model_identity(
+    node: NodeSpec, model_path: Path | None, device: str, framework: str | None
+) -> tuple[Any, ...]:
+    """Nodes whose model is the same thing: loaded once, batched once."""
+    batching = node.batching.model_dump_json() if node.batching else None
+    params = json.dumps(node.params, sort_keys=True, default=str)
+    return (node.plugin, str(model_path), params, device, framework, node.instances, batching)
+
+
+def _batcher(
+    node: NodeSpec, plugin_class: type[ModelPlugin], runner: WorkerRunner, name: str
+) -> Batcher:
+    async def call(batch: Batch) -> Batch:
+        return await runner.run(batch, deadline=None)
+
+    padding = Padding(dict(plugin_class.padding), dict(plugin_class.padded_outputs))
+    if node.batching is None:  # no merging of requests; still bounded and deadline-aware
+        return Batcher(
+            call, max_batch_size=None, max_queue=DEFAULT_MAX_QUEUE, instances=node.instances,
+            name=name,
+        )  # fmt: skip
+    return Batcher(
+        call,
+        max_batch_size=node.batching.max_batch_size,
+        max_delay_s=node.batching.max_delay_s,
+        max_queue=node.batching.max_queue,
+        instances=node.instances,
+        padding=padding,
+        ragged=plugin_class.ragged,
+        name=name,
+    )
+
+
+def _serve(
+    pipeline: Pipeline,
+    pool: ThreadPoolExecutor,
+    workers: WorkerPool,
+    models: dict[tuple[Any, ...], SharedModel],
+) -> ServedPipeline:
     runners: dict[str, Runner] = {}
     base = pipeline.path.parent.resolve() if pipeline.path else Path.cwd()
     for name, node in pipeline.spec.nodes.items():
@@ -260,8 +334,16 @@ def _serve(pipeline: Pipeline, pool: ThreadPoolExecutor, workers: WorkerPool) ->
             contexts=contexts,
         )
         if kind == "worker":
-            key = worker_key(framework_of(node, plugin_class), device)
-            runners[name] = WorkerRunner(binding, workers, key)
+            framework = framework_of(node, plugin_class)
+            identity = model_identity(node, model_path, device, framework)
+            shared = models.get(identity)
+            if shared is None:
+                model_id = f"{pipeline.name}/{name}"
+                worker = WorkerRunner(binding, workers, worker_key(framework, device))
+                batcher = _batcher(node, plugin_class, worker, f"model {model_id!r}")
+                shared = models[identity] = SharedModel(model_id, worker, batcher, [])
+            shared.nodes.append(f"{pipeline.name}/{name}")
+            runners[name] = BatchedNode(shared, name, node.plugin)
         elif kind == "inline":
             runners[name] = InlineRunner(binding)
         else:

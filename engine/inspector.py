@@ -37,6 +37,9 @@ class PluginDescription:
     inputs: dict[str, TensorSpec]
     outputs: dict[str, TensorSpec]
     doc: str = ""
+    padding: dict[str, Any] | None = None
+    padded_outputs: dict[str, tuple[str, int]] | None = None
+    ragged: bool = False
 
 
 def _describe(reference: str) -> PluginDescription | DagserveError:
@@ -50,6 +53,9 @@ def _describe(reference: str) -> PluginDescription | DagserveError:
         dict(cls.inputs),
         dict(cls.outputs),
         (cls.__doc__ or "").strip().split("\n")[0],
+        dict(cls.padding),
+        dict(cls.padded_outputs),
+        cls.ragged,
     )
 
 
@@ -143,6 +149,9 @@ def proxy_class(description: PluginDescription) -> type[ModelPlugin]:
         "framework": description.framework,
         "reference": description.reference,
         "inspected": True,
+        "padding": description.padding or {},
+        "padded_outputs": description.padded_outputs or {},
+        "ragged": description.ragged,
         "__doc__": description.doc,
         "__module__": "engine.inspector.inspected",
     }

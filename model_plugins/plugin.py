@@ -59,6 +59,12 @@ class ModelPlugin:
       checks what it hands to ``predict`` and what ``predict`` returns against them.
     * ``framework``: ``"torch"``, ``"tensorflow"``, ``"paddle"`` or None for plain numpy.
       It decides which worker process hosts the plugin; a node's ``framework:`` overrides it.
+    * Variable-length inputs under dynamic batching.  By default only items of the same
+      shape share a batch.  ``padding`` (input name -> pad value) lets items of different
+      shapes share one: those inputs are padded at the end of each dimension to the largest
+      item.  ``padded_outputs`` (output name -> (input name, dimension)) says which output
+      dimension follows a padded input's dimension; it is cut back to each item's length.
+      ``ragged = True`` hands ``predict`` lists of per-item arrays instead.
 
     **Lifecycle**: the engine creates the object with no arguments, calls :meth:`load` once,
     then :meth:`predict` once per batch, possibly from several threads at once when the node
@@ -69,6 +75,9 @@ class ModelPlugin:
     inputs: ClassVar[Mapping[str, TensorSpec]] = {}
     outputs: ClassVar[Mapping[str, TensorSpec]] = {}
     framework: ClassVar[Framework | None] = None
+    padding: ClassVar[Mapping[str, Any]] = {}
+    padded_outputs: ClassVar[Mapping[str, tuple[str, int]]] = {}
+    ragged: ClassVar[bool] = False
 
     @classmethod
     def signature(

@@ -48,17 +48,27 @@ class WrongCount(ModelPlugin):
 
 
 class Sleep(ModelPlugin):
-    """Sleeps params.seconds (default 0.2), then passes x through."""
+    """Sleeps params.seconds (default 0.2), passes x through, and says when it ran.
+
+    ``start`` and ``end`` are ``time.monotonic()`` readings in the process that ran it; the
+    clock is the machine's, so they compare across processes.
+    """
 
     inputs: ClassVar = {"x": TensorSpec("float32", [-1])}
-    outputs: ClassVar = {"y": TensorSpec("float32", [-1])}
+    outputs: ClassVar = {
+        "y": TensorSpec("float32", [-1]),
+        "start": TensorSpec("float64", []),
+        "end": TensorSpec("float64", []),
+    }
 
     def load(self, context):
         self.seconds = float(context.params.get("seconds", 0.2))
 
     def predict(self, batch):
+        start = time.monotonic()
         time.sleep(self.seconds)
-        return {"y": batch["x"]}
+        n = len(batch["x"])
+        return {"y": batch["x"], "start": np.full(n, start), "end": np.full(n, time.monotonic())}
 
 
 class Pid(ModelPlugin):
@@ -77,3 +87,31 @@ class FailToLoad(ModelPlugin):
 
     def load(self, context):
         raise RuntimeError("weights file is corrupt")
+
+
+class BatchProbe(ModelPlugin):
+    """Sleeps params.seconds (default 0.05) per call and tells each item its batch's size."""
+
+    inputs: ClassVar = {"x": TensorSpec("float32", [-1])}
+    outputs: ClassVar = {"y": TensorSpec("float32", [-1]), "batch": TensorSpec("int64", [])}
+
+    def load(self, context):
+        self.seconds = float(context.params.get("seconds", 0.05))
+
+    def predict(self, batch):
+        time.sleep(self.seconds)
+        n = len(batch["x"])
+        return {"y": batch["x"] * 2, "batch": np.full(n, n, np.int64)}
+
+
+class TokenSum(ModelPlugin):
+    """Variable-length int64 ids, padded by the batcher: per-token doubled ids and their sum."""
+
+    inputs: ClassVar = {"ids": TensorSpec("int64", [-1])}
+    outputs: ClassVar = {"tokens": TensorSpec("int64", [-1]), "total": TensorSpec("int64", [])}
+    padding: ClassVar = {"ids": 0}
+    padded_outputs: ClassVar = {"tokens": ("ids", 0)}
+
+    def predict(self, batch):
+        ids = batch["ids"]
+        return {"tokens": ids * 2, "total": ids.sum(axis=1)}
