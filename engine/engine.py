@@ -187,11 +187,11 @@ class Engine:
         }
         details["pipelines"] = str(sum(len(v) for v in self._served.values()))
         for shared in self.models.values():
-            stats = shared.batcher.statistics()
+            batching = shared.batcher.statistics()
             details[f"model.{shared.model_id}"] = (
-                f"nodes={','.join(shared.nodes)} queued={stats.queued_items} "
-                f"batches={stats.batches} mean_batch={stats.mean_batch_size:.2f} "
-                f"deadline_dropped={stats.deadline_dropped} rejected={stats.rejected}"
+                f"nodes={','.join(shared.nodes)} queued={batching.queued_items} "
+                f"batches={batching.batches} mean_batch={batching.mean_batch_size:.2f} "
+                f"deadline_dropped={batching.deadline_dropped} rejected={batching.rejected}"
             )
         for worker, stats in self.workers.statistics().items():
             details[f"worker.{worker}"] = (

@@ -77,8 +77,7 @@ def test_statistics_reach_health(server):
 def test_a_full_queue_is_overloaded_with_retry_after(server):
     shared = next(m for m in server.engine.models.values() if m.model_id == "batched_a/probe")
     assert shared.batcher.max_queue == 64
-    with Client("127.0.0.1", server.port) as client:
-        # 65 items in one request cannot fit a queue of 64
-        with pytest.raises(Overloaded) as info:
-            client.infer("batched_a", {"x": np.zeros((65, 2), np.float32)})
+    # 65 items in one request cannot fit a queue of 64
+    with Client("127.0.0.1", server.port) as client, pytest.raises(Overloaded) as info:
+        client.infer("batched_a", {"x": np.zeros((65, 2), np.float32)})
     assert info.value.retry_after_ms >= 1
