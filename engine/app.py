@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 from dag.pipeline import Pipeline
 from engine.config import ServerConfig
+from engine.devices import DeviceInventory
 from engine.engine import Engine
 from engine.server import ThriftServer
 from engine.service import InferenceHandler
@@ -32,7 +33,18 @@ class Server:
             restart_wait_s=config.worker_restart_wait_s,
             log_level=logging.getLevelName(config.log_level.upper()),
         )
-        self.engine = Engine(pipelines, thread_pool_size=config.thread_pool_size, workers=workers)
+        inventory = (
+            DeviceInventory.from_config(config.gpus)
+            if config.gpus is not None
+            else DeviceInventory.from_nvml()
+        )
+        self.engine = Engine(
+            pipelines,
+            thread_pool_size=config.thread_pool_size,
+            workers=workers,
+            inventory=inventory,
+            gpu_reserve_mb=config.gpu_reserve_mb,
+        )
         self.thrift: ThriftServer | None = None
         self.should_exit = asyncio.Event()
         self.started = asyncio.Event()

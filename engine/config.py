@@ -16,6 +16,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from engine.devices import GpuConfig
 from engine.errors import ConfigError
 
 #: 64 MiB: a 32-image batch of 3x224x224 float32 is 19 MiB
@@ -48,6 +49,10 @@ class ServerConfig(BaseModel):
     """A worker that does not answer a ping this fast is killed and replaced."""
     worker_restart_wait_s: float = Field(30.0, gt=0)
     """How long a request waits for its worker to come back after a crash."""
+    gpus: list[GpuConfig] | None = None
+    """An explicit GPU inventory (tests, or to reserve cards); None: read the GPUs via NVML."""
+    gpu_reserve_mb: int = Field(0, ge=0)
+    """Memory per GPU that placement leaves free (for the CUDA context and fragmentation)."""
 
 
 def load_config(path: Path) -> ServerConfig:

@@ -19,6 +19,8 @@ from dag.executor import Execution, _Plan, execute, plan
 from dag.pipeline import Pipeline
 from dag.schema import NodeSpec, parse_ref
 from engine.batcher import Batcher, Padding
+from engine.devices import DeviceInventory
+from engine.placement import Placement, PlacementRequest, place
 from engine.runners.batched import BatchedNode, SharedModel
 from engine.runners.local import InlineRunner, LocalRunner, NodeBinding, ThreadPoolRunner
 from engine.runners.worker import WorkerRunner
@@ -75,6 +77,8 @@ class Engine:
         *,
         thread_pool_size: int = 8,
         workers: WorkerPool | None = None,
+        inventory: DeviceInventory | None = None,
+        gpu_reserve_mb: int = 0,
     ) -> None:
         self._served: dict[str, dict[str, ServedPipeline]] = {}
         self._pending = list(pipelines)
@@ -87,6 +91,9 @@ class Engine:
             self._served.setdefault(p.name, {})
         self._pool = ThreadPoolExecutor(thread_pool_size, thread_name_prefix="dagserve-node")
         self.workers = workers or WorkerPool()
+        self.inventory = inventory or DeviceInventory.from_nvml()
+        self.gpu_reserve_mb = gpu_reserve_mb
+        self.placement: Placement | None = None
         #: identity of a loaded model -> the model and its batcher, shared by every node using it
         self.models: dict[tuple[Any, ...], SharedModel] = {}
         self.ready = False
@@ -94,10 +101,19 @@ class Engine:
     # -- lifecycle ---------------------------------------------------------------------
 
     async def start(self) -> None:
+        # Place every model before loading any: a pipeline that does not fit is refused
+        # at startup, with what each device has left.
+        self.placement, model_ids = plan_placement(
+            self._pending, self.inventory, reserve_mb=self.gpu_reserve_mb
+        )
+        for line in self.placement.describe():
+            logger.info("placement: %s", line)
         try:
             for pipeline in self._pending:
                 known = set(self.models)
-                served = _serve(pipeline, self._pool, self.workers, self.models)
+                served = _serve(
+                    pipeline, self._pool, self.workers, self.models, self.placement, model_ids
+                )
                 # Register before loading, so that aclose() unloads a half-started pipeline.
                 self._served[pipeline.name][pipeline.version] = served
                 for name, runner in served.runners.items():
@@ -186,6 +202,8 @@ class Engine:
             for version in versions
         }
         details["pipelines"] = str(sum(len(v) for v in self._served.values()))
+        if self.placement is not None:
+            details.update(self.placement.details())
         for shared in self.models.values():
             batching = shared.batcher.statistics()
             details[f"model.{shared.model_id}"] = (
@@ -298,18 +316,90 @@ def _batcher(
     )
 
 
+@dataclass(frozen=True)
+class _ModelNode:
+    """A worker node as placement and sharing see it."""
+
+    pipeline: Pipeline
+    name: str
+    node: NodeSpec
+    plugin_class: type[ModelPlugin]
+    model_path: Path | None
+    framework: str | None
+
+    @property
+    def identity(self) -> tuple[Any, ...]:
+        return model_identity(self.node, self.model_path, self.node.device, self.framework)
+
+
+def _model_nodes(pipeline: Pipeline) -> list[_ModelNode]:
+    base = _base(pipeline)
+    found = []
+    for name, node in pipeline.spec.nodes.items():
+        plugin_class = pipeline.plugin_classes[name]
+        if runner_kind(node, plugin_class) == "worker":
+            model_path = (base / node.model).resolve() if node.model is not None else None
+            framework = framework_of(node, plugin_class)
+            found.append(_ModelNode(pipeline, name, node, plugin_class, model_path, framework))
+    return found
+
+
+def _base(pipeline: Pipeline) -> Path:
+    return pipeline.path.parent.resolve() if pipeline.path else Path.cwd()
+
+
+def plan_placement(
+    pipelines: Iterable[Pipeline], inventory: DeviceInventory, *, reserve_mb: int = 0
+) -> tuple[Placement, dict[tuple[Any, ...], str]]:
+    """Place every model of ``pipelines``; return the placement and each model's id.
+
+    Nodes that name the same model (plugin, model file, params, device request, batching) are
+    one model: placed once, loaded once, batched once.  Its id is ``pipeline/node`` of its
+    first user.
+
+    Raises:
+        PlacementError: a model does not fit; the message says what each device has left.
+    """
+    ids: dict[tuple[Any, ...], str] = {}
+    requests = []
+    for pipeline in pipelines:
+        for m in _model_nodes(pipeline):
+            model_id = ids.setdefault(m.identity, f"{pipeline.name}/{m.name}")
+            requests.append(
+                PlacementRequest(
+                    model_id=model_id,
+                    pipeline=pipeline.name,
+                    node=m.name,
+                    device=m.node.device,
+                    gpu_memory_mb=m.node.gpu_memory_mb,
+                    gpu_share=m.node.gpu_share,
+                    framework=m.framework,
+                )
+            )
+    return place(requests, inventory, reserve_mb=reserve_mb), ids
+
+
 def _serve(
     pipeline: Pipeline,
     pool: ThreadPoolExecutor,
     workers: WorkerPool,
     models: dict[tuple[Any, ...], SharedModel],
+    placement: Placement,
+    model_ids: dict[tuple[Any, ...], str],
 ) -> ServedPipeline:
     runners: dict[str, Runner] = {}
-    base = pipeline.path.parent.resolve() if pipeline.path else Path.cwd()
+    base = _base(pipeline)
+    model_nodes = {m.name: m for m in _model_nodes(pipeline)}
     for name, node in pipeline.spec.nodes.items():
         plugin_class = pipeline.plugin_classes[name]
-        model_path = (base / node.model).resolve() if node.model is not None else None
-        device = "cpu" if node.device == "auto" else node.device
+        model_node = model_nodes.get(name)
+        if model_node is None:
+            plugin_class = _in_process_class(pipeline, name, node, plugin_class)
+            device = "cpu"
+            model_path = (base / node.model).resolve() if node.model is not None else None
+        else:
+            device = placement.device_of(model_ids[model_node.identity])
+            model_path = model_node.model_path
         contexts = tuple(
             LoadContext(
                 node=name,
@@ -322,9 +412,6 @@ def _serve(
             )
             for i in range(node.instances)
         )
-        kind = runner_kind(node, plugin_class)
-        if kind != "worker":
-            plugin_class = _in_process_class(pipeline, name, node, plugin_class)
         binding = NodeBinding(
             pipeline=pipeline.name,
             node=name,
@@ -333,18 +420,18 @@ def _serve(
             outputs=pipeline.node_signatures[name][1],
             contexts=contexts,
         )
-        if kind == "worker":
-            framework = framework_of(node, plugin_class)
-            identity = model_identity(node, model_path, device, framework)
+        if model_node is not None:
+            identity = model_node.identity
             shared = models.get(identity)
             if shared is None:
-                model_id = f"{pipeline.name}/{name}"
-                worker = WorkerRunner(binding, workers, worker_key(framework, device))
+                model_id = model_ids[identity]
+                key = worker_key(model_node.framework, device)
+                worker = WorkerRunner(binding, workers, key)
                 batcher = _batcher(node, plugin_class, worker, f"model {model_id!r}")
                 shared = models[identity] = SharedModel(model_id, worker, batcher, [])
             shared.nodes.append(f"{pipeline.name}/{name}")
             runners[name] = BatchedNode(shared, name, node.plugin)
-        elif kind == "inline":
+        elif runner_kind(node, plugin_class) == "inline":
             runners[name] = InlineRunner(binding)
         else:
             runners[name] = ThreadPoolRunner(binding, pool)

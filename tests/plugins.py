@@ -115,3 +115,18 @@ class TokenSum(ModelPlugin):
     def predict(self, batch):
         ids = batch["ids"]
         return {"tokens": ids * 2, "total": ids.sum(axis=1)}
+
+
+class Env(ModelPlugin):
+    """Answers, per item, the CUDA_VISIBLE_DEVICES its worker sees and the device it was given."""
+
+    inputs: ClassVar = {"x": TensorSpec("float32", [-1])}
+    outputs: ClassVar = {"visible": TensorSpec("string", []), "device": TensorSpec("string", [])}
+
+    def load(self, context):
+        self.device = context.device
+
+    def predict(self, batch):
+        n = len(batch["x"])
+        visible = np.array([os.environ.get("CUDA_VISIBLE_DEVICES", "<unset>")] * n, dtype=object)
+        return {"visible": visible, "device": np.array([self.device] * n, dtype=object)}

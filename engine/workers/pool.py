@@ -35,8 +35,10 @@ class WorkerKey:
 
     def environment(self) -> dict[str, str]:
         """Variables the worker starts with: each worker sees only its own GPU."""
+        # PCI bus order: the numbering NVML (and so placement) uses
         if self.device.startswith("cuda:"):
-            return {"CUDA_VISIBLE_DEVICES": self.device.removeprefix("cuda:")}
+            index = self.device.removeprefix("cuda:")
+            return {"CUDA_VISIBLE_DEVICES": index, "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
         return {"CUDA_VISIBLE_DEVICES": ""}
 
 
