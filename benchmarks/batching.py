@@ -1,0 +1,407 @@
+"""Dynamic batching: served throughput and latency against the same model run offline.
+
+    .venv/bin/python -m benchmarks.batching [--quick] [--out DIR]
+
+Two TorchScript models (fixed seeds): a ResNet-18 ("heavy", 3x224x224 -> 1000) and an MLP
+512-1024-1024-10 ("light"). Each is served by one-node pipelines, with batching
+(``max_batch_size: 32, max_delay_ms: 0``) and without, by ``dagserve serve`` in a SUBPROCESS
+(the load generator runs in this process and does not share the server's GIL). Offline figures
+come from ``torch`` called directly in another subprocess (``torch.inference_mode()``, torch's
+default thread count, as in the worker), measured before AND after the served runs; the
+better of the two is used, which makes every served/offline ratio conservative.
+
+Scenarios (all in one run, side by side):
+  1. heavy, closed loop at concurrency 64, batched: items/s against the best offline items/s
+  2. light, the same
+  3. concurrency 1: served p50 against the offline batch-1 latency, both models
+  4. concurrency 32, batched against not batched, both models
+
+Mean batch sizes come from the server's health details (``model.<pipeline>/<node>``),
+differenced over each measurement window.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.loadgen import LoadResult, LoadSpec, render_table, run_load
+from engine.client import Client
+
+ROOT = Path(__file__).resolve().parent.parent
+HEAVY_BATCH_SIZES = (1, 8, 16, 32, 64)
+LIGHT_BATCH_SIZES = (1, 8, 16, 32, 64)
+
+MODELS = {
+    "heavy": {"file": "resnet18.pt", "input": "pixels", "shape": [3, 224, 224], "out": "logits"},
+    "light": {"file": "mlp.pt", "input": "features", "shape": [512], "out": "scores"},
+}
+
+
+# --- offline side (runs in a subprocess: `python -m benchmarks.batching --_offline DIR`) ------
+
+
+def _build_mlp(seed: int = 0):  # type: ignore[no-untyped-def]
+    import torch
+    from torch import nn
+
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Linear(512, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 10)
+    ).eval()
+
+
+def export_models(folder: Path) -> None:
+    """Write resnet18.pt and mlp.pt (torch.jit.trace, fixed seeds) unless they exist."""
+    import warnings
+
+    import torch
+
+    from benchmarks.resnet18 import build_resnet18
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, build, example in (
+        ("resnet18.pt", build_resnet18, torch.zeros(1, 3, 224, 224)),
+        ("mlp.pt", _build_mlp, torch.zeros(1, 512)),
+    ):
+        path = folder / name
+        if path.exists():
+            continue
+        with torch.inference_mode(False), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            traced = torch.jit.trace(build(), example)
+            tmp = path.with_suffix(".tmp")
+            torch.jit.save(traced, str(tmp))
+        tmp.replace(path)
+
+
+def measure_offline(folder: Path, seconds: float) -> dict[str, dict[str, float]]:
+    """Per model: items/s at each batch size (median time per call) and batch-1 latency."""
+    import warnings
+
+    import torch
+
+    result: dict[str, dict[str, float]] = {"threads": {"torch": float(torch.get_num_threads())}}
+    rng = np.random.default_rng(0)
+    for key, sizes in (("heavy", HEAVY_BATCH_SIZES), ("light", LIGHT_BATCH_SIZES)):
+        spec = MODELS[key]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            module = torch.jit.load(str(folder / spec["file"]))
+        module.eval()
+        row: dict[str, float] = {}
+        for size in sizes:
+            x = torch.from_numpy(rng.random((size, *spec["shape"]), dtype=np.float32))
+            times: list[float] = []
+            with torch.inference_mode():
+                for _ in range(3):  # warm up (TorchScript profiles the first calls)
+                    module(x)
+                until = time.perf_counter() + seconds
+                while time.perf_counter() < until or len(times) < 5:
+                    start = time.perf_counter()
+                    module(x)
+                    times.append(time.perf_counter() - start)
+            median = float(np.median(times))
+            row[f"items/s@{size}"] = size / median
+            if size == 1:
+                row["batch1 ms"] = median * 1000
+        result[key] = row
+    return result
+
+
+def offline_in_subprocess(folder: Path, seconds: float) -> dict[str, dict[str, float]]:
+    out = subprocess.run(
+        [sys.executable, "-m", "benchmarks.batching", "--_offline", str(folder),
+         "--_seconds", str(seconds)],
+        cwd=ROOT, check=True, capture_output=True, text=True,
+    )  # fmt: skip
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# --- served side --------------------------------------------------------------------------
+
+
+def write_pipelines(folder: Path, max_batch: int) -> list[Path]:
+    paths = []
+    for key, spec in MODELS.items():
+        for batched in (True, False):
+            name = key if batched else f"{key}_nobatch"
+            batching = (
+                f"    batching: {{max_batch_size: {max_batch}, max_delay_ms: 0, max_queue: 1024}}\n"
+                if batched
+                else ""
+            )
+            text = (
+                f"name: {name}\n"
+                f"inputs:\n"
+                f"  {spec['input']}: {{dtype: float32, shape: {spec['shape']}}}\n"
+                f"nodes:\n"
+                f"  model:\n"
+                f"    plugin: torchscript\n"
+                f"    model: {spec['file']}\n"
+                f"    params: {{output_names: [{spec['out']}]}}\n"
+                f"    instances: 1\n"
+                f"{batching}"
+                f"    inputs: {{x: $inputs.{spec['input']}}}\n"
+                f"outputs:\n"
+                f"  {spec['out']}: model.{spec['out']}\n"
+            )
+            path = folder / f"{name}.yaml"
+            path.write_text(text)
+            paths.append(path)
+    return paths
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def start_server(paths: list[Path], log: Path) -> tuple[subprocess.Popen[bytes], int]:
+    port = _free_port()
+    with log.open("wb") as sink:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "engine.cli", "serve", *map(str, paths),
+             "--port", str(port), "--log-level", "warning"],
+            cwd=ROOT, stdout=sink, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            msg = f"the server exited with {process.returncode}:\n{log.read_text()[-3000:]}"
+            raise RuntimeError(msg)
+        try:
+            with Client("127.0.0.1", port, timeout_s=2) as client:
+                if client.health().ready:
+                    return process, port
+        except Exception:
+            pass
+        time.sleep(0.3)
+    process.terminate()
+    msg = f"the server was not ready in 180 s:\n{log.read_text()[-3000:]}"
+    raise RuntimeError(msg)
+
+
+def batch_counters(port: int, pipeline: str) -> tuple[int, float]:
+    """(batches, items) of the pipeline's model, from the health details."""
+    with Client("127.0.0.1", port, timeout_s=10) as client:
+        details = client.health().details
+    text = details.get(f"model.{pipeline}/model", "")
+    batches = re.search(r"batches=(\d+)", text)
+    mean = re.search(r"mean_batch=([\d.]+)", text)
+    if not batches or not mean:
+        return 0, 0.0
+    return int(batches.group(1)), int(batches.group(1)) * float(mean.group(1))
+
+
+async def served(
+    port: int, pipeline: str, concurrency: int, duration: float, warmup: float
+) -> tuple[LoadResult, float, int]:
+    """Run the load; also the mean batch size and batches over the window (from health)."""
+    key = pipeline.split("_")[0]
+    spec = MODELS[key]
+    x = np.random.default_rng(1).random((1, *spec["shape"]), dtype=np.float32)
+    load = LoadSpec(
+        "127.0.0.1", port, pipeline, {spec["input"]: x}, concurrency=concurrency,
+        duration_s=duration, warmup_s=0.0, timeout_ms=60_000,
+    )  # fmt: skip
+    if warmup > 0:
+        await run_load(
+            LoadSpec("127.0.0.1", port, pipeline, load.inputs, concurrency=concurrency,
+                     duration_s=warmup, warmup_s=0.0, timeout_ms=60_000)
+        )  # fmt: skip
+    b0, i0 = batch_counters(port, pipeline)
+    result = await run_load(load)
+    b1, i1 = batch_counters(port, pipeline)
+    batches = b1 - b0
+    mean = (i1 - i0) / batches if batches else float("nan")
+    return result, mean, batches
+
+
+def _row(result: LoadResult, mean_batch: float, batches: int) -> dict[str, object]:
+    row = result.summary()
+    row["mean batch"] = mean_batch
+    row["batches"] = batches
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a short smoke run (< ~60 s)")
+    parser.add_argument("--out", type=Path, help="model/pipeline folder (default: a temp dir)")
+    parser.add_argument("--json", type=Path, help="also write every figure to this JSON file")
+    parser.add_argument("--_offline", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--_export", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--_seconds", type=float, default=2.0, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args._export:
+        export_models(args._export)
+        return 0
+    if args._offline:
+        print(json.dumps(measure_offline(args._offline, args._seconds)))
+        return 0
+
+    quick = args.quick
+    # (warm-up s, window s) per load; offline seconds per batch size
+    heavy_w, heavy_d = (2.0, 4.0) if quick else (5.0, 25.0)
+    light_w, light_d = (1.0, 3.0) if quick else (3.0, 15.0)
+    idle_w, idle_d = (0.5, 2.0) if quick else (2.0, 10.0)
+    offline_s = 0.5 if quick else 2.5
+    started = time.perf_counter()
+    tmp = None
+    if args.out is None:
+        tmp = tempfile.TemporaryDirectory(prefix="dagserve-batching-")
+        folder = Path(tmp.name)
+    else:
+        folder = args.out
+        folder.mkdir(parents=True, exist_ok=True)
+
+    print(f"models and pipelines in {folder}", flush=True)
+    subprocess.run(
+        [sys.executable, "-m", "benchmarks.batching", "--_export", str(folder)],
+        cwd=ROOT, check=True,
+    )  # fmt: skip
+    paths = write_pipelines(folder, max_batch=32)
+    print("offline (before) ...", flush=True)
+    offline_before = offline_in_subprocess(folder, offline_s)
+    print("starting the server ...", flush=True)
+    process, port = start_server(paths, folder / "server.log")
+    figures: dict[str, object] = {"offline_before": offline_before}
+    try:
+        with Client("127.0.0.1", port) as client:
+            details = client.health().details
+        workers = {k: v for k, v in details.items() if k.startswith("worker.")}
+        figures["workers"] = workers
+
+        async def scenarios() -> dict[str, tuple[LoadResult, float, int]]:
+            out: dict[str, tuple[LoadResult, float, int]] = {}
+            plan = [
+                ("s1 heavy c64", "heavy", 64, heavy_d, heavy_w),
+                ("s2 light c64", "light", 64, light_d, light_w),
+                ("s3 heavy c1", "heavy", 1, idle_d, idle_w),
+                ("s3 light c1", "light", 1, idle_d, idle_w),
+                ("s4 heavy c32 batched", "heavy", 32, heavy_d * 0.6, heavy_w),
+                ("s4 heavy c32 not batched", "heavy_nobatch", 32, heavy_d * 0.6, heavy_w),
+                ("s4 light c32 batched", "light", 32, light_d, light_w),
+                ("s4 light c32 not batched", "light_nobatch", 32, light_d, light_w),
+            ]
+            for label, pipeline, concurrency, duration, warmup in plan:
+                print(f"{label} ({warmup:.0f} s warm-up + {duration:.0f} s) ...", flush=True)
+                out[label] = await served(port, pipeline, concurrency, duration, warmup)
+            return out
+
+        runs = asyncio.run(scenarios())
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    print("offline (after) ...", flush=True)
+    offline_after = offline_in_subprocess(folder, offline_s)
+    figures["offline_after"] = offline_after
+
+    # offline: the better of before/after, per batch size
+    offline: dict[str, dict[str, float]] = {}
+    for key in ("heavy", "light"):
+        merged = {}
+        for k in offline_before[key]:
+            a, b = offline_before[key][k], offline_after[key][k]
+            merged[k] = min(a, b) if k.endswith("ms") else max(a, b)
+        offline[key] = merged
+
+    print()
+    print(f"torch threads: {int(offline_before['threads']['torch'])} (offline), "
+          f"server workers: {figures['workers']}")
+    print("\n### Offline (torch directly, inference_mode; better of before/after)\n")
+    rows = []
+    for key in ("heavy", "light"):
+        row: dict[str, object] = {"model": key}
+        for when, data in (("before", offline_before), ("after", offline_after)):
+            row[f"batch-1 ms ({when})"] = data[key]["batch1 ms"]
+        for size in HEAVY_BATCH_SIZES:
+            row[f"items/s @{size}"] = offline[key][f"items/s@{size}"]
+        rows.append(row)
+    print(render_table(rows))
+
+    print("\n### Served runs\n")
+    print(render_table([{"scenario": label, **_row(*run)} for label, run in runs.items()]))
+
+    print("\n### 1-2. Batching efficiency at concurrency 64 (target heavy >= 0.9, light >= 0.4)\n")
+    rows = []
+    summary: dict[str, object] = {}
+    for key, label, target in (("heavy", "s1 heavy c64", 0.9), ("light", "s2 light c64", 0.4)):
+        best_size = max(HEAVY_BATCH_SIZES, key=lambda s: offline[key][f"items/s@{s}"])
+        best = offline[key][f"items/s@{best_size}"]
+        at32 = offline[key]["items/s@32"]
+        served_tput = runs[label][0].throughput_items_s
+        ratio = served_tput / best
+        rows.append({
+            "model": key, "served items/s": served_tput, "mean batch": runs[label][1],
+            "offline best items/s": best, "best batch": best_size,
+            "served / offline best": ratio, "served / offline@32": served_tput / at32,
+            "target": target, "met": "yes" if ratio >= target else "NO",
+        })  # fmt: skip
+        summary[f"efficiency_{key}"] = ratio
+    print(render_table(rows))
+
+    print("\n### 3. Idle latency, concurrency 1 (target: served p50 <= offline batch-1 + 1 ms)\n")
+    rows = []
+    for key in ("heavy", "light"):
+        result = runs[f"s3 {key} c1"][0]
+        p50 = result.latency_ms(50)
+        base = offline[key]["batch1 ms"]
+        rows.append({
+            "model": key, "served p50 ms": p50, "served p99 ms": result.latency_ms(99),
+            "offline batch-1 ms": base, "difference ms": p50 - base,
+            "met": "yes" if p50 - base <= 1.0 else "NO",
+        })  # fmt: skip
+        summary[f"idle_overhead_ms_{key}"] = p50 - base
+    print(render_table(rows))
+
+    print("\n### 4. Batched against not batched, concurrency 32\n")
+    rows = []
+    for key in ("heavy", "light"):
+        on = runs[f"s4 {key} c32 batched"]
+        off = runs[f"s4 {key} c32 not batched"]
+        rows.append({
+            "model": key,
+            "batched items/s": on[0].throughput_items_s, "batched p99 ms": on[0].latency_ms(99),
+            "mean batch": on[1],
+            "not batched items/s": off[0].throughput_items_s,
+            "not batched p99 ms": off[0].latency_ms(99),
+            "speed-up": on[0].throughput_items_s / off[0].throughput_items_s
+            if off[0].throughput_items_s else float("nan"),
+        })  # fmt: skip
+        summary[f"speedup_{key}"] = rows[-1]["speed-up"]
+    print(render_table(rows))
+    errors = {label: run[0].errors for label, run in runs.items() if run[0].errors}
+    print(f"\nerrors in the windows: {errors or 'none'}")
+    print(f"total {time.perf_counter() - started:.0f} s")
+
+    if args.json:
+        figures["offline"] = offline
+        figures["served"] = {label: {**_row(*run)} for label, run in runs.items()}
+        figures["summary"] = summary
+        args.json.write_text(json.dumps(figures, indent=2, default=str))
+    if tmp is not None:
+        tmp.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(main())
