@@ -40,8 +40,8 @@ from benchmarks.loadgen import LoadResult, LoadSpec, render_table, run_load
 from engine.client import Client
 
 ROOT = Path(__file__).resolve().parent.parent
-HEAVY_BATCH_SIZES = (1, 8, 16, 32, 64)
-LIGHT_BATCH_SIZES = (1, 8, 16, 32, 64)
+BATCH_SIZES = (1, 8, 16, 32, 64)
+QUICK_BATCH_SIZES = (1, 8, 32)
 
 MODELS = {
     "heavy": {"file": "resnet18.pt", "input": "pixels", "shape": [3, 224, 224], "out": "logits"},
@@ -86,15 +86,18 @@ def export_models(folder: Path) -> None:
         tmp.replace(path)
 
 
-def measure_offline(folder: Path, seconds: float) -> dict[str, dict[str, float]]:
+def measure_offline(
+    folder: Path, seconds: float, sizes: tuple[int, ...] = BATCH_SIZES
+) -> dict[str, dict[str, float]]:
     """Per model: items/s at each batch size (median time per call) and batch-1 latency."""
+    quick = seconds < 1
     import warnings
 
     import torch
 
     result: dict[str, dict[str, float]] = {"threads": {"torch": float(torch.get_num_threads())}}
     rng = np.random.default_rng(0)
-    for key, sizes in (("heavy", HEAVY_BATCH_SIZES), ("light", LIGHT_BATCH_SIZES)):
+    for key in ("heavy", "light"):
         spec = MODELS[key]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -105,10 +108,10 @@ def measure_offline(folder: Path, seconds: float) -> dict[str, dict[str, float]]
             x = torch.from_numpy(rng.random((size, *spec["shape"]), dtype=np.float32))
             times: list[float] = []
             with torch.inference_mode():
-                for _ in range(3):  # warm up (TorchScript profiles the first calls)
+                for _ in range(2):  # warm up (TorchScript profiles the first calls)
                     module(x)
                 until = time.perf_counter() + seconds
-                while time.perf_counter() < until or len(times) < 5:
+                while time.perf_counter() < until or len(times) < (3 if quick else 5):
                     start = time.perf_counter()
                     module(x)
                     times.append(time.perf_counter() - start)
@@ -123,7 +126,7 @@ def measure_offline(folder: Path, seconds: float) -> dict[str, dict[str, float]]
 def offline_in_subprocess(folder: Path, seconds: float) -> dict[str, dict[str, float]]:
     out = subprocess.run(
         [sys.executable, "-m", "benchmarks.batching", "--_offline", str(folder),
-         "--_seconds", str(seconds)],
+         "--_seconds", str(seconds)] + (["--quick"] if seconds < 1 else []),
         cwd=ROOT, check=True, capture_output=True, text=True,
     )  # fmt: skip
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -150,7 +153,7 @@ def write_pipelines(folder: Path, max_batch: int) -> list[Path]:
                 f"  model:\n"
                 f"    plugin: torchscript\n"
                 f"    model: {spec['file']}\n"
-                f"    params: {{output_names: [{spec['out']}]}}\n"
+                f"    params: {{input_names: [x], output_names: [{spec['out']}]}}\n"
                 f"    instances: 1\n"
                 f"{batching}"
                 f"    inputs: {{x: $inputs.{spec['input']}}}\n"
@@ -250,15 +253,17 @@ def main(argv: list[str] | None = None) -> int:
         export_models(args._export)
         return 0
     if args._offline:
-        print(json.dumps(measure_offline(args._offline, args._seconds)))
+        sizes = QUICK_BATCH_SIZES if args.quick else BATCH_SIZES
+        print(json.dumps(measure_offline(args._offline, args._seconds, sizes)))
         return 0
 
     quick = args.quick
     # (warm-up s, window s) per load; offline seconds per batch size
-    heavy_w, heavy_d = (2.0, 4.0) if quick else (5.0, 25.0)
-    light_w, light_d = (1.0, 3.0) if quick else (3.0, 15.0)
-    idle_w, idle_d = (0.5, 2.0) if quick else (2.0, 10.0)
-    offline_s = 0.5 if quick else 2.5
+    heavy_w, heavy_d = (1.0, 3.0) if quick else (5.0, 25.0)
+    light_w, light_d = (0.5, 2.0) if quick else (3.0, 15.0)
+    idle_w, idle_d = (0.5, 1.5) if quick else (2.0, 10.0)
+    offline_s = 0.3 if quick else 2.5
+    sizes = QUICK_BATCH_SIZES if quick else BATCH_SIZES
     started = time.perf_counter()
     tmp = None
     if args.out is None:
@@ -332,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
         row: dict[str, object] = {"model": key}
         for when, data in (("before", offline_before), ("after", offline_after)):
             row[f"batch-1 ms ({when})"] = data[key]["batch1 ms"]
-        for size in HEAVY_BATCH_SIZES:
+        for size in sizes:
             row[f"items/s @{size}"] = offline[key][f"items/s@{size}"]
         rows.append(row)
     print(render_table(rows))
@@ -344,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     summary: dict[str, object] = {}
     for key, label, target in (("heavy", "s1 heavy c64", 0.9), ("light", "s2 light c64", 0.4)):
-        best_size = max(HEAVY_BATCH_SIZES, key=lambda s: offline[key][f"items/s@{s}"])
+        best_size = max(sizes, key=lambda s: offline[key][f"items/s@{s}"])
         best = offline[key][f"items/s@{best_size}"]
         at32 = offline[key]["items/s@32"]
         served_tput = runs[label][0].throughput_items_s
@@ -390,6 +395,9 @@ def main(argv: list[str] | None = None) -> int:
     print(render_table(rows))
     errors = {label: run[0].errors for label, run in runs.items() if run[0].errors}
     print(f"\nerrors in the windows: {errors or 'none'}")
+    for label, run in runs.items():
+        for kind, message in run[0].error_examples.items():
+            print(f"  {label}: first {kind}: {message}")
     print(f"total {time.perf_counter() - started:.0f} s")
 
     if args.json:

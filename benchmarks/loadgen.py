@@ -73,6 +73,8 @@ class LoadResult:
     latencies_s: list[float] = field(default_factory=list, repr=False)
     #: errors during the warm-up and the drain (not part of the figures)
     errors_outside_window: dict[str, int] = field(default_factory=dict)
+    #: error type name -> the first message seen of that type
+    error_examples: dict[str, str] = field(default_factory=dict)
 
     @property
     def throughput_rps(self) -> float:
@@ -139,6 +141,7 @@ async def run_load(spec: LoadSpec, client: AsyncClient | None = None) -> LoadRes
     latencies: list[float] = []
     errors: Counter[str] = Counter()
     outside: Counter[str] = Counter()
+    examples: dict[str, str] = {}
 
     async def one_task() -> None:
         while True:
@@ -154,6 +157,7 @@ async def run_load(spec: LoadSpec, client: AsyncClient | None = None) -> LoadRes
                 raise
             except Exception as exc:  # every error counts, by type; the loop goes on
                 error = type(exc).__name__
+                examples.setdefault(error, str(exc)[:500])
             done = loop.time()
             inside = window_start <= done < window_end
             if error is None:
@@ -180,6 +184,7 @@ async def run_load(spec: LoadSpec, client: AsyncClient | None = None) -> LoadRes
         errors=dict(errors),
         latencies_s=latencies,
         errors_outside_window=dict(outside),
+        error_examples=examples,
     )
 
 

@@ -95,6 +95,7 @@ async def execute(
     wanted: Collection[str] | None = None,
     execution_plan: _Plan | None = None,
     clock: Callable[[], float] | None = None,
+    observer: Callable[[str, NodeTiming, BaseException | None], None] | None = None,
 ) -> Execution:
     """Run ``spec`` on one request's ``inputs``.
 
@@ -107,6 +108,8 @@ async def execute(
         execution_plan: ``plan(spec)``, to skip re-parsing per request.
         clock: the time source for timings (default ``time.perf_counter``: uvloop's
             ``loop.time`` only has millisecond resolution).
+        observer: called as each node that ran ends, with its timing and its error (or
+            None); for metrics.
 
     Returns:
         The produced outputs (outputs of skipped nodes are absent) and each node's timing.
@@ -147,13 +150,17 @@ async def execute(
             # stays in `running`, so that a deadline names the nodes it interrupted
             timings[name] = NodeTiming(start, now(), "cancelled")
             raise
-        except DagserveError:
+        except DagserveError as exc:
             running.discard(name)
             timings[name] = NodeTiming(start, now(), "error")
+            if observer is not None:
+                observer(name, timings[name], exc)
             raise
         except Exception as exc:  # a runner that lets a plain exception through
             running.discard(name)
             timings[name] = NodeTiming(start, now(), "error")
+            if observer is not None:
+                observer(name, timings[name], exc)
             msg = f"node {name!r} failed: {type(exc).__name__}: {exc}"
             raise InferenceError(
                 msg,
@@ -163,6 +170,8 @@ async def execute(
             ) from exc
         running.discard(name)
         timings[name] = NodeTiming(start, now(), "ok")
+        if observer is not None:
+            observer(name, timings[name], None)
         for output, value in produced.items():
             values[(name, output)] = value
         done[name].set()

@@ -15,6 +15,7 @@ from dag.pipeline import Pipeline
 from engine.config import ServerConfig
 from engine.devices import DeviceInventory
 from engine.engine import Engine
+from engine.http import MetricsServer
 from engine.server import ThriftServer
 from engine.service import InferenceHandler
 from engine.workers.pool import WorkerPool
@@ -44,10 +45,16 @@ class Server:
             workers=workers,
             inventory=inventory,
             gpu_reserve_mb=config.gpu_reserve_mb,
+            slow_request_ms=config.slow_request_ms,
         )
         self.thrift: ThriftServer | None = None
+        self.http: MetricsServer | None = None
         self.should_exit = asyncio.Event()
         self.started = asyncio.Event()
+
+    @property
+    def metrics_port(self) -> int | None:
+        return self.http.port if self.http is not None else None
 
     @property
     def port(self) -> int:
@@ -67,7 +74,14 @@ class Server:
             await self.shutdown()
 
     async def startup(self) -> None:
-        # Load every plugin first: a model that fails to load stops the server here.
+        # The metrics port comes first: /healthz answers and /readyz says 503 while loading.
+        if self.config.metrics_port is not None:
+            self.http = MetricsServer(
+                self.engine.metrics, lambda: self.engine.ready, self.config.host,
+                self.config.metrics_port,
+            )  # fmt: skip
+            await self.http.start()
+        # Place and load every model: one that fails to load stops the server here.
         await self.engine.start()
         self.thrift = ThriftServer(
             InferenceHandler(self.engine),
@@ -77,6 +91,8 @@ class Server:
             idle_timeout_s=self.config.idle_timeout_s,
         )
         await self.thrift.start()
+        thrift = self.thrift
+        self.engine.metrics.watch(self.engine, lambda: thrift.open_connections)
         logger.info("dagserve listening on %s:%d", self.config.host, self.thrift.port)
         self.started.set()
 
@@ -85,6 +101,8 @@ class Server:
         if self.thrift is not None:
             await self.thrift.aclose()
         await self.engine.aclose()
+        if self.http is not None:
+            await self.http.aclose()
         logger.info("dagserve stopped")
 
 

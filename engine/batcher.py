@@ -138,6 +138,8 @@ class Batcher:
         ragged: hand the model lists of per-item arrays instead of stacked arrays.
         clock: ``time()`` and ``call_at()``; default: the running loop.
         name: for messages and logs.
+        on_batch: called after each batch with its size, each item's wait in the queue, and
+            how long the call took (the metrics hook).
     """
 
     def __init__(
@@ -152,6 +154,7 @@ class Batcher:
         ragged: bool = False,
         clock: Clock | None = None,
         name: str = "model",
+        on_batch: Callable[[int, list[float], float], None] | None = None,
     ) -> None:
         if max_batch_size is not None and (
             not isinstance(max_batch_size, int) or max_batch_size < 1
@@ -173,6 +176,7 @@ class Batcher:
         self.ragged = ragged
         self.name = name
         self._clock = clock
+        self.on_batch = on_batch
         self._queue: collections.deque[_Request] = collections.deque()
         self._queued_items = 0
         self._busy = 0
@@ -366,8 +370,12 @@ class Batcher:
     # -- running batches -----------------------------------------------------------------
 
     async def _run(self, batch: list[_Slice]) -> None:
+        started = self._now()
         try:
             await self._run_isolating(batch)
+            if self.on_batch is not None:
+                waits = [started - s.request.enqueued for s in batch for _ in range(s.size)]
+                self.on_batch(len(waits), waits, self._now() - started)
         finally:
             self._busy -= 1
             if not self._closed:

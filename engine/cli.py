@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,6 +23,7 @@ import numpy as np
 from dag.errors import PipelineError
 from engine.config import ServerConfig, is_server_config, load_config
 from engine.loading import load_for_serving as load_pipelines
+from engine.logs import configure as configure_logging
 from model_plugins.errors import DagserveError
 from model_plugins.specs import NUMPY_DTYPES, TensorSpec
 
@@ -40,6 +40,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="Thrift port (default 9090; 0 = any free port)")
     serve.add_argument("--metrics-port", type=int, help="Prometheus /metrics port")
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    serve.add_argument("--log-format", choices=["auto", "text", "json"])
 
     validate = commands.add_parser("validate", help="check pipeline files; exit 1 with every error")
     validate.add_argument("files", nargs="+", type=Path, metavar="PIPELINE.yaml")
@@ -158,15 +159,14 @@ def _serve(args: argparse.Namespace) -> int:
             "port": args.port,
             "metrics_port": args.metrics_port,
             "log_level": args.log_level,
+            "log_format": args.log_format,
         }.items()
         if value is not None
     }
     config = ServerConfig.model_validate(
         {**config.model_dump(), **overrides, "pipelines": pipeline_files}
     )
-    logging.basicConfig(
-        level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging(config.log_level, config.log_format)
     if not pipeline_files:
         print("dagserve serve: no pipeline files given", file=sys.stderr)
         return 2

@@ -43,6 +43,10 @@ class ServerConfig(BaseModel):
     thread_pool_size: int = Field(8, ge=1)
     """Threads for nodes that run in the thread pool (and for loading plugins)."""
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["auto", "text", "json"] = "auto"
+    """``auto``: readable text on a terminal, JSON lines otherwise."""
+    slow_request_ms: float | None = Field(1000.0, gt=0)
+    """Requests slower than this are logged with their per-node breakdown; None: never."""
     worker_ping_interval_s: float = Field(1.0, gt=0)
     """How often the supervisor pings each worker process."""
     worker_ping_timeout_s: float = Field(5.0, gt=0)

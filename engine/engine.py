@@ -9,17 +9,20 @@ import asyncio
 import json
 import logging
 import re
+import time
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dag.executor import Execution, _Plan, execute, plan
+from dag.executor import Execution, NodeTiming, _Plan, execute, plan
 from dag.pipeline import Pipeline
 from dag.schema import NodeSpec, parse_ref
+from engine import logs
 from engine.batcher import Batcher, Padding
 from engine.devices import DeviceInventory
+from engine.metrics import Metrics, error_type, status_of
 from engine.placement import Placement, PlacementRequest, place
 from engine.runners.batched import BatchedNode, SharedModel
 from engine.runners.local import InlineRunner, LocalRunner, NodeBinding, ThreadPoolRunner
@@ -33,7 +36,13 @@ from engine.types import (
 )
 from engine.workers.pool import WorkerPool, worker_key
 from model_plugins.contract import check_inputs
-from model_plugins.errors import DagserveError, InvalidRequest, PipelineNotFound, PluginLoadError
+from model_plugins.errors import (
+    DagserveError,
+    InferenceError,
+    InvalidRequest,
+    PipelineNotFound,
+    PluginLoadError,
+)
 from model_plugins.plugin import Batch, LoadContext, ModelPlugin
 from model_plugins.registry import BUILTINS, resolve
 
@@ -61,6 +70,15 @@ class ServedPipeline:
     plan: _Plan
     description: PipelineDescription
     required_inputs: frozenset[str] = field(default_factory=frozenset)
+    metrics: Metrics | None = None
+
+    def observe_node(self, node: str, timing: NodeTiming, error: BaseException | None) -> None:
+        if self.metrics is None:
+            return
+        name = self.pipeline.name
+        self.metrics.node_seconds.labels(name, node).observe(timing.end - timing.start)
+        if error is not None:
+            self.metrics.node_errors.labels(name, node, error_type(error)).inc()
 
 
 class Engine:
@@ -79,6 +97,8 @@ class Engine:
         workers: WorkerPool | None = None,
         inventory: DeviceInventory | None = None,
         gpu_reserve_mb: int = 0,
+        metrics: Metrics | None = None,
+        slow_request_ms: float | None = None,
     ) -> None:
         self._served: dict[str, dict[str, ServedPipeline]] = {}
         self._pending = list(pipelines)
@@ -93,6 +113,8 @@ class Engine:
         self.workers = workers or WorkerPool()
         self.inventory = inventory or DeviceInventory.from_nvml()
         self.gpu_reserve_mb = gpu_reserve_mb
+        self.metrics = metrics or Metrics()
+        self.slow_request_ms = slow_request_ms
         self.placement: Placement | None = None
         #: identity of a loaded model -> the model and its batcher, shared by every node using it
         self.models: dict[tuple[Any, ...], SharedModel] = {}
@@ -112,8 +134,9 @@ class Engine:
             for pipeline in self._pending:
                 known = set(self.models)
                 served = _serve(
-                    pipeline, self._pool, self.workers, self.models, self.placement, model_ids
-                )
+                    pipeline, self._pool, self.workers, self.models, self.placement, model_ids,
+                    self.metrics,
+                )  # fmt: skip
                 # Register before loading, so that aclose() unloads a half-started pipeline.
                 self._served[pipeline.name][pipeline.version] = served
                 for name, runner in served.runners.items():
@@ -158,14 +181,66 @@ class Engine:
         return versions[version]
 
     async def infer(self, request: InferenceRequest) -> InferenceResult:
-        served = self.find(request.pipeline, request.version)
-        execution = await self.execute(served, request)
-        return InferenceResult(
-            request_id=request.request_id,
-            outputs=execution.outputs,
-            version=served.pipeline.version,
-            node_latency_us=execution.node_latency_us,
-        )
+        """Serve one request: find its pipeline, run it, and count and log what happened."""
+        started = time.perf_counter()
+        token = logs.request_id.set(request.request_id)
+        pipeline, version = "", ""  # unknown pipelines are counted under "": bounded labels
+        execution: Execution | None = None
+        error: BaseException | None = None
+        try:
+            served = self.find(request.pipeline, request.version)
+            pipeline, version = served.pipeline.name, served.pipeline.version
+            inflight = self.metrics.inflight.labels(pipeline)
+            inflight.inc()
+            try:
+                execution = await self.execute(served, request)
+            finally:
+                inflight.dec()
+            return InferenceResult(
+                request_id=request.request_id,
+                outputs=execution.outputs,
+                version=version,
+                node_latency_us=execution.node_latency_us,
+            )
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            seconds = time.perf_counter() - started
+            if not isinstance(error, asyncio.CancelledError):
+                self.metrics.requests.labels(pipeline, version, status_of(error)).inc()
+            if pipeline:
+                self.metrics.request_seconds.labels(pipeline, version).observe(seconds)
+            self._log_request(request, pipeline, seconds, execution, error)
+            logs.request_id.reset(token)
+
+    def _log_request(
+        self,
+        request: InferenceRequest,
+        pipeline: str,
+        seconds: float,
+        execution: Execution | None,
+        error: BaseException | None,
+    ) -> None:
+        fields: dict[str, Any] = {"pipeline": request.pipeline, "ms": round(seconds * 1000, 3)}
+        if isinstance(error, InferenceError):
+            fields.update(node=error.node, plugin=error.plugin, cause=error.cause)
+            logger.warning("request failed: %s", error.message, extra=fields)
+        elif isinstance(error, DagserveError):
+            logger.info("request refused: %s: %s", type(error).__name__, error, extra=fields)
+        elif error is not None and not isinstance(error, asyncio.CancelledError):
+            logger.error("request failed", exc_info=error, extra=fields)
+        elif (
+            execution is not None
+            and self.slow_request_ms is not None
+            and seconds * 1000 >= self.slow_request_ms
+        ):
+            nodes = execution.node_latency_us
+            breakdown = ", ".join(f"{n} {us / 1000:.2f} ms" for n, us in nodes.items())
+            fields["node_ms"] = {n: round(us / 1000, 3) for n, us in nodes.items()}
+            logger.warning("slow request: %.1f ms (%s)", seconds * 1000, breakdown, extra=fields)
+        else:
+            logger.debug("request served", extra=fields)
 
     async def execute(self, served: ServedPipeline, request: InferenceRequest) -> Execution:
         """Check ``request`` against the pipeline's signature and run it."""
@@ -183,6 +258,7 @@ class Engine:
             deadline=deadline,
             wanted=request.outputs,
             execution_plan=served.plan,
+            observer=served.observe_node,
         )
 
     def list_pipelines(self) -> list[PipelineDescription]:
@@ -386,6 +462,7 @@ def _serve(
     models: dict[tuple[Any, ...], SharedModel],
     placement: Placement,
     model_ids: dict[tuple[Any, ...], str],
+    metrics: Metrics,
 ) -> ServedPipeline:
     runners: dict[str, Runner] = {}
     base = _base(pipeline)
@@ -428,6 +505,7 @@ def _serve(
                 key = worker_key(model_node.framework, device)
                 worker = WorkerRunner(binding, workers, key)
                 batcher = _batcher(node, plugin_class, worker, f"model {model_id!r}")
+                batcher.on_batch = metrics.batch_observer(model_id)
                 shared = models[identity] = SharedModel(model_id, worker, batcher, [])
             shared.nodes.append(f"{pipeline.name}/{name}")
             runners[name] = BatchedNode(shared, name, node.plugin)
@@ -436,7 +514,9 @@ def _serve(
         else:
             runners[name] = ThreadPoolRunner(binding, pool)
     required = frozenset(n for n, s in pipeline.input_specs.items() if not s.optional)
-    return ServedPipeline(pipeline, runners, plan(pipeline.spec), describe(pipeline), required)
+    return ServedPipeline(
+        pipeline, runners, plan(pipeline.spec), describe(pipeline), required, metrics
+    )
 
 
 def _check_request(served: ServedPipeline, request: InferenceRequest) -> None:

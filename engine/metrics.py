@@ -1,0 +1,227 @@
+"""Prometheus metrics of one server: every family is named ``dagserve_*``.
+
+Events (a request, a node run, a batch) are counted where they happen through
+:class:`Metrics`; gauges that describe the present (queue lengths, workers, GPUs) are read
+when Prometheus scrapes, by :class:`_LiveCollector`.  No label takes a value from request
+data: pipelines, nodes, models and workers come from the configuration, statuses and error
+types from fixed lists, and a request for an unknown pipeline is counted under ``""``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from model_plugins.errors import (
+    DagserveError,
+    DeadlineExceeded,
+    InferenceError,
+    InvalidRequest,
+    Overloaded,
+    PipelineNotFound,
+)
+
+if TYPE_CHECKING:
+    from engine.engine import Engine
+
+#: 100 us .. 10 s in steps of 1, 1.5, 2, 3, 5, 7.5 per decade (neighbours at most 5/3 apart)
+LATENCY_BUCKETS = (
+    *(round(d * m, 7) for d in (1e-4, 1e-3, 1e-2, 1e-1, 1.0) for m in (1, 1.5, 2, 3, 5, 7.5)),
+    10.0,
+)
+#: batch sizes are powers of two in practice
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+#: the request statuses, one per IDL exception, and what maps to each
+STATUSES: tuple[tuple[str, type[BaseException]], ...] = (
+    ("invalid_request", InvalidRequest),
+    ("pipeline_not_found", PipelineNotFound),
+    ("overloaded", Overloaded),
+    ("deadline_exceeded", DeadlineExceeded),
+    ("inference_error", InferenceError),
+)
+
+
+def status_of(error: BaseException | None) -> str:
+    """The ``status`` label of a request that ended with ``error`` (None: ``ok``)."""
+    if error is None:
+        return "ok"
+    for status, kind in STATUSES:
+        if isinstance(error, kind):
+            return status
+    return "inference_error"  # anything else reaches the client as InferenceError
+
+
+def error_type(error: BaseException) -> str:
+    """A bounded ``error`` label: the dagserve class name, else ``internal``."""
+    return type(error).__name__ if isinstance(error, DagserveError) else "internal"
+
+
+class Metrics:
+    """The metric families of one server, in their own registry."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "dagserve_requests", "Requests by pipeline, version and status.",
+            ["pipeline", "version", "status"], registry=r,
+        )  # fmt: skip
+        self.request_seconds = Histogram(
+            "dagserve_request_duration_seconds", "Request latency, from decoded to answered.",
+            ["pipeline", "version"], buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.inflight = Gauge(
+            "dagserve_inflight_requests", "Requests being executed.", ["pipeline"], registry=r
+        )
+        self.node_seconds = Histogram(
+            "dagserve_node_duration_seconds",
+            "Node latency within a request: queue and compute for model nodes.",
+            ["pipeline", "node"], buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.node_errors = Counter(
+            "dagserve_node_errors", "Node failures by error type.",
+            ["pipeline", "node", "error"], registry=r,
+        )  # fmt: skip
+        self.queue_seconds = Histogram(
+            "dagserve_model_queue_duration_seconds",
+            "Time an item waited in its model's batcher before its batch started.",
+            ["model"], buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.batch_size = Histogram(
+            "dagserve_model_batch_size", "Items per call of the model.",
+            ["model"], buckets=BATCH_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.compute_seconds = Histogram(
+            "dagserve_model_compute_duration_seconds",
+            "Time one batch took in the model (worker crossing included).",
+            ["model"], buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+
+    def batch_observer(self, model: str) -> Callable[[int, list[float], float], None]:
+        """The batcher's hook for one model: batch size, each item's wait, compute time."""
+        batch_size = self.batch_size.labels(model)
+        queue = self.queue_seconds.labels(model)
+        compute = self.compute_seconds.labels(model)
+
+        def observe(size: int, waits: list[float], seconds: float) -> None:
+            batch_size.observe(size)
+            for wait in waits:
+                queue.observe(wait)
+            compute.observe(seconds)
+
+        return observe
+
+    def watch(self, engine: Engine, connections: Callable[[], int] | None = None) -> None:
+        """Read the engine's live state (queues, workers, GPUs) at every scrape."""
+        self.registry.register(_LiveCollector(engine, connections))
+
+
+class _LiveCollector(Collector):
+    def __init__(self, engine: Engine, connections: Callable[[], int] | None) -> None:
+        self.engine = engine
+        self.connections = connections
+
+    def collect(self) -> Iterator[Metric]:
+        open_connections = GaugeMetricFamily(
+            "dagserve_open_connections", "Thrift connections open now."
+        )
+        open_connections.add_metric([], self.connections() if self.connections else 0)
+        yield open_connections
+
+        queue = GaugeMetricFamily(
+            "dagserve_model_queue_length", "Items waiting in the model's batcher.", labels=["model"]
+        )
+        for shared in self.engine.models.values():
+            queue.add_metric([shared.model_id], shared.batcher.statistics().queued_items)
+        yield queue
+
+        up = GaugeMetricFamily("dagserve_worker_up", "1 if the worker answers.", labels=["worker"])
+        restarts = CounterMetricFamily(
+            "dagserve_worker_restarts", "Times the worker was replaced.", labels=["worker"]
+        )
+        rss = GaugeMetricFamily(
+            "dagserve_worker_resident_memory_bytes", "Resident memory of the worker process.",
+            labels=["worker"],
+        )  # fmt: skip
+        for name, stats in self.engine.workers.statistics().items():
+            up.add_metric([name], 1.0 if stats["ready"] else 0.0)
+            restarts.add_metric([name], float(stats["restarts"]))  # type: ignore[arg-type]
+            memory = _resident_bytes(stats["pid"])
+            if memory is not None:
+                rss.add_metric([name], memory)
+        yield up
+        yield restarts
+        yield rss
+        yield from _gpu_families(self.engine)
+
+
+def _gpu_families(engine: Engine) -> Iterator[Metric]:
+    inventory = engine.inventory
+    if not inventory.has_gpu:
+        return  # no NVML or no card: the GPU families are absent, nothing fails
+    labels = ["gpu", "name"]
+    families = {
+        "utilization": GaugeMetricFamily(
+            "dagserve_gpu_utilization_ratio", "GPU busy fraction (NVML).", labels=labels
+        ),
+        "used": GaugeMetricFamily(
+            "dagserve_gpu_memory_used_bytes", "GPU memory in use.", labels=labels
+        ),
+        "total": GaugeMetricFamily(
+            "dagserve_gpu_memory_total_bytes", "GPU memory in all.", labels=labels
+        ),
+        "temperature": GaugeMetricFamily(
+            "dagserve_gpu_temperature_celsius", "GPU temperature.", labels=labels
+        ),
+        "power": GaugeMetricFamily("dagserve_gpu_power_watts", "GPU power draw.", labels=labels),
+    }
+    mib = 1024 * 1024
+    for gpu in inventory.sample():
+        key = [gpu.device, gpu.name]
+        families["used"].add_metric(key, gpu.memory_used_mb * mib)
+        families["total"].add_metric(key, gpu.memory_total_mb * mib)
+        if gpu.utilization_percent is not None:
+            families["utilization"].add_metric(key, gpu.utilization_percent / 100.0)
+        if gpu.temperature_c is not None:
+            families["temperature"].add_metric(key, gpu.temperature_c)
+        if gpu.power_watts is not None:
+            families["power"].add_metric(key, gpu.power_watts)
+    yield from families.values()
+    placement = engine.placement
+    if placement is None:
+        return
+    memory = GaugeMetricFamily(
+        "dagserve_gpu_committed_memory_bytes", "GPU memory that placement committed to models.",
+        labels=["gpu"],
+    )  # fmt: skip
+    share = GaugeMetricFamily(
+        "dagserve_gpu_committed_share", "GPU compute share that placement committed to models.",
+        labels=["gpu"],
+    )  # fmt: skip
+    for device, budget in placement.budgets.items():
+        if device.startswith("cuda:"):
+            memory.add_metric([device], budget.memory_committed_mb * mib)
+            share.add_metric([device], budget.share_committed)
+    yield memory
+    yield share
+
+
+def _resident_bytes(pid: Any) -> float | None:
+    if pid is None:
+        return None
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return float(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+__all__ = ["BATCH_BUCKETS", "LATENCY_BUCKETS", "Metrics", "error_type", "status_of"]
