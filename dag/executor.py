@@ -20,6 +20,7 @@ import numpy as np
 from dag.runner import Runner
 from dag.schema import PipelineSpec, Ref, parse_ref
 from model_plugins.errors import DagserveError, DeadlineExceeded, InferenceError
+from model_plugins.plugin import Batch
 
 NodeStatus = Literal["ok", "skipped", "error", "cancelled"]
 
@@ -145,7 +146,18 @@ async def execute(
         start = now()
         running.add(name)
         try:
-            produced = await runners[name].run(present, deadline=deadline)
+            if node.timeout_ms is None:
+                produced = await runners[name].run(present, deadline=deadline)
+            else:
+                produced = await _run_bounded(runners[name], present, deadline, node.timeout_ms)
+        except TimeoutError as exc:  # the node's own timeout_ms, not the request's deadline
+            running.discard(name)
+            timings[name] = NodeTiming(start, now(), "error")
+            msg = f"node {name!r} did not finish within its timeout_ms ({node.timeout_ms:g} ms)"
+            error = InferenceError(msg, node=name, plugin=node.plugin)
+            if observer is not None:
+                observer(name, timings[name], error)
+            raise error from exc
         except asyncio.CancelledError:
             # stays in `running`, so that a deadline names the nodes it interrupted
             timings[name] = NodeTiming(start, now(), "cancelled")
@@ -196,6 +208,17 @@ async def execute(
             if value is not None:
                 outputs[name] = value
     return Execution(outputs, timings)
+
+
+async def _run_bounded(
+    runner: Runner, inputs: Mapping[str, np.ndarray], deadline: float | None, timeout_ms: float
+) -> Batch:
+    loop = asyncio.get_running_loop()
+    limit = loop.time() + timeout_ms / 1000.0
+    async with asyncio.timeout_at(limit):
+        return await runner.run(
+            dict(inputs), deadline=limit if deadline is None else min(deadline, limit)
+        )
 
 
 def _first_cause(group_error: BaseExceptionGroup[BaseException]) -> BaseException:

@@ -154,3 +154,24 @@ async def test_deadline_names_the_running_nodes():
         await execute(
             spec(DIAMOND), {"x": np.zeros((1, 2), np.float32)}, runners, deadline=loop.time() + 0.05
         )
+
+
+async def test_a_node_past_its_timeout_fails_alone_with_its_name():
+    s = dict(
+        DIAMOND,
+        nodes={
+            **DIAMOND["nodes"],
+            "b": {"plugin": "identity", "timeout_ms": 20, "inputs": {"x": "$inputs.x"}},
+        },
+    )
+    runners = {
+        "a": Recorder("a", []),
+        "b": Recorder("b", [], hang=True),
+        "c": Recorder("c", []),
+        "fuse": Recorder("fuse", []),
+    }
+    with pytest.raises(
+        InferenceError, match=r"node 'b' did not finish within its timeout_ms \(20 ms\)"
+    ) as info:
+        await asyncio.wait_for(execute(spec(s), {"x": np.zeros((1, 2), np.float32)}, runners), 5)
+    assert info.value.node == "b"
