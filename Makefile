@@ -17,6 +17,7 @@ system-deps:
 	@missing=""; \
 	command -v thrift >/dev/null || missing="$$missing thrift-compiler"; \
 	command -v dot >/dev/null || missing="$$missing graphviz"; \
+	command -v prometheus >/dev/null || missing="$$missing prometheus"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \
 	  $(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q $$missing; \

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 from collections.abc import Sequence
 
@@ -64,14 +65,24 @@ class Server:
     async def serve(self) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, self.should_exit.set)
+            loop.add_signal_handler(sig, self._handle_exit, sig)
         try:
             await self.startup()
             await self.should_exit.wait()
         finally:
+            await self.shutdown()
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.remove_signal_handler(sig)
-            await self.shutdown()
+
+    def _handle_exit(self, sig: signal.Signals) -> None:
+        if self.should_exit.is_set():
+            # A second signal: stop now.  Workers see their socket close and exit by themselves.
+            logger.warning("second %s: exiting without draining", sig.name)
+            os._exit(1)
+        logger.info(
+            "%s: draining (up to %.0f s); again to force", sig.name, self.config.drain_timeout_s
+        )
+        self.should_exit.set()
 
     async def startup(self) -> None:
         # The metrics port comes first: /healthz answers and /readyz says 503 while loading.
@@ -97,9 +108,9 @@ class Server:
         self.started.set()
 
     async def shutdown(self) -> None:
-        # Stop accepting and close connections, then unload the plugins.
+        # Stop accepting, let requests in flight finish (bounded), then unload the plugins.
         if self.thrift is not None:
-            await self.thrift.aclose()
+            await self.thrift.aclose(grace_s=self.config.drain_timeout_s)
         await self.engine.aclose()
         if self.http is not None:
             await self.http.aclose()

@@ -45,6 +45,8 @@ class ServerConfig(BaseModel):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["auto", "text", "json"] = "auto"
     """``auto``: readable text on a terminal, JSON lines otherwise."""
+    drain_timeout_s: float = Field(10.0, ge=0)
+    """On SIGTERM, how long requests in flight may take to finish before they are cancelled."""
     slow_request_ms: float | None = Field(1000.0, gt=0)
     """Requests slower than this are logged with their per-node breakdown; None: never."""
     worker_ping_interval_s: float = Field(1.0, gt=0)

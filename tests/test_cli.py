@@ -154,3 +154,51 @@ def test_new_plugin_skeleton_passes_its_own_test(tmp_path: Path):
     assert again.returncode == 2
     assert "already exists" in again.stderr
     assert dagserve("new-plugin", "Bad-Name", "--dir", str(tmp_path)).returncode == 2
+
+
+def _start_server(*args: str) -> tuple[subprocess.Popen[str], int]:
+    port = _free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "engine.cli", "serve", *args, "--port", str(port)],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )  # fmt: skip
+    deadline = time.monotonic() + 60
+    with Client("127.0.0.1", port, timeout_s=5) as client:
+        while True:
+            try:
+                if client.health().ready:
+                    return server, port
+            except ConnectionError:
+                pass
+            assert server.poll() is None, server.stdout.read() if server.stdout else ""
+            assert time.monotonic() < deadline, "server not ready in 60 s"
+            time.sleep(0.1)
+
+
+@pytest.mark.e2e
+def test_sigterm_lets_requests_in_flight_finish():
+    import concurrent.futures
+
+    import numpy as np
+
+    server, port = _start_server(str(PIPELINES / "workers.yaml"))
+    try:
+        x = np.ones((1, 2), np.float32)
+
+        def one():
+            with Client("127.0.0.1", port) as client:
+                return client.infer("workers", {"x": x}, outputs=["a"])
+
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            calls = [pool.submit(one) for _ in range(4)]
+            time.sleep(0.1)  # the requests are in flight (each takes 0.3 s in the worker)
+            server.send_signal(signal.SIGTERM)
+            results = [c.result(timeout=30) for c in calls]
+        assert all(r.outputs["a"].shape == (1, 2) for r in results)
+        output, _ = server.communicate(timeout=30)
+    finally:
+        if server.poll() is None:
+            server.kill()
+    assert server.returncode == 0, output
+    assert "draining" in output
