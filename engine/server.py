@@ -206,48 +206,73 @@ class ThriftServer(TAsyncServer):
             self._connections.pop(task, None)
             writer.close()
 
-    async def _read_header(self, reader: asyncio.StreamReader) -> bytes:
-        if self.idle_timeout_s is None:
-            return await reader.readexactly(4)
-        async with asyncio.timeout(self.idle_timeout_s):
-            return await reader.readexactly(4)
-
     async def _serve_connection(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, connection: _Connection
     ) -> None:
-        while not self._closing:
-            connection.busy = False
-            try:
-                header = await self._read_header(reader)
-            except (asyncio.IncompleteReadError, ConnectionError):
-                return  # the peer closed (the normal end of a connection)
-            except TimeoutError:
-                logger.info(
-                    "closing connection from %s: idle for %.1f s", connection.peer,
-                    self.idle_timeout_s,
-                )  # fmt: skip
-                return
-            connection.busy = True
-            size = int.from_bytes(header, "big", signed=True)
-            # Check before reading anything more (DESIGN.md, Known hazards: huge headers).
-            if size < 0 or size > self.max_frame_bytes:
-                logger.warning(
-                    "closing connection from %s: frame of %d bytes announced, limit is %d "
-                    "(max_frame_bytes)", connection.peer, size, self.max_frame_bytes,
-                )  # fmt: skip
-                return
-            try:
-                body = await reader.readexactly(size)
-            except (asyncio.IncompleteReadError, ConnectionError):
-                return
-            reply = await self._process(body, connection.peer)
-            if reply is None:
-                return
-            try:
-                writer.writelines((len(reply).to_bytes(4, "big"), reply))
-                await writer.drain()
-            except ConnectionError:
-                return
+        # The read of the next frame header runs while a request is processed: if the client
+        # hangs up meanwhile, its request is cancelled instead of running on for nobody.
+        next_header: asyncio.Task[bytes] | None = None
+        try:
+            while not self._closing:
+                connection.busy = False
+                if next_header is None:
+                    next_header = asyncio.ensure_future(reader.readexactly(4))
+                try:
+                    if self.idle_timeout_s is None:
+                        header = await next_header
+                    else:
+                        header = await asyncio.wait_for(next_header, self.idle_timeout_s)
+                except (asyncio.IncompleteReadError, ConnectionError):
+                    return  # the peer closed (the normal end of a connection)
+                except TimeoutError:
+                    logger.info(
+                        "closing connection from %s: idle for %.1f s", connection.peer,
+                        self.idle_timeout_s,
+                    )  # fmt: skip
+                    return
+                next_header = None
+                connection.busy = True
+                size = int.from_bytes(header, "big", signed=True)
+                # Check before reading anything more (DESIGN.md, Known hazards: huge headers).
+                if size < 0 or size > self.max_frame_bytes:
+                    logger.warning(
+                        "closing connection from %s: frame of %d bytes announced, limit is %d "
+                        "(max_frame_bytes)", connection.peer, size, self.max_frame_bytes,
+                    )  # fmt: skip
+                    return
+                try:
+                    body = await reader.readexactly(size)
+                except (asyncio.IncompleteReadError, ConnectionError):
+                    return
+                next_header = asyncio.ensure_future(reader.readexactly(4))
+                reply = await self._process_unless_hung_up(body, connection, next_header)
+                if reply is None:
+                    return
+                try:
+                    writer.writelines((len(reply).to_bytes(4, "big"), reply))
+                    await writer.drain()
+                except ConnectionError:
+                    return
+        finally:
+            if next_header is not None and not next_header.done():
+                next_header.cancel()
+
+    async def _process_unless_hung_up(
+        self, body: bytes, connection: _Connection, next_header: asyncio.Task[bytes]
+    ) -> bytes | None:
+        process = asyncio.ensure_future(self._process(body, connection.peer))
+        try:
+            await asyncio.wait({process, next_header}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            process.cancel()
+            raise
+        if not process.done() and next_header.done() and next_header.exception() is not None:
+            # EOF or reset before the answer: nobody is waiting for it any more.
+            process.cancel()
+            await asyncio.gather(process, return_exceptions=True)
+            logger.info("client %s hung up; its request was cancelled", connection.peer)
+            return None
+        return await process
 
     # --- one message ----------------------------------------------------------------------
 

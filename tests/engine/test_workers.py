@@ -155,3 +155,46 @@ def test_a_hung_worker_is_replaced(server, client):
     assert worker_pid(server, "tensorflow@cpu") != old_pid
     result = client.infer("isolated", {"x": X}, outputs=["other_pid"])
     assert result.outputs["other_pid"][0] == worker_pid(server, "tensorflow@cpu")
+
+
+def test_a_client_that_hangs_up_does_not_keep_its_work_queued(server):
+    import socket
+    import threading
+
+    from thriftpy2.thrift import TMessageType
+
+    from engine.client import _infer_args
+    from engine.converters import encode_message
+
+    shared = next(m for m in server.engine.models.values() if m.model_id == "workers/slow_a")
+    before = shared.batcher.statistics()
+
+    # A: a normal request that keeps slow_a's only instance busy for 0.3 s
+    def busy() -> None:
+        with Client("127.0.0.1", server.port) as client:
+            client.infer("workers", {"x": X}, outputs=["a"])
+
+    first = threading.Thread(target=busy)
+    first.start()
+    deadline = time.monotonic() + 10
+    while shared.batcher.statistics().busy_instances == 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    # B: a raw client that sends a request for the same model, then hangs up at once
+    args = _infer_args(
+        "workers", {"x": X}, version=None, timeout_ms=None, outputs=["a"],
+        request_id="gone", headers=None,
+    )  # fmt: skip
+    body = encode_message("infer", TMessageType.CALL, 1, args)
+    with socket.create_connection(("127.0.0.1", server.port)) as raw:
+        raw.sendall(len(body).to_bytes(4, "big") + body)
+        while shared.batcher.statistics().queued_items == 0:
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+    first.join(10)
+    # B's item was dropped from the queue: the model only ever saw A's
+    while shared.batcher.statistics().queued_items:
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    after = shared.batcher.statistics()
+    assert after.items - before.items == 1

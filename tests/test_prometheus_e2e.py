@@ -1,0 +1,206 @@
+"""A real Prometheus scrapes a real dagserve server, and answers queries about it.
+
+Needs the Debian package ``prometheus`` (``make system-deps`` installs it); skipped without
+it.  Everything listens on 127.0.0.1: the server's Thrift and metrics ports are chosen by the
+kernel, Prometheus gets a free port of its own and keeps its data in the test's tmp_path, so a
+system Prometheus (Debian's service listens on :9090) neither helps nor interferes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from engine.client import Client
+from tests.serving import PIPELINES, serving
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
+DASHBOARD = (
+    Path(__file__).resolve().parent.parent / "deploy" / "grafana" / "dagserve-dashboard.json"
+)
+POLL_S = 30.0
+REQUESTS = 5
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _get_json(url: str) -> Any:
+    with urllib.request.urlopen(url, timeout=5) as response:
+        return json.load(response)
+
+
+def _poll(what: str, probe: Callable[[], Any], log: Path, timeout_s: float = POLL_S) -> Any:
+    """``probe()`` until it returns something other than None, for at most ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    last: Any = None
+    while time.monotonic() < deadline:
+        try:
+            result = probe()
+        except (OSError, ValueError) as error:  # not listening yet, or not JSON yet
+            last = error
+        else:
+            if result is not None:
+                return result
+        time.sleep(0.2)
+    pytest.fail(f"{what}: nothing after {timeout_s:.0f} s (last: {last!r})\n{_tail(log)}")
+
+
+def _tail(log: Path, lines: int = 30) -> str:
+    text = log.read_text(errors="replace") if log.exists() else ""
+    return "prometheus log:\n" + "\n".join(text.splitlines()[-lines:])
+
+
+@contextmanager
+def _prometheus(tmp_path: Path, target_port: int) -> Iterator[tuple[str, Path]]:
+    """A Prometheus scraping 127.0.0.1:``target_port`` every second; yields its URL and log."""
+    config = tmp_path / "prometheus.yml"
+    config.write_text(
+        "global:\n"
+        "  scrape_interval: 1s\n"
+        "  evaluation_interval: 1s\n"
+        "scrape_configs:\n"
+        "  - job_name: dagserve\n"
+        "    scrape_interval: 1s\n"
+        "    scrape_timeout: 1s\n"
+        "    static_configs:\n"
+        f"      - targets: ['127.0.0.1:{target_port}']\n"
+    )
+    log = tmp_path / "prometheus.log"
+    port = _free_port()
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [
+                PROMETHEUS,
+                f"--config.file={config}",
+                f"--storage.tsdb.path={tmp_path / 'data'}",
+                f"--web.listen-address=127.0.0.1:{port}",
+                "--log.level=warn",
+            ],
+            cwd=tmp_path,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        url = f"http://127.0.0.1:{port}"
+
+        def ready() -> bool | None:
+            if process.poll() is not None:
+                pytest.fail(f"prometheus exited with {process.returncode}\n{_tail(log)}")
+            with urllib.request.urlopen(f"{url}/-/ready", timeout=2) as response:
+                return True if response.status == 200 else None
+
+        _poll("prometheus /-/ready", ready, log)
+        yield url, log
+    finally:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(10)
+
+
+def _query(url: str, promql: str) -> Any:
+    """The ``data`` of an instant query; fails the test when Prometheus rejects it."""
+    query = urllib.parse.urlencode({"query": promql})
+    try:
+        answer = _get_json(f"{url}/api/v1/query?{query}")
+    except urllib.error.HTTPError as error:  # 400: a bad expression
+        pytest.fail(f"{promql!r}: HTTP {error.code}: {error.read().decode(errors='replace')}")
+    assert answer["status"] == "success", (promql, answer)
+    return answer["data"]
+
+
+def _scalar(data: Any) -> float | None:
+    """The one value of a one-sample vector, else None."""
+    if data["resultType"] != "vector" or len(data["result"]) != 1:
+        return None
+    return float(data["result"][0]["value"][1])
+
+
+def _dashboard_queries() -> list[str]:
+    exprs: list[str] = []
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key == "expr" and isinstance(value, str):
+                    exprs.append(value)
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(json.loads(DASHBOARD.read_text(encoding="utf-8"))["panels"])
+    grafana = {"$__rate_interval": "4s", '"$pipeline"': '".*"', '"$model"': '".*"'}
+    for placeholder, value in grafana.items():
+        exprs = [e.replace(placeholder, value) for e in exprs]
+    return exprs
+
+
+@pytest.mark.skipif(
+    not os.access(PROMETHEUS, os.X_OK),
+    reason="the prometheus binary is missing (Debian package 'prometheus'; make system-deps)",
+)
+def test_prometheus_scrapes_the_server(tmp_path: Path) -> None:
+    with serving([PIPELINES / "calc.yaml"], metrics_port=0) as thread:
+        metrics_port = thread.server.metrics_port
+        assert isinstance(metrics_port, int)
+        assert metrics_port > 0
+        with Client("127.0.0.1", thread.port) as client:
+            for _ in range(REQUESTS):
+                out = client.infer("calc", {"x": np.ones((1, 3), np.float32)})
+                np.testing.assert_allclose(out.outputs["doubled"], np.full((1, 3), 2.0))
+
+        with _prometheus(tmp_path, metrics_port) as (url, log):
+
+            def sent() -> float | None:
+                data = _query(url, 'sum(dagserve_requests_total{pipeline="calc"})')
+                value = _scalar(data)
+                return value if value == REQUESTS else None
+
+            assert _poll(f"sum of calc's requests == {REQUESTS}", sent, log) == REQUESTS
+
+            ok = _query(url, 'sum by (status) (dagserve_requests_total{pipeline="calc"})')
+            assert [(r["metric"], r["value"][1]) for r in ok["result"]] == [
+                ({"status": "ok"}, str(REQUESTS))
+            ]
+            target = _query(url, 'up{job="dagserve"}')
+            assert _scalar(target) == 1.0
+
+            # A quantile over the scraped histogram is a real latency; and every query of the
+            # Grafana dashboard is PromQL that this Prometheus accepts.
+            p99 = _scalar(
+                _query(
+                    url,
+                    "histogram_quantile(0.99, sum by (le) "
+                    '(dagserve_request_duration_seconds_bucket{pipeline="calc"}))',
+                )
+            )
+            assert p99 is not None
+            assert math.isfinite(p99)
+            assert 0 < p99 <= 10
+            for promql in _dashboard_queries():
+                _query(url, promql)
