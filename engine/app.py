@@ -47,6 +47,7 @@ class Server:
             inventory=inventory,
             gpu_reserve_mb=config.gpu_reserve_mb,
             slow_request_ms=config.slow_request_ms,
+            max_inflight=config.max_inflight,
         )
         self.thrift: ThriftServer | None = None
         self.http: MetricsServer | None = None

@@ -45,6 +45,9 @@ class ServerConfig(BaseModel):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["auto", "text", "json"] = "auto"
     """``auto``: readable text on a terminal, JSON lines otherwise."""
+    max_inflight: int | None = Field(4096, ge=1)
+    """Requests executing at once, server-wide; past it a request is answered Overloaded
+    at once (each model's `batching.max_queue` bounds its own queue too).  None: no limit."""
     drain_timeout_s: float = Field(10.0, ge=0)
     """On SIGTERM, how long requests in flight may take to finish before they are cancelled."""
     slow_request_ms: float | None = Field(1000.0, gt=0)

@@ -40,6 +40,7 @@ from model_plugins.errors import (
     DagserveError,
     InferenceError,
     InvalidRequest,
+    Overloaded,
     PipelineNotFound,
     PluginLoadError,
 )
@@ -99,6 +100,7 @@ class Engine:
         gpu_reserve_mb: int = 0,
         metrics: Metrics | None = None,
         slow_request_ms: float | None = None,
+        max_inflight: int | None = None,
     ) -> None:
         self._served: dict[str, dict[str, ServedPipeline]] = {}
         self._pending = list(pipelines)
@@ -115,6 +117,8 @@ class Engine:
         self.gpu_reserve_mb = gpu_reserve_mb
         self.metrics = metrics or Metrics()
         self.slow_request_ms = slow_request_ms
+        self.max_inflight = max_inflight
+        self.inflight = 0
         self.placement: Placement | None = None
         #: identity of a loaded model -> the model and its batcher, shared by every node using it
         self.models: dict[tuple[Any, ...], SharedModel] = {}
@@ -190,12 +194,17 @@ class Engine:
         try:
             served = self.find(request.pipeline, request.version)
             pipeline, version = served.pipeline.name, served.pipeline.version
+            if self.max_inflight is not None and self.inflight >= self.max_inflight:
+                msg = f"{self.inflight} requests in flight (max_inflight {self.max_inflight})"
+                raise Overloaded(msg, retry_after_ms=10)
             inflight = self.metrics.inflight.labels(pipeline)
             inflight.inc()
+            self.inflight += 1
             try:
                 execution = await self.execute(served, request)
             finally:
                 inflight.dec()
+                self.inflight -= 1
             return InferenceResult(
                 request_id=request.request_id,
                 outputs=execution.outputs,

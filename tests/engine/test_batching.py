@@ -81,3 +81,31 @@ def test_a_full_queue_is_overloaded_with_retry_after(server):
     with Client("127.0.0.1", server.port) as client, pytest.raises(Overloaded) as info:
         client.infer("batched_a", {"x": np.zeros((65, 2), np.float32)})
     assert info.value.retry_after_ms >= 1
+
+
+def test_the_server_wide_inflight_limit_answers_overloaded_at_once():
+    import threading
+    import time
+
+    with serving([PIPELINES / "workers.yaml"], max_inflight=1) as thread:
+        shared = next(m for m in thread.engine.models.values() if m.model_id == "workers/slow_a")
+        x = np.ones((1, 2), np.float32)
+
+        def busy() -> None:
+            with Client("127.0.0.1", thread.port) as client:
+                client.infer("workers", {"x": x}, outputs=["a"])
+
+        first = threading.Thread(target=busy)
+        first.start()
+        deadline = time.monotonic() + 10
+        while shared.batcher.statistics().busy_instances == 0:
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+        with Client("127.0.0.1", thread.port) as client:
+            started = time.monotonic()
+            with pytest.raises(Overloaded, match="max_inflight 1") as info:
+                client.infer("workers", {"x": x}, outputs=["a"])
+            refused_in = time.monotonic() - started
+        first.join(10)
+    assert info.value.retry_after_ms > 0
+    assert refused_in < 0.25  # answered at once, not after the 0.3 s request in flight
