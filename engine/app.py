@@ -33,6 +33,7 @@ class Server:
             ping_interval_s=config.worker_ping_interval_s,
             ping_timeout_s=config.worker_ping_timeout_s,
             restart_wait_s=config.worker_restart_wait_s,
+            memory_limit_mb=config.worker_memory_limit_mb,
             log_level=logging.getLevelName(config.log_level.upper()),
         )
         inventory = (

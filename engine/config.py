@@ -58,6 +58,8 @@ class ServerConfig(BaseModel):
     """A worker that does not answer a ping this fast is killed and replaced."""
     worker_restart_wait_s: float = Field(30.0, gt=0)
     """How long a request waits for its worker to come back after a crash."""
+    worker_memory_limit_mb: float | None = Field(None, gt=0)
+    """A worker whose resident memory grows past this is replaced (checked at every ping)."""
     gpus: list[GpuConfig] | None = None
     """An explicit GPU inventory (tests, or to reserve cards); None: read the GPUs via NVML."""
     gpu_reserve_mb: int = Field(0, ge=0)

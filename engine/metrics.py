@@ -10,13 +10,13 @@ types from fixed lists, and a request for an unknown pipeline is counted under `
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from engine.workers.pool import resident_mb
 from model_plugins.errors import (
     DagserveError,
     DeadlineExceeded,
@@ -152,9 +152,9 @@ class _LiveCollector(Collector):
         for name, stats in self.engine.workers.statistics().items():
             up.add_metric([name], 1.0 if stats["ready"] else 0.0)
             restarts.add_metric([name], float(stats["restarts"]))  # type: ignore[arg-type]
-            memory = _resident_bytes(stats["pid"])
+            memory = resident_mb(stats["pid"])  # type: ignore[arg-type]
             if memory is not None:
-                rss.add_metric([name], memory)
+                rss.add_metric([name], memory * 1024 * 1024)
         yield up
         yield restarts
         yield rss
@@ -210,18 +210,6 @@ def _gpu_families(engine: Engine) -> Iterator[Metric]:
             share.add_metric([device], budget.share_committed)
     yield memory
     yield share
-
-
-def _resident_bytes(pid: Any) -> float | None:
-    if pid is None:
-        return None
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return float(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
 
 
 __all__ = ["BATCH_BUCKETS", "LATENCY_BUCKETS", "Metrics", "error_type", "status_of"]

@@ -148,3 +148,30 @@ class GatedLoad(ModelPlugin):
 
     def predict(self, batch):
         return {"y": batch["x"]}
+
+
+class Abort(ModelPlugin):
+    """Kills its own process (os.abort: SIGABRT) on a negative item, as a crashing library would."""
+
+    inputs: ClassVar = {"x": TensorSpec("float32", [-1])}
+    outputs: ClassVar = {"y": TensorSpec("float32", [-1])}
+
+    def predict(self, batch):
+        if (batch["x"] < 0).any():
+            os.abort()
+        return {"y": batch["x"]}
+
+
+class Hog(ModelPlugin):
+    """Keeps params.megabytes (default 300) of memory per call, as a leaking plugin would."""
+
+    inputs: ClassVar = {"x": TensorSpec("float32", [-1])}
+    outputs: ClassVar = {"y": TensorSpec("float32", [-1])}
+
+    def load(self, context):
+        self.megabytes = int(context.params.get("megabytes", 300))
+        self.kept: list[np.ndarray] = []
+
+    def predict(self, batch):
+        self.kept.append(np.ones(self.megabytes * 1024 * 1024 // 8))  # touched: resident
+        return {"y": batch["x"]}

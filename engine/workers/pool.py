@@ -65,6 +65,7 @@ class WorkerPool:
         initial_backoff_s: float = 0.1,
         max_backoff_s: float = 10.0,
         restart_wait_s: float = 30.0,
+        memory_limit_mb: float | None = None,
         log_level: int = logging.INFO,
     ) -> None:
         self.ping_interval_s = ping_interval_s
@@ -72,6 +73,7 @@ class WorkerPool:
         self.initial_backoff_s = initial_backoff_s
         self.max_backoff_s = max_backoff_s
         self.restart_wait_s = restart_wait_s
+        self.memory_limit_mb = memory_limit_mb
         self.log_level = log_level
         self._slots: dict[WorkerKey, _Slot] = {}
         self._closing = False
@@ -212,7 +214,27 @@ class WorkerPool:
                     return "died"
             if not await process.ping(self.ping_timeout_s):
                 return f"did not answer a ping within {self.ping_timeout_s} s"
+            if self.memory_limit_mb is not None:
+                resident = resident_mb(process.pid)
+                if resident is not None and resident > self.memory_limit_mb:
+                    return (
+                        f"grew to {resident:.0f} MB, past its limit of {self.memory_limit_mb:g} MB"
+                    )
         return "closing"
+
+
+def resident_mb(pid: int | None) -> float | None:
+    """Resident memory of a process, from /proc (None where it cannot be read)."""
+    if pid is None:
+        return None
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
 
 
 def worker_key(framework: str | None, device: str) -> WorkerKey:
