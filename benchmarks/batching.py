@@ -197,6 +197,26 @@ def start_server(paths: list[Path], log: Path) -> tuple[subprocess.Popen[bytes],
     raise RuntimeError(msg)
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of one process so far (Linux /proc)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def server_pids(port: int, front: int) -> dict[str, int]:
+    """{"front": pid, "worker": pid} (the torch@cpu worker, from the health details)."""
+    with Client("127.0.0.1", port, timeout_s=10) as client:
+        details = client.health().details
+    pids = {"front": front, "loadgen": os.getpid()}
+    match = re.search(r"pid=(\d+)", details.get("worker.torch@cpu", ""))
+    if match:
+        pids["worker"] = int(match.group(1))
+    return pids
+
+
 def batch_counters(port: int, pipeline: str) -> tuple[int, float]:
     """(batches, items) of the pipeline's model, from the health details."""
     with Client("127.0.0.1", port, timeout_s=10) as client:
@@ -207,6 +227,12 @@ def batch_counters(port: int, pipeline: str) -> tuple[int, float]:
     if not batches or not mean:
         return 0, 0.0
     return int(batches.group(1)), int(batches.group(1)) * float(mean.group(1))
+
+
+#: process name -> pid, set once the server is up (for the CPU split of each window)
+PIDS: dict[str, int] = {}
+#: scenario pipeline+concurrency -> process -> CPU seconds used during its window
+CPU: dict[str, dict[str, float]] = {}
 
 
 async def served(
@@ -226,8 +252,11 @@ async def served(
                      duration_s=warmup, warmup_s=0.0, timeout_ms=60_000)
         )  # fmt: skip
     b0, i0 = batch_counters(port, pipeline)
+    c0 = {name: cpu_seconds(pid) for name, pid in PIDS.items()}
     result = await run_load(load)
+    c1 = {name: cpu_seconds(pid) for name, pid in PIDS.items()}
     b1, i1 = batch_counters(port, pipeline)
+    CPU[f"{pipeline} c{concurrency}"] = {name: c1[name] - c0[name] for name in c0}
     batches = b1 - b0
     mean = (i1 - i0) / batches if batches else float("nan")
     return result, mean, batches
@@ -289,6 +318,7 @@ def main(argv: list[str] | None = None) -> int:
             details = client.health().details
         workers = {k: v for k, v in details.items() if k.startswith("worker.")}
         figures["workers"] = workers
+        PIDS.update(server_pids(port, process.pid))
 
         async def scenarios() -> dict[str, tuple[LoadResult, float, int]]:
             out: dict[str, tuple[LoadResult, float, int]] = {}
@@ -334,12 +364,19 @@ def main(argv: list[str] | None = None) -> int:
     print("\n### Offline (torch directly, inference_mode; better of before/after)\n")
     rows = []
     for key in ("heavy", "light"):
-        row: dict[str, object] = {"model": key}
-        for when, data in (("before", offline_before), ("after", offline_after)):
-            row[f"batch-1 ms ({when})"] = data[key]["batch1 ms"]
-        for size in sizes:
-            row[f"items/s @{size}"] = offline[key][f"items/s@{size}"]
-        rows.append(row)
+        for when, data in (("before", offline_before), ("after", offline_after),
+                           ("used (better)", offline)):  # fmt: skip
+            row: dict[str, object] = {"model": key, "measured": when,
+                                      "batch-1 ms": data[key]["batch1 ms"]}  # fmt: skip
+            for size in sizes:
+                row[f"items/s @{size}"] = data[key][f"items/s@{size}"]
+            rows.append(row)
+        spread = max(
+            abs(offline_before[key][k] / offline_after[key][k] - 1) for k in offline_before[key]
+        )
+        if spread > 0.2:
+            print(f"NOTE: {key}: before and after differ by up to {spread:.0%}: "
+                  "the machine was busy (other work) during one of them")
     print(render_table(rows))
 
     print("\n### Served runs\n")
@@ -393,6 +430,17 @@ def main(argv: list[str] | None = None) -> int:
         })  # fmt: skip
         summary[f"speedup_{key}"] = rows[-1]["speed-up"]
     print(render_table(rows))
+    print("\n### Where the CPU went in each window (CPU seconds / window seconds; 2 cores = 2.0)\n")
+    rows = []
+    for label, run in runs.items():
+        used = CPU.get(f"{run[0].pipeline} c{run[0].concurrency}", {})
+        row = {"scenario": label}
+        for name in ("front", "worker", "loadgen"):
+            row[name] = used.get(name, float("nan")) / run[0].window_s
+        row["items/s"] = run[0].throughput_items_s
+        rows.append(row)
+    print(render_table(rows))
+    figures["cpu"] = CPU
     errors = {label: run[0].errors for label, run in runs.items() if run[0].errors}
     print(f"\nerrors in the windows: {errors or 'none'}")
     for label, run in runs.items():

@@ -27,6 +27,7 @@ from engine.placement import Placement, PlacementRequest, place
 from engine.runners.batched import BatchedNode, SharedModel
 from engine.runners.local import InlineRunner, LocalRunner, NodeBinding, ThreadPoolRunner
 from engine.runners.worker import WorkerRunner
+from engine.tracing import start_request_span
 from engine.types import (
     EdgeDescription,
     HealthReport,
@@ -191,6 +192,11 @@ class Engine:
         pipeline, version = "", ""  # unknown pipelines are counted under "": bounded labels
         execution: Execution | None = None
         error: BaseException | None = None
+        # A W3C traceparent in the headers is continued: as an OpenTelemetry span when the SDK
+        # is installed, and in any case as the trace_id of this request's log lines.
+        span = start_request_span(request.pipeline, request.headers)
+        trace = span.__enter__()
+        trace_token = logs.trace_id.set(trace.trace_id if trace else None)
         try:
             served = self.find(request.pipeline, request.version)
             pipeline, version = served.pipeline.name, served.pipeline.version
@@ -221,7 +227,12 @@ class Engine:
             if pipeline:
                 self.metrics.request_seconds.labels(pipeline, version).observe(seconds)
             self._log_request(request, pipeline, seconds, execution, error)
+            logs.trace_id.reset(trace_token)
             logs.request_id.reset(token)
+            if error is None:
+                span.__exit__(None, None, None)
+            else:
+                span.__exit__(type(error), error, error.__traceback__)
 
     def _log_request(
         self,
@@ -517,7 +528,7 @@ def _serve(
                 batcher.on_batch = metrics.batch_observer(model_id)
                 shared = models[identity] = SharedModel(model_id, worker, batcher, [])
             shared.nodes.append(f"{pipeline.name}/{name}")
-            runners[name] = BatchedNode(shared, name, node.plugin)
+            runners[name] = BatchedNode(shared, pipeline.name, name, node.plugin)
         elif runner_kind(node, plugin_class) == "inline":
             runners[name] = InlineRunner(binding)
         else:

@@ -28,6 +28,7 @@ __all__ = [
     "traceparent_of",
     "start_request_span",
     "start_node_span",
+    "tracing_enabled",
 ]
 
 #: version-traceid-parentid-flags, lowercase hex; a future version may append ``-...``
@@ -146,6 +147,11 @@ def _context_of(span: Any) -> TraceContext | None:
     return TraceContext(f"{ctx.trace_id:032x}", f"{ctx.span_id:016x}", int(ctx.trace_flags))
 
 
+def tracing_enabled() -> bool:
+    """Whether OpenTelemetry is installed (spans are recorded only then)."""
+    return _opentelemetry() is not None
+
+
 @contextmanager
 def start_request_span(
     pipeline: str, headers: Mapping[str, str] | None = None
@@ -153,8 +159,9 @@ def start_request_span(
     """Trace one request of ``pipeline``, continuing the caller's ``traceparent`` if any.
 
     Yields the trace context of this request's span: what to log beside the request and to
-    send downstream.  With OpenTelemetry that is the span it opened (its trace id is the
-    caller's); without, it is a child of the caller's context, or None when none was sent.
+    send downstream.  With an OpenTelemetry SDK that is the span it opened (its trace id is the
+    caller's, or a new one); otherwise it is a child of the caller's context, or None when the
+    caller sent none.
     An exception leaving the block is recorded on the span and propagates.
     """
     otel = _opentelemetry()
@@ -172,7 +179,11 @@ def start_request_span(
         kind=trace.SpanKind.SERVER,
         attributes={"dagserve.pipeline": pipeline, "rpc.system": "apache_thrift"},
     ) as span:
-        yield _context_of(span)
+        if span.is_recording():
+            yield _context_of(span)
+        else:  # no SDK configured: the span is the caller's context, passed through
+            parent = traceparent_of(headers)
+            yield None if parent is None else parent.child()
 
 
 @contextmanager

@@ -50,6 +50,10 @@ def _get_json(url: str) -> Any:
         return json.load(response)
 
 
+class _NotYet(Exception):
+    """A probe's answer is not the awaited one (yet); the message says what it was."""
+
+
 def _poll(what: str, probe: Callable[[], Any], log: Path, timeout_s: float = POLL_S) -> Any:
     """``probe()`` until it returns something other than None, for at most ``timeout_s``."""
     deadline = time.monotonic() + timeout_s
@@ -57,7 +61,7 @@ def _poll(what: str, probe: Callable[[], Any], log: Path, timeout_s: float = POL
     while time.monotonic() < deadline:
         try:
             result = probe()
-        except (OSError, ValueError) as error:  # not listening yet, or not JSON yet
+        except (OSError, ValueError, _NotYet) as error:  # not listening, not JSON, not there
             last = error
         else:
             if result is not None:
@@ -179,7 +183,9 @@ def test_prometheus_scrapes_the_server(tmp_path: Path) -> None:
             def sent() -> float | None:
                 data = _query(url, 'sum(dagserve_requests_total{pipeline="calc"})')
                 value = _scalar(data)
-                return value if value == REQUESTS else None
+                if value != REQUESTS:
+                    raise _NotYet(f"result {data['result']}")
+                return value
 
             assert _poll(f"sum of calc's requests == {REQUESTS}", sent, log) == REQUESTS
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from engine.batcher import Batcher
 from engine.runners.worker import WorkerRunner
+from engine.tracing import start_node_span
 from engine.workers.pool import WorkerKey
 from model_plugins.errors import InferenceError
 from model_plugins.plugin import Batch
@@ -34,8 +35,9 @@ class BatchedNode:
 
     kind = "worker"
 
-    def __init__(self, shared: SharedModel, node: str, plugin: str) -> None:
+    def __init__(self, shared: SharedModel, pipeline: str, node: str, plugin: str) -> None:
         self.shared = shared
+        self.pipeline = pipeline
         self.node = node
         self.plugin = plugin
 
@@ -55,7 +57,8 @@ class BatchedNode:
 
     async def run(self, inputs: Batch, *, deadline: float | None) -> Batch:
         try:
-            return await self.shared.batcher.submit(inputs, deadline=deadline)
+            with start_node_span(self.pipeline, self.node, model=self.shared.model_id):
+                return await self.shared.batcher.submit(inputs, deadline=deadline)
         except InferenceError as exc:
             # The model may serve several nodes: name the one this request went through.
             if exc.node != self.node:

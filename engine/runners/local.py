@@ -13,6 +13,7 @@ from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
 
+from engine.tracing import start_node_span
 from model_plugins.contract import check_outputs
 from model_plugins.errors import DagserveError, InferenceError, InvalidRequest
 from model_plugins.plugin import Batch, LoadContext, ModelPlugin
@@ -66,7 +67,8 @@ class LocalRunner:
         assert self._idle is not None, "runner used before start()"
         plugin = await self._idle.get()
         try:
-            outputs = await self._call(plugin.predict, inputs)
+            with start_node_span(self.binding.pipeline, self.binding.node):
+                outputs = await self._call(plugin.predict, inputs)
         except DagserveError as exc:
             raise self._named(exc) from exc
         except Exception as exc:

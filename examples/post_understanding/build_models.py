@@ -6,9 +6,10 @@ Nothing is downloaded.  Three steps, each in its own process, because TensorFlow
 never share one (``import tensorflow`` then ``import paddle`` is a segmentation fault here):
 
 1. ``torch``: exports the image encoder, a ResNet-18 with random weights (seed 0) that returns
-   its 512-d pooled features, as TorchScript (``image_encoder.pt``); then embeds the labelled
-   texts of ``data/labelled_texts.csv`` with the real all-MiniLM-L6-v2, through the very plugin
-   the pipeline serves, into ``training_set.npz``.
+   its 512-d pooled features, centred (see :func:`build_image_encoder`), as TorchScript
+   (``image_encoder.pt``); then embeds the labelled texts of ``data/labelled_texts.csv`` with
+   the real all-MiniLM-L6-v2, through the very plugin the pipeline serves, into
+   ``training_set.npz``.
 2. ``tensorflow`` (in parallel with 3): trains the topic tagger, softmax regression over the
    384-d text embedding, and saves it as a SavedModel (``topic_tagger/``).
 3. ``paddle``: trains the spam head, logistic regression over the same embedding, and saves it
@@ -55,6 +56,8 @@ HOLDOUT = 5
 SEED = 0
 IMAGE_SIZE = 224
 TEXT_DIM = 384
+#: how many synthetic images the image encoder's feature mean is estimated on
+CENTRING_IMAGES = 64
 
 
 # --------------------------------------------------------------------- shared by every step
@@ -104,7 +107,11 @@ def build_image_encoder(seed: int = SEED) -> Any:
     """ResNet-18 (He et al., 2015) in plain PyTorch, random weights from ``seed``, no classifier.
 
     The same network as ``benchmarks/resnet18.py``; ``forward(pixels)`` takes float32
-    [N, 3, H, W] and returns the 512-d globally average-pooled features [N, 512].
+    [N, 3, H, W] and returns the 512-d globally average-pooled features [N, 512] minus the
+    buffer ``center`` (zeros here; :func:`step_torch` sets it).  Pooled ReLU features of a
+    random network all point the same way (every image is ~0.9 cosine-similar to every
+    other), so the feature mean over synthetic images is subtracted: then a re-encoded copy of
+    an image stays at ~1.0 and different pictures drop to ~0-0.3.
     """
     import torch
     from torch import nn
@@ -144,23 +151,66 @@ def build_image_encoder(seed: int = SEED) -> Any:
                 cin = cout
             layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
             self.trunk = nn.Sequential(*layers)
+            self.register_buffer("center", torch.zeros(512))
 
         def forward(self, pixels: Any) -> Any:
-            return self.trunk(pixels)
+            return self.trunk(pixels) - self.center
 
     return ImageEncoder().eval()
+
+
+def _synthetic_pixels(count: int, seed: int = SEED) -> Any:
+    """``count`` random images of coloured rectangles and ellipses, as the pipeline sees them.
+
+    They are drawn with Pillow from a seeded generator (none is a sample post's image) and go
+    through the built-in ``image_decode`` node with the pipeline's params, so their pixels are
+    normalised exactly as served ones.
+    """
+    import io
+
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    from model_plugins import LoadContext
+    from model_plugins.builtins.image_decode import ImageDecode
+
+    rng = np.random.default_rng(seed)
+
+    def colour() -> tuple[int, int, int]:
+        red, green, blue = (int(v) for v in rng.integers(0, 256, 3))
+        return red, green, blue
+
+    encoded = []
+    for _ in range(count):
+        image = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), colour())
+        draw = ImageDraw.Draw(image)
+        for _ in range(int(rng.integers(3, 12))):
+            x0, y0, width, height = (int(v) for v in rng.integers(0, IMAGE_SIZE - 24, 4))
+            x1, y1 = x0 + 10 + width // 2, y0 + 10 + height // 2
+            shape = draw.rectangle if rng.integers(0, 2) else draw.ellipse
+            shape([x0, y0, x1, y1], fill=colour())
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        encoded.append(buffer.getvalue())
+    decode = ImageDecode()
+    params = {"size": [IMAGE_SIZE, IMAGE_SIZE]}
+    decode.load(LoadContext(node="decode", plugin="image_decode", params=params))
+    return decode.predict({"data": np.array(encoded, dtype=object)})["pixels"]
 
 
 def step_torch(out: Path) -> dict[str, Any]:
     """Export the image encoder; embed the labelled texts with the served MiniLM plugin."""
     import numpy as np
     import torch
+    from post_understanding_plugins import MiniLMEncoder
 
     from model_plugins import LoadContext
-    from post_understanding_plugins import MiniLMEncoder
 
     started = time.perf_counter()
     encoder = build_image_encoder()
+    with torch.no_grad():
+        synthetic = torch.from_numpy(_synthetic_pixels(CENTRING_IMAGES))
+        encoder.center.copy_(encoder(synthetic).mean(0))
     example = torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         traced = torch.jit.trace(encoder, example)  # type: ignore[no-untyped-call]
@@ -235,12 +285,15 @@ def step_tensorflow(out: Path) -> dict[str, Any]:
             loss = tf.reduce_mean(
                 tf.nn.sparse_softmax_cross_entropy_with_logits(y, model.logits(x))
             ) + 1e-3 * tf.reduce_sum(model.w**2)
-        optimizer.apply_gradients(zip(tape.gradient(loss, [model.w, model.b]), [model.w, model.b]))
+        variables = [model.w, model.b]
+        optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables, strict=True))
         return loss
 
     for _ in range(300):
         loss = train_step()
-    tf.saved_model.save(model, str(out / "topic_tagger"), signatures={"serving_default": model.serve})
+    tf.saved_model.save(
+        model, str(out / "topic_tagger"), signatures={"serving_default": model.serve}
+    )
 
     def accuracy(rows: np.ndarray) -> float:
         predicted = model.serve(tf.constant(data["embedding"][rows]))["probabilities"].numpy()

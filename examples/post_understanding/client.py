@@ -88,7 +88,9 @@ def _cat(draw: ImageDraw.ImageDraw, w: int, h: int) -> None:
     draw.ellipse([w * 0.2, h * 0.2, w * 0.8, h * 0.8], fill=orange)
     for cx in (w * 0.38, w * 0.62):  # closed, sleeping eyes
         draw.arc([cx - 14, h * 0.42, cx + 14, h * 0.52], 0, 180, fill=dark, width=3)
-    draw.polygon([(w * 0.47, h * 0.56), (w * 0.53, h * 0.56), (w * 0.5, h * 0.6)], fill=(240, 120, 150))
+    draw.polygon(
+        [(w * 0.47, h * 0.56), (w * 0.53, h * 0.56), (w * 0.5, h * 0.6)], fill=(240, 120, 150)
+    )
     for dy in (-6, 0, 6):  # whiskers
         draw.line([(w * 0.2, h * 0.6 + dy), (w * 0.42, h * 0.59)], fill=dark, width=1)
         draw.line([(w * 0.8, h * 0.6 + dy), (w * 0.58, h * 0.59)], fill=dark, width=1)
@@ -116,7 +118,9 @@ SCENES: dict[str, Callable[[ImageDraw.ImageDraw, int, int], None]] = {
 }
 
 
-def draw_image(scene: str, size: Sequence[int] | None = None, fmt: str = "PNG", quality: int = 90) -> bytes:
+def draw_image(
+    scene: str, size: Sequence[int] | None = None, fmt: str = "PNG", quality: int = 90
+) -> bytes:
     """An encoded image of ``scene`` (drawn at 256 x 256, then resized to ``size`` = [W, H])."""
     image = Image.new("RGB", CANVAS)
     SCENES[scene](ImageDraw.Draw(image), *CANVAS)
@@ -274,16 +278,21 @@ def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value:.1f}"
 
 
-def report(answers: Sequence[Answer], samples: Samples, topics: Sequence[str], out: Any = None) -> None:
+def report(
+    answers: Sequence[Answer], samples: Samples, topics: Sequence[str], out: Any = None
+) -> None:
     """Print the posts, the answers table and a few text similarities."""
     write = print if out is None else (lambda *a: print(*a, file=out))
     write(f"{'post':<15} {'image':<28} text")
     for post in samples.posts:
         write(f"{post.id:<15} {post.image_about or '-':<28} {post.text or '-'}")
 
+    widths = {node: max(len(node), 5) + 1 for node in NODES}
     header = (
-        f"\n{'post':<15} {'inputs':<11} {'tags (p >= 0.2)':<26} {'spam':>5}  "
-        f"{'near-duplicate (cos)':<26}" + "".join(f"{n:>12}" for n in NODES) + f"{'wall':>8}"
+        f"\n{'post':<15} {'inputs':<11} {'tags (p >= 0.2)':<22} {'spam':>5}  "
+        f"{'near-duplicate (cos)':<21}"
+        + "".join(f"{n:>{w}}" for n, w in widths.items())
+        + f"{'wall':>7}"
     )
     write(header)
     write("-" * (len(header) - 1))
@@ -292,36 +301,34 @@ def report(answers: Sequence[Answer], samples: Samples, topics: Sequence[str], o
         spam = "-" if answer.spam_probability is None else f"{answer.spam_probability:.2f}"
         write(
             f"{answer.post.id:<15} {answer.post.kind:<11} "
-            f"{_tags(answer.tag_probabilities, topics):<26} {spam:>5}  "
-            f"{f'{post_id} {score:.2f}':<26}"
-            + "".join(f"{_ms(answer.node_ms.get(n)):>12}" for n in NODES)
-            + f"{answer.wall_ms:>8.1f}"
+            f"{_tags(answer.tag_probabilities, topics):<22} {spam:>5}  "
+            f"{f'{post_id} {score:.2f}':<21}"
+            + "".join(f"{_ms(answer.node_ms.get(n)):>{w}}" for n, w in widths.items())
+            + f"{answer.wall_ms:>7.1f}"
         )
-    write("(latencies in ms per node as the server measured them, '-' = skipped; wall = round trip)")
+    write("(ms per node as the server measured them; '-': skipped; wall: the round trip)")
 
-    by_id = {a.post.id: a for a in answers}
     write("\ntext similarity (cosine of the MiniLM embeddings):")
     for label, pairs in (("paraphrase", samples.paraphrases), ("unrelated", samples.unrelated)):
-        for a, b in pairs:
-            ea, eb = by_id[a].text_embedding, by_id[b].text_embedding
-            if ea is None or eb is None:
-                continue
-            write(f"  {label:<11} {cosine(ea, eb):5.2f}  {by_id[a].post.text!r} ~ {by_id[b].post.text!r}")
+        for (a, b), similarity in zip(pairs, text_similarities(answers, pairs), strict=True):
+            texts = f"{samples.by_id(a).text!r} ~ {samples.by_id(b).text!r}"
+            write(f"  {label:<11} {similarity:5.2f}  {texts}")
+
+
+def text_similarities(answers: Sequence[Answer], pairs: Sequence[tuple[str, str]]) -> list[float]:
+    """The cosine of the text embeddings of each pair of post ids (pairs without text: left out)."""
+    by_id = {a.post.id: a.text_embedding for a in answers}
+    return [
+        cosine(ea, eb)
+        for ea, eb in ((by_id[a], by_id[b]) for a, b in pairs)
+        if ea is not None and eb is not None
+    ]
 
 
 def paraphrase_margin(answers: Sequence[Answer], samples: Samples) -> float:
     """The lowest paraphrase similarity minus the highest unrelated one (> 0: separated)."""
-    by_id = {a.post.id: a for a in answers}
-
-    def sims(pairs: list[tuple[str, str]]) -> list[float]:
-        out = []
-        for a, b in pairs:
-            ea, eb = by_id[a].text_embedding, by_id[b].text_embedding
-            if ea is not None and eb is not None:
-                out.append(cosine(ea, eb))
-        return out
-
-    return min(sims(samples.paraphrases), default=math.nan) - max(sims(samples.unrelated), default=math.nan)
+    lowest = min(text_similarities(answers, samples.paraphrases), default=math.nan)
+    return lowest - max(text_similarities(answers, samples.unrelated), default=math.nan)
 
 
 def main(argv: list[str] | None = None) -> int:

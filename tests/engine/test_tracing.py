@@ -188,6 +188,22 @@ def test_importing_the_module_does_not_import_opentelemetry():
 # --- with OpenTelemetry -------------------------------------------------------------------
 
 
+def test_with_the_api_alone_the_context_is_still_a_child_of_the_callers():
+    pytest.importorskip("opentelemetry.trace", reason="opentelemetry-api is not installed")
+    from opentelemetry import trace
+
+    if not isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider):
+        pytest.skip("a global OpenTelemetry tracer provider is configured in this process")
+    with start_request_span("calc", {"traceparent": VALID}) as ctx:
+        assert trace.get_current_span().get_span_context().trace_id == int(TRACE_ID, 16)
+    assert ctx is not None
+    assert ctx.trace_id == TRACE_ID
+    assert ctx.span_id != SPAN_ID
+    with start_request_span("calc", {}) as ctx:
+        pass
+    assert ctx is None
+
+
 @pytest.fixture
 def exporter():
     """An SDK tracer provider exporting to memory, used by engine.tracing for one test."""
@@ -282,3 +298,21 @@ def test_request_span_records_the_error(exporter):
     (span,) = exporter.get_finished_spans()
     assert span.status.status_code is StatusCode.ERROR
     assert [e.name for e in span.events] == ["exception"]
+
+
+@pytest.mark.e2e
+def test_a_served_request_continues_the_callers_trace_with_a_span_per_node(exporter):
+    import numpy as np
+
+    from engine.client import Client
+    from tests.serving import PIPELINES, serving
+
+    traceparent = f"00-{TRACE_ID}-{SPAN_ID}-01"
+    with serving([PIPELINES / "calc.yaml"]) as server, Client("127.0.0.1", server.port) as c:
+        c.infer("calc", {"x": np.ones((1, 3), np.float32)}, headers={"traceparent": traceparent})
+    spans = exporter.get_finished_spans()
+    request = next(s for s in spans if s.name == "infer calc")
+    assert format(request.context.trace_id, "032x") == TRACE_ID
+    assert format(request.parent.span_id, "016x") == SPAN_ID
+    nodes = {s.name for s in spans if s.parent and s.parent.span_id == request.context.span_id}
+    assert {"node double", "node triple", "node check", "node fuse"} <= nodes
