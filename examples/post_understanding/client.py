@@ -185,8 +185,8 @@ def load_posts(path: Path = POSTS) -> Samples:
         posts.append(Post(item["id"], item.get("text"), image, about))
     return Samples(
         posts,
-        [tuple(pair) for pair in data["paraphrases"]],  # type: ignore[misc]
-        [tuple(pair) for pair in data["unrelated"]],  # type: ignore[misc]
+        [(str(a), str(b)) for a, b in data["paraphrases"]],
+        [(str(a), str(b)) for a, b in data["unrelated"]],
     )
 
 

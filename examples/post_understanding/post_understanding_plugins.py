@@ -50,7 +50,8 @@ class MiniLMEncoder(ModelPlugin):
         from transformers import AutoModel, AutoTokenizer
         from transformers.utils import logging as hf_logging
 
-        hf_logging.disable_progress_bar()  # no "Loading weights" bar on the worker's stderr
+        # no "Loading weights" progress bar on the worker's stderr
+        hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
 
         params = context.params
         folder = params.get("model_dir")
