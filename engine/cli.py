@@ -6,6 +6,7 @@
     dagserve validate PIPELINE.yaml...
     dagserve graph PIPELINE.yaml -o FILE.svg|png
     dagserve infer --pipeline NAME --input NAME=VALUE|@FILE ...  [--host --port]
+    dagserve bench --pipeline NAME [--concurrency N | --rate R] [--duration S] [--samples F]
     dagserve new-plugin NAME [--dir DIR]
 """
 
@@ -65,6 +66,24 @@ def _parser() -> argparse.ArgumentParser:
     infer.add_argument("--host", default="127.0.0.1")
     infer.add_argument("--port", type=int, default=9090)
     infer.add_argument("--json", action="store_true", help="print the whole answer as JSON")
+    bench = commands.add_parser("bench", help="load a pipeline on a running server; latency table")
+    bench.add_argument("--pipeline", required=True)
+    bench.add_argument("--host", default="127.0.0.1")
+    bench.add_argument("--port", type=int, default=9090)
+    load = bench.add_mutually_exclusive_group()
+    load.add_argument("--concurrency", type=int, default=8, help="closed loop (default 8)")
+    load.add_argument("--rate", type=float, help="open loop: requests/s, Poisson arrivals")
+    bench.add_argument("--max-inflight", type=int, default=1000, help="open-loop cap")
+    bench.add_argument("--duration", type=float, default=10.0, help="seconds measured")
+    bench.add_argument("--warmup", type=float, default=1.0, help="seconds not counted first")
+    bench.add_argument(
+        "--samples", type=Path, help=".npz (a row per request) or .json (an object per "
+        "request); default: made up from the pipeline's declared inputs",
+    )  # fmt: skip
+    bench.add_argument("--skip-optional", action="store_true", help="leave optional inputs out")
+    bench.add_argument("--timeout-ms", type=int)
+    bench.add_argument("--json", type=Path, metavar="FILE", help="also write the result as JSON")
+
     scaffold = commands.add_parser("new-plugin", help="write a plugin skeleton with its test")
     scaffold.add_argument("name", help="a lower-case identifier, e.g. my_scorer")
     scaffold.add_argument("--dir", type=Path, default=Path.cwd(), help="where (default: here)")
@@ -79,6 +98,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "graph": _graph,
         "infer": _infer,
         "new-plugin": _new_plugin,
+        "bench": _bench,
     }
     try:
         return handler[args.command](args)
@@ -124,6 +144,48 @@ def _graph(args: argparse.Namespace) -> int:
         print(f"dagserve graph: {exc}", file=sys.stderr)
         return 2
     print(f"wrote {args.output}")
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from engine.bench import (
+        BenchSpec,
+        generated_samples,
+        progress_bar,
+        render_table,
+        run_bench,
+        samples_from_file,
+    )
+    from engine.client import Client
+
+    if args.samples is not None:
+        samples = samples_from_file(args.samples)
+    else:
+        with Client(args.host, args.port) as client:
+            specs = client.describe(args.pipeline).inputs
+        samples = generated_samples(specs, optional=not args.skip_optional)
+    spec = BenchSpec(
+        args.host,
+        args.port,
+        args.pipeline,
+        samples,
+        concurrency=args.max_inflight if args.rate else args.concurrency,
+        rate=args.rate,
+        duration_s=args.duration,
+        warmup_s=args.warmup,
+        timeout_ms=args.timeout_ms,
+    )
+    result = asyncio.run(run_bench(spec, progress=progress_bar(args.duration)))
+    if sys.stderr.isatty():
+        sys.stderr.write("\n")
+    print(render_table([result.summary()]))
+    for name, example in sorted(result.error_examples.items()):
+        print(f"  {name}: {example}")
+    if args.json is not None:
+        args.json.write_text(json.dumps(result.to_json(), indent=2, default=str))
+        print(f"wrote {args.json}")
     return 0
 
 
