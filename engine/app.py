@@ -102,6 +102,7 @@ class Server:
             port=self.config.port,
             max_frame_bytes=self.config.max_frame_bytes,
             idle_timeout_s=self.config.idle_timeout_s,
+            ssl_context=self.config.tls.server_context() if self.config.tls else None,
         )
         await self.thrift.start()
         thrift = self.thrift

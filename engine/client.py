@@ -22,6 +22,7 @@ import contextlib
 import itertools
 import select
 import socket
+import ssl
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -146,10 +147,28 @@ def _unpack_reply(frame: bytes | bytearray, name: str, seqid: int, pipeline: str
     raise ApplicationError(msg, kind=TApplicationException.MISSING_RESULT)
 
 
+def tls_context(
+    cafile: str | None = None, certfile: str | None = None, keyfile: str | None = None
+) -> ssl.SSLContext:
+    """A client TLS context: trust ``cafile`` (else the system's CAs), and present
+    ``certfile``/``keyfile`` when the server requires client certificates (mutual TLS)."""
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=cafile)
+    if certfile is not None:
+        context.load_cert_chain(certfile, keyfile)
+    return context
+
+
 class _Endpoint:
     """What both clients share: address, settings, seqids."""
 
-    def __init__(self, host: str, port: int, timeout_s: float, pool_size: int) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        timeout_s: float,
+        pool_size: int,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
         if timeout_s <= 0:
             msg = f"timeout_s must be > 0 (got {timeout_s})"
             raise ValueError(msg)
@@ -160,6 +179,8 @@ class _Endpoint:
         self.port = port
         self.timeout_s = timeout_s
         self.pool_size = pool_size
+        #: TLS to the server (``tls_context()`` makes one); None: plain TCP
+        self.ssl_context = ssl_context
         # next() on itertools.count is atomic under the GIL: safe across threads
         self._seqids = itertools.count(1)
 
@@ -182,9 +203,18 @@ class _Endpoint:
 
 
 class _SyncConnection:
-    def __init__(self, host: str, port: int, timeout_s: float) -> None:
-        self.sock = socket.create_connection((host, port), timeout=timeout_s)
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    def __init__(
+        self, host: str, port: int, timeout_s: float, ssl_context: ssl.SSLContext | None = None
+    ) -> None:
+        sock = socket.create_connection((host, port), timeout=timeout_s)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if ssl_context is not None:
+            try:
+                sock = ssl_context.wrap_socket(sock, server_hostname=host)
+            except (ssl.SSLError, OSError):
+                sock.close()
+                raise
+        self.sock = sock
 
     def roundtrip(self, payload: bytes) -> bytearray:
         header = len(payload).to_bytes(4, "big")
@@ -236,8 +266,9 @@ class Client(_Endpoint):
         *,
         timeout_s: float = 30.0,
         pool_size: int = 8,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
-        super().__init__(host, port, timeout_s, pool_size)
+        super().__init__(host, port, timeout_s, pool_size, ssl_context)
         self._idle: list[_SyncConnection] = []
         self._lock = threading.Lock()
         self._closed = False
@@ -304,7 +335,7 @@ class Client(_Endpoint):
                     return connection
                 connection.close()
         try:
-            return _SyncConnection(self.host, self.port, self.timeout_s)
+            return _SyncConnection(self.host, self.port, self.timeout_s, self.ssl_context)
         except OSError as exc:
             error = self._connection_error("connect", exc)
             raise error from exc
@@ -345,8 +376,16 @@ class _AsyncConnection:
         self.writer = writer
 
     @classmethod
-    async def open(cls, host: str, port: int) -> _AsyncConnection:
-        reader, writer = await asyncio.open_connection(host, port, limit=1024 * 1024)
+    async def open(
+        cls, host: str, port: int, ssl_context: ssl.SSLContext | None = None
+    ) -> _AsyncConnection:
+        reader, writer = await asyncio.open_connection(
+            host,
+            port,
+            limit=1024 * 1024,
+            ssl=ssl_context,
+            server_hostname=host if ssl_context is not None else None,
+        )
         sock = writer.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -382,8 +421,9 @@ class AsyncClient(_Endpoint):
         *,
         timeout_s: float = 30.0,
         pool_size: int = 8,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
-        super().__init__(host, port, timeout_s, pool_size)
+        super().__init__(host, port, timeout_s, pool_size, ssl_context)
         self._idle: list[_AsyncConnection] = []
         self._closed = False
 
@@ -450,7 +490,7 @@ class AsyncClient(_Endpoint):
                 return connection
             connection.close()
         try:
-            return await _AsyncConnection.open(self.host, self.port)
+            return await _AsyncConnection.open(self.host, self.port, self.ssl_context)
         except OSError as exc:
             error = self._connection_error("connect", exc)
             raise error from exc

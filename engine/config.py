@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import ssl
 from pathlib import Path
 from typing import Any, Literal
 
@@ -21,6 +22,39 @@ from engine.errors import ConfigError
 
 #: 64 MiB: a 32-image batch of 3x224x224 float32 is 19 MiB
 DEFAULT_MAX_FRAME_BYTES = 64 * 1024 * 1024
+
+
+class TlsConfig(BaseModel):
+    """TLS on the Thrift port, optionally requiring client certificates (mutual TLS)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    certfile: Path
+    """The server's certificate chain (PEM)."""
+    keyfile: Path
+    """The server's private key (PEM)."""
+    client_ca: Path | None = None
+    """CA certificates that client certificates must chain to."""
+    require_client_cert: bool = False
+    """Refuse clients without a certificate signed by ``client_ca`` (mutual TLS)."""
+
+    def server_context(self) -> ssl.SSLContext:
+        """The server-side SSL context these settings describe."""
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        try:
+            context.load_cert_chain(self.certfile, self.keyfile)
+            if self.client_ca is not None:
+                context.load_verify_locations(self.client_ca)
+        except (OSError, ssl.SSLError) as exc:
+            msg = f"tls: cannot load the certificate, key or CA: {exc}"
+            raise ConfigError(msg) from exc
+        if self.require_client_cert:
+            if self.client_ca is None:
+                msg = "tls: require_client_cert needs client_ca"
+                raise ConfigError(msg)
+            context.verify_mode = ssl.CERT_REQUIRED
+        return context
 
 
 class ServerConfig(BaseModel):
@@ -60,6 +94,8 @@ class ServerConfig(BaseModel):
     """How long a request waits for its worker to come back after a crash."""
     worker_memory_limit_mb: float | None = Field(None, gt=0)
     """A worker whose resident memory grows past this is replaced (checked at every ping)."""
+    tls: TlsConfig | None = None
+    """TLS on the Thrift port; None: plain TCP (the default, meant for loopback)."""
     gpus: list[GpuConfig] | None = None
     """An explicit GPU inventory (tests, or to reserve cards); None: read the GPUs via NVML."""
     gpu_reserve_mb: int = Field(0, ge=0)
@@ -90,7 +126,17 @@ def load_config(path: Path) -> ServerConfig:
         msg = f"{path}: invalid server config:\n  " + "\n  ".join(lines)
         raise ConfigError(msg) from exc
     base = path.parent
-    return config.model_copy(update={"pipelines": [base / p for p in config.pipelines]})
+    update: dict[str, Any] = {"pipelines": [base / p for p in config.pipelines]}
+    if config.tls is not None:  # certificate paths are relative to the config file too
+        tls = config.tls
+        update["tls"] = tls.model_copy(
+            update={
+                "certfile": base / tls.certfile,
+                "keyfile": base / tls.keyfile,
+                "client_ca": base / tls.client_ca if tls.client_ca else None,
+            }
+        )
+    return config.model_copy(update=update)
 
 
 def is_server_config(path: Path) -> bool:

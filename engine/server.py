@@ -22,6 +22,7 @@ import functools
 import inspect
 import logging
 import socket
+import ssl
 from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -83,6 +84,7 @@ class ThriftServer(TAsyncServer):
             None = never.  Never applies while a request is in progress.
         backlog: listen backlog.
         service: the thriftpy2 service class (the IDL's ``InferenceService`` by default).
+        ssl_context: TLS on the port (``engine.config.TlsConfig.server_context()``).
     """
 
     def __init__(
@@ -95,6 +97,7 @@ class ThriftServer(TAsyncServer):
         idle_timeout_s: float | None = None,
         backlog: int = 128,
         service: Any = None,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         if max_frame_bytes < 1:
             msg = f"max_frame_bytes must be >= 1 (got {max_frame_bytes})"
@@ -104,7 +107,7 @@ class ThriftServer(TAsyncServer):
             raise ValueError(msg)
         # client_timeout=None: the default 3000 ms caps the whole connection, not idleness.
         server_socket = TAsyncServerSocket(
-            host=host, port=port, client_timeout=None, backlog=backlog
+            host=host, port=port, client_timeout=None, backlog=backlog, ssl_context=ssl_context
         )
         server_socket.sock_factory = functools.partial(asyncio.start_server, limit=STREAM_LIMIT)
         super().__init__(processor=None, trans=server_socket)
