@@ -1,23 +1,24 @@
 """The worker's side: load plugins, run their predicts in threads, answer by correlation id.
 
 One worker hosts every model of one framework on one device, so one CUDA context serves them
-all.  A reader thread takes messages off the socket; loads and predicts run in a thread pool,
-so different models (and the instances of one model) execute concurrently whenever the
-framework releases the GIL; replies go back under a lock as each finishes.
+all.  A reader thread takes messages off the socket.  Each loaded instance of a model has a
+thread of its own, which runs all its calls (a call for a busy model waits in that model's
+backlog), so different models and the instances of one model execute concurrently whenever
+the framework releases the GIL; replies go back under a lock as each finishes.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
-import queue
 import signal
 import socket
 import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from engine.workers import wire
@@ -39,10 +40,25 @@ logger = logging.getLogger("dagserve.worker")
 
 
 @dataclass
+class _Instance:
+    """One loaded copy of a model and the one thread that runs it.
+
+    Every call of one instance runs on the same OS thread: frameworks keep per-thread state
+    (an OpenMP team per calling thread in PyTorch), and calls spread over many threads
+    oversubscribe the cores.
+    """
+
+    plugin: ModelPlugin
+    thread: ThreadPoolExecutor
+
+
+@dataclass
 class _Hosted:
     plugin: str
-    loaded: list[ModelPlugin]
-    idle: queue.Queue[ModelPlugin]
+    instances: list[_Instance]
+    idle: list[_Instance]
+    backlog: collections.deque[tuple[int, Predict]] = field(default_factory=collections.deque)
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 class _Worker:
@@ -51,9 +67,8 @@ class _Worker:
         self.name = name
         self.send_lock = threading.Lock()
         self.models: dict[str, _Hosted] = {}
-        # Threads are created on demand; the parent never sends a model more concurrent
-        # predicts than it has instances, so this bounds nothing that matters.
-        self.pool = ThreadPoolExecutor(max_workers=64, thread_name_prefix=f"{name}-exec")
+        # For loads and unloads; predicts run on each instance's own thread.
+        self.pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix=f"{name}-ctl")
 
     def reply(self, message: Reply) -> None:
         with self.send_lock:
@@ -75,7 +90,7 @@ class _Worker:
             if isinstance(message, Ping):
                 self.reply(Reply(message_id, value=os.getpid()))
             elif isinstance(message, Predict):
-                self.pool.submit(self._guarded, message_id, self.predict, message)
+                self.predict(message_id, message)
             elif isinstance(message, LoadModel):
                 self.pool.submit(self._guarded, message_id, self.load, message)
             elif isinstance(message, Unload):
@@ -99,39 +114,53 @@ class _Worker:
     def load(self, message: LoadModel) -> Loaded:
         start = time.perf_counter()
         plugin_class = resolve(message.plugin)
-        loaded: list[ModelPlugin] = []
-        idle: queue.Queue[ModelPlugin] = queue.Queue()
+        instances: list[_Instance] = []
         for context in message.contexts:
+            thread = ThreadPoolExecutor(1, thread_name_prefix=f"{context.node}-{context.instance}")
             plugin = plugin_class()
-            plugin.load(context)
-            loaded.append(plugin)
-            idle.put(plugin)
-        self.models[message.model_id] = _Hosted(message.plugin, loaded, idle)
-        first = loaded[0]
+            thread.submit(plugin.load, context).result()  # loaded where it will run
+            instances.append(_Instance(plugin, thread))
+        self.models[message.model_id] = _Hosted(message.plugin, instances, list(instances))
+        first = instances[0].plugin
         # Adapters learn their specs from the model file during load: report what they know.
         inputs = dict(getattr(first, "loaded_inputs", None) or plugin_class.inputs)
         outputs = dict(getattr(first, "loaded_outputs", None) or plugin_class.outputs)
         logger.info("%s: loaded %s (%s)", self.name, message.model_id, message.plugin)
         return Loaded(inputs, outputs, plugin_class.framework, time.perf_counter() - start)
 
-    def predict(self, message: Predict) -> dict[str, Any]:
+    def predict(self, message_id: int, message: Predict) -> None:
+        """Run on an idle instance's thread, or wait in the model's backlog for one."""
         hosted = self.models.get(message.model_id)
         if hosted is None:
             msg = f"model {message.model_id!r} is not loaded in worker {self.name}"
-            raise InferenceError(msg)
-        plugin = hosted.idle.get()
-        try:
-            return plugin.predict(message.inputs)
-        finally:
-            hosted.idle.put(plugin)
+            self.reply(Reply(message_id, error=InferenceError(msg)))
+            return
+        with hosted.lock:
+            if not hosted.idle:
+                hosted.backlog.append((message_id, message))
+                return
+            instance = hosted.idle.pop()
+        instance.thread.submit(self._run_instance, hosted, instance, message_id, message)
+
+    def _run_instance(
+        self, hosted: _Hosted, instance: _Instance, message_id: int, message: Predict
+    ) -> None:
+        while True:
+            self._guarded(message_id, instance.plugin.predict, message.inputs)
+            with hosted.lock:
+                if not hosted.backlog:
+                    hosted.idle.append(instance)
+                    return
+                message_id, message = hosted.backlog.popleft()
 
     def unload(self, model_id: str) -> None:
         hosted = self.models.pop(model_id, None)
-        for plugin in hosted.loaded if hosted else []:
+        for instance in hosted.instances if hosted else []:
             try:
-                plugin.unload()
+                instance.thread.submit(instance.plugin.unload).result()
             except Exception:
                 logger.exception("%s: unloading %s failed", self.name, model_id)
+            instance.thread.shutdown(wait=False)
 
 
 def worker_entry(sock: socket.socket, name: str, log_level: int) -> None:

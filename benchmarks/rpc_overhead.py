@@ -1,0 +1,311 @@
+"""The RPC ceiling: a one-node ``identity`` pipeline against bare Thrift echo servers.
+
+    .venv/bin/python -m benchmarks.rpc_overhead [--quick] [--duration S]
+
+Three servers, each a SUBPROCESS on uvloop, all up at once and loaded in turn, side by side in
+one run, by the same closed loop (``engine.bench.run_bench``: ``AsyncClient``, framed binary
+Thrift, on asyncio's loop in this process):
+
+- **dagserve**: ``dagserve serve`` with two pipelines of one ``identity`` node (``x`` in, ``x``
+  out): decode to numpy, check against the signature, run the DAG, encode the answer;
+- **bare (same stack)**: dagserve's own ``ThriftServer`` (the same connection loop and Cython
+  codec) with a handler whose ``infer`` returns the request's input ``Tensor`` structs as its
+  outputs, never decoding them to numpy: the ceiling of the engine on this transport;
+- **bare (thriftpy2 stock)**: thriftpy2's own asyncio server (``contrib.aio.make_server``,
+  framed transport, its pure-Python async binary protocol, ``TCP_NODELAY`` set as dagserve
+  sets it) with the same handler: what an off-the-shelf thriftpy2 service would give.
+
+Payloads: a tiny tensor (float32 [1, 4]) and one image (float32 [1, 3, 224, 224], 602 KB each
+way); concurrency 1 and 16.  Reported: req/s, p50 and p99 for each, and dagserve / bare (same
+stack).  The helpers that start and stop a server subprocess are reused by the other scenarios
+(``benchmarks.dag_overhead``, ``benchmarks.pipeline_vs_members``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from engine.bench import BenchResult, BenchSpec, render_table, run_bench
+from engine.client import Client
+
+ROOT = Path(__file__).resolve().parent.parent
+HOST = "127.0.0.1"
+PAYLOADS: dict[str, tuple[int, ...]] = {"tiny 1x4": (4,), "image 3x224x224": (3, 224, 224)}
+CONCURRENCIES = (1, 16)
+
+# --- serving a subprocess (shared by the other scenarios) -------------------------------------
+
+
+def free_port() -> int:
+    """A TCP port that was free a moment ago on ``HOST``."""
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        return int(sock.getsockname()[1])
+
+
+def dagserve_command(pipelines: Sequence[Path], port: int) -> list[str]:
+    """The command line that serves ``pipelines`` on ``port``."""
+    return [
+        sys.executable, "-m", "engine.cli", "serve", *map(str, pipelines),
+        "--port", str(port), "--log-level", "warning",
+    ]  # fmt: skip
+
+
+def _log_tail(path: Path, lines: int = 30) -> str:
+    text = path.read_text(encoding="utf-8", errors="replace") if path.exists() else ""
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def _wait_ready(process: subprocess.Popen[bytes], port: int, log: Path, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    with Client(HOST, port, timeout_s=2.0, pool_size=1) as client:
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                msg = f"server exited with {process.returncode}:\n{_log_tail(log)}"
+                raise RuntimeError(msg)
+            try:
+                if client.health().ready:
+                    return
+            except Exception:  # not listening yet, or not ready
+                pass
+            time.sleep(0.2)
+    msg = f"server not ready after {timeout_s:.0f} s:\n{_log_tail(log)}"
+    raise RuntimeError(msg)
+
+
+def _stop(process: subprocess.Popen[bytes], grace_s: float = 20.0) -> None:
+    if process.poll() is not None:
+        return
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+@contextlib.contextmanager
+def serving(
+    command: Sequence[str],
+    port: int,
+    *,
+    ready_timeout_s: float = 120.0,
+    env: Mapping[str, str] | None = None,
+) -> Iterator[subprocess.Popen[bytes]]:
+    """Run ``command`` (a server on ``port``) until the block ends: ready on entry
+    (``health().ready``), SIGTERM and wait on exit.  Its output goes to a log file whose tail
+    is in the error when it does not start."""
+    with tempfile.NamedTemporaryFile(prefix="bench-server-", suffix=".log", delete=False) as f:
+        log = Path(f.name)
+    full_env = {**os.environ, **(env or {})}
+    full_env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(ROOT), full_env.get("PYTHONPATH", "")) if p
+    )
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            list(command), cwd=ROOT, env=full_env, stdout=out, stderr=subprocess.STDOUT
+        )
+    try:
+        _wait_ready(process, port, log, ready_timeout_s)
+        yield process
+    finally:
+        _stop(process)
+        log.unlink(missing_ok=True)
+
+
+def measure(
+    port: int,
+    pipeline: str,
+    samples: Sequence[Mapping[str, Any]],
+    *,
+    concurrency: int,
+    duration_s: float,
+    warmup_s: float = 1.0,
+) -> BenchResult:
+    """One closed-loop window of ``run_bench`` against ``pipeline``.
+
+    On asyncio's own loop, as ``dagserve bench`` runs it: ``run_bench`` times requests with
+    ``loop.time()``, which on uvloop is libuv's cached clock, 1 ms granular (every sub-ms
+    latency would read 0 or 1 ms).
+    """
+    spec = BenchSpec(
+        HOST, port, pipeline, samples,
+        concurrency=concurrency, duration_s=duration_s, warmup_s=warmup_s,
+    )  # fmt: skip
+    return asyncio.run(run_bench(spec))
+
+
+def figures(result: BenchResult) -> dict[str, Any]:
+    """req/s, p50 and p99 (ms) and the errors of one window."""
+    summary = result.summary()
+    return {
+        "req/s": summary["req/s"],
+        "p50 ms": summary["p50 ms"],
+        "p99 ms": summary["p99 ms"],
+        "errors": summary["errors"],
+    }
+
+
+def ratio(a: float, b: float) -> float:
+    """a / b, NaN when b is 0 or NaN."""
+    return a / b if b and not np.isnan(b) else float("nan")
+
+
+# --- the bare echo servers (run as `python -m benchmarks.rpc_overhead --_bare STACK PORT`) ---
+
+
+class EchoHandler:
+    """``infer`` answers the request's input ``Tensor`` structs as they came, undecoded."""
+
+    async def infer(self, request: Any) -> Any:
+        from idl import dagserve_thrift
+
+        return dagserve_thrift.InferResponse(
+            request_id=request.request_id or "", outputs=request.inputs
+        )
+
+    async def health(self) -> Any:
+        from idl import dagserve_thrift
+
+        return dagserve_thrift.HealthStatus(live=True, ready=True, details={})
+
+
+def _serve_same_stack(port: int) -> None:
+    from engine.server import ThriftServer
+
+    ThriftServer(EchoHandler(), HOST, port).serve()
+
+
+def _serve_thriftpy2_stock(port: int) -> None:
+    import uvloop
+    from thriftpy2.contrib.aio.rpc import make_server
+    from thriftpy2.contrib.aio.transport.framed import TAsyncFramedTransportFactory
+
+    from idl import dagserve_thrift
+
+    loop = uvloop.new_event_loop()
+    server = make_server(
+        dagserve_thrift.InferenceService, EchoHandler(), HOST, port,
+        trans_factory=TAsyncFramedTransportFactory(), client_timeout=None, loop=loop,
+    )  # fmt: skip
+    handle = server.handle
+
+    async def handle_with_nodelay(client: Any) -> None:
+        sock = client.writer.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        await handle(client)
+
+    server.handle = handle_with_nodelay  # type: ignore[method-assign]
+    server.serve()
+
+
+BARE_STACKS = {"same-stack": _serve_same_stack, "thriftpy2-stock": _serve_thriftpy2_stock}
+
+
+# --- the scenario -------------------------------------------------------------------------
+
+
+def write_pipelines(folder: Path) -> list[Path]:
+    """One identity pipeline per payload: ``rpc_<i>`` with input ``x`` of that shape."""
+    paths = []
+    for i, shape in enumerate(PAYLOADS.values()):
+        path = folder / f"rpc_{i}.yaml"
+        path.write_text(
+            f"name: rpc_{i}\nversion: '1'\n"
+            f"inputs:\n  x: {{dtype: float32, shape: {list(shape)}}}\n"
+            "nodes:\n  echo:\n    plugin: identity\n    inputs: {x: $inputs.x}\n"
+            "outputs:\n  x: echo.x\n",
+            encoding="utf-8",
+        )
+        paths.append(path)
+    return paths
+
+
+def _samples(shape: tuple[int, ...]) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(0)
+    return [{"x": rng.standard_normal((1, *shape)).astype(np.float32)} for _ in range(4)]
+
+
+def run_scenario(duration_s: float, warmup_s: float) -> list[dict[str, Any]]:
+    """Every (payload, concurrency, server) window, all servers up at once."""
+    ports = {"dagserve": free_port(), "bare (same stack)": free_port()}
+    ports["bare (thriftpy2 stock)"] = free_port()
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="rpc-overhead-") as tmp, contextlib.ExitStack() as st:
+        pipelines = write_pipelines(Path(tmp))
+        st.enter_context(serving(dagserve_command(pipelines, ports["dagserve"]), ports["dagserve"]))
+        for label, stack in (("bare (same stack)", "same-stack"), ("bare (thriftpy2 stock)",
+                                                                   "thriftpy2-stock")):
+            command = [sys.executable, "-m", "benchmarks.rpc_overhead", "--_bare", stack,
+                       str(ports[label])]  # fmt: skip
+            st.enter_context(serving(command, ports[label]))
+        for i, (payload, shape) in enumerate(PAYLOADS.items()):
+            samples = _samples(shape)
+            for concurrency in CONCURRENCIES:
+                for label, port in ports.items():
+                    print(f"{payload}, x{concurrency}, {label} ...", file=sys.stderr, flush=True)
+                    result = measure(
+                        port, f"rpc_{i}", samples,
+                        concurrency=concurrency, duration_s=duration_s, warmup_s=warmup_s,
+                    )  # fmt: skip
+                    rows.append({"payload": payload, "concurrency": concurrency,
+                                 "server": label, **figures(result)})  # fmt: skip
+    return rows
+
+
+def with_ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each row with req/s and p50 relative to the same-stack bare server's, same load."""
+    base = {(r["payload"], r["concurrency"]): r for r in rows if r["server"] == "bare (same stack)"}
+    out = []
+    for row in rows:
+        ref = base[(row["payload"], row["concurrency"])]
+        out.append({**row, "req/s / bare": ratio(row["req/s"], ref["req/s"]),
+                    "p50 / bare": ratio(row["p50 ms"], ref["p50 ms"])})  # fmt: skip
+    return out
+
+
+def reading(rows: list[dict[str, Any]]) -> str:
+    """One line: dagserve's throughput as a fraction of the same-stack ceiling, per load."""
+    parts = [
+        f"{r['payload']} x{r['concurrency']}: {r['req/s / bare']:.2f}"
+        for r in rows
+        if r["server"] == "dagserve"
+    ]
+    return "dagserve req/s / bare same-stack echo: " + "; ".join(parts)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="2 s windows (default 5 s)")
+    parser.add_argument("--duration", type=float, help="seconds per window")
+    parser.add_argument("--_bare", nargs=2, metavar=("STACK", "PORT"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args._bare:
+        BARE_STACKS[args._bare[0]](int(args._bare[1]))
+        return 0
+    duration = args.duration or (2.0 if args.quick else 5.0)
+    rows = with_ratios(run_scenario(duration, warmup_s=0.5 if args.quick else 1.0))
+    print(f"### RPC ceiling: closed loop, {duration:g} s windows\n")
+    print(render_table(rows))
+    print(f"\nReading: {reading(rows)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
