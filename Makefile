@@ -37,7 +37,7 @@ demo: system-deps $(STAMP)
 	$(PY) examples/post_understanding/demo.py
 
 bench: system-deps $(STAMP)
-	$(PY) -m benchmarks.worker_crossing
+	$(PY) -m benchmarks.run_all
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff format engine dag model_plugins idl tests examples

@@ -208,7 +208,7 @@ def ray_driver(plan: list[dict[str, object]], models_dir: Path, http_port: int) 
         _node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=2,
         logging_level="warning", log_to_driver=False,
     )  # fmt: skip
-    session_dir = ray._private.worker._global_node.get_session_dir_path()  # noqa: SLF001
+    session_dir = ray._private.worker._global_node.get_session_dir_path()
     results = []
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": http_port})
@@ -284,10 +284,10 @@ def ensure_ray_venv() -> Path:
 
 
 def run_ours(plan: list[dict[str, object]]) -> list[dict[str, object]]:
+    import numpy as np
+
     from benchmarks.batching import batch_counters, start_server, write_pipelines
     from benchmarks.loadgen import LoadSpec, run_load
-
-    import numpy as np
 
     paths = [p for p in write_pipelines(MODELS_DIR, max_batch=32) if "nobatch" not in p.name]
     process, port = start_server(paths, MODELS_DIR / "server-ray-compare.log")

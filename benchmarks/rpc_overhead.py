@@ -34,7 +34,6 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -203,7 +202,7 @@ def _serve_thriftpy2_stock(port: int) -> None:
         dagserve_thrift.InferenceService, EchoHandler(), HOST, port,
         trans_factory=TAsyncFramedTransportFactory(), client_timeout=None, loop=loop,
     )  # fmt: skip
-    handle = server.handle
+    handle: Any = server.handle
 
     async def handle_with_nodelay(client: Any) -> None:
         sock = client.writer.get_extra_info("socket")
@@ -212,7 +211,7 @@ def _serve_thriftpy2_stock(port: int) -> None:
         await handle(client)
 
     server.handle = handle_with_nodelay  # type: ignore[method-assign]
-    server.serve()
+    server.serve()  # type: ignore[no-untyped-call]
 
 
 BARE_STACKS = {"same-stack": _serve_same_stack, "thriftpy2-stock": _serve_thriftpy2_stock}
@@ -250,8 +249,10 @@ def run_scenario(duration_s: float, warmup_s: float) -> list[dict[str, Any]]:
     with tempfile.TemporaryDirectory(prefix="rpc-overhead-") as tmp, contextlib.ExitStack() as st:
         pipelines = write_pipelines(Path(tmp))
         st.enter_context(serving(dagserve_command(pipelines, ports["dagserve"]), ports["dagserve"]))
-        for label, stack in (("bare (same stack)", "same-stack"), ("bare (thriftpy2 stock)",
-                                                                   "thriftpy2-stock")):
+        for label, stack in (
+            ("bare (same stack)", "same-stack"),
+            ("bare (thriftpy2 stock)", "thriftpy2-stock"),
+        ):
             command = [sys.executable, "-m", "benchmarks.rpc_overhead", "--_bare", stack,
                        str(ports[label])]  # fmt: skip
             st.enter_context(serving(command, ports[label]))

@@ -1,0 +1,266 @@
+"""Run every benchmark scenario and write ``benchmarks/RESULTS.md`` from what they print.
+
+    .venv/bin/python -m benchmarks.run_all [--quick] [--out FILE] [--only NAME ...]
+
+Each scenario runs as ``python -m benchmarks.<name> [ARGS]`` in a subprocess with a time bound
+(and within the whole run's bound: 20 min, 5 min with ``--quick``); its stdout is pasted into
+its section as it printed it (tables, in Markdown).  A line of its output starting with
+``Reading:`` becomes the section's one-line reading; for scenarios that print none, a reader
+here derives it from the table, or says there is none.  A scenario that fails, or runs past
+its bound, gets the tail of its output instead of numbers.  ``benchmarks.batching`` and
+``benchmarks.ray_serve`` run only where they import.  The file is rewritten whole.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import importlib.util
+import os
+import platform
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_OUT = ROOT / "benchmarks" / "RESULTS.md"
+#: the whole run's bound, seconds (full, --quick)
+TOTAL_S = {False: 20 * 60, True: 5 * 60}
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """One benchmark module, its arguments and its time bound (full / quick)."""
+
+    name: str
+    title: str
+    args: tuple[str, ...]
+    quick_args: tuple[str, ...]
+    bound_s: float
+    quick_bound_s: float
+    optional: bool = False
+
+    def command(self, quick: bool) -> list[str]:
+        return [sys.executable, "-m", f"benchmarks.{self.name}",
+                *(self.quick_args if quick else self.args)]  # fmt: skip
+
+
+SCENARIOS = (
+    Scenario("worker_crossing", "Handing a tensor to a worker process and back",
+             ("--repeat", "30"), ("--repeat", "5"), 120, 40),
+    Scenario("rpc_overhead", "The RPC ceiling: identity pipeline against a bare echo server",
+             (), ("--quick",), 180, 50),
+    Scenario("dag_overhead", "What one more node costs: chains and fan-outs of identity nodes",
+             (), ("--quick",), 150, 35),
+    Scenario("pipeline_vs_members", "The example pipeline against its slowest member",
+             (), ("--quick",), 240, 75),
+    Scenario("batching", "Dynamic batching against the model run offline",
+             (), ("--quick",), 300, 60, optional=True),
+    Scenario("ray_serve", "Ray Serve against dagserve", (), ("--quick",), 240, 40, optional=True),
+)  # fmt: skip
+
+
+@dataclass
+class Outcome:
+    """What one scenario did: its output, its exit status, how long it ran."""
+
+    scenario: Scenario
+    command: list[str]
+    output: str
+    returncode: int | None  # None: killed at its bound
+    seconds: float
+    errors: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0
+
+
+# --- running ------------------------------------------------------------------------------
+
+
+def available(scenario: Scenario) -> bool:
+    """Whether ``benchmarks.<name>`` exists (optional scenarios may be missing)."""
+    return importlib.util.find_spec(f"benchmarks.{scenario.name}") is not None
+
+
+def run_scenario(scenario: Scenario, quick: bool, bound_s: float) -> Outcome:
+    """Run one scenario in its own process group; kill the group at ``bound_s``."""
+    command = scenario.command(quick)
+    print(f"== {scenario.name} (bound {bound_s:.0f} s): {shlex.join(command)}", flush=True)
+    started = time.monotonic()
+    process = subprocess.Popen(
+        command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        start_new_session=True, text=True, errors="replace",
+    )  # fmt: skip
+    try:
+        stdout, stderr = process.communicate(timeout=max(bound_s, 1.0))
+        returncode: int | None = process.returncode
+    except subprocess.TimeoutExpired:
+        _kill_group(process)
+        stdout, stderr = process.communicate()
+        returncode = None
+    seconds = time.monotonic() - started
+    print(f"   {'ok' if returncode == 0 else 'FAILED'} in {seconds:.0f} s", flush=True)
+    return Outcome(scenario, command, stdout, returncode, seconds, stderr)
+
+
+def _kill_group(process: subprocess.Popen[str]) -> None:
+    """SIGTERM the scenario's process group (its servers stop too), then SIGKILL."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            process.wait(15)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def run_all(scenarios: Sequence[Scenario], quick: bool) -> list[Outcome]:
+    """Every scenario in turn, each within its bound and the time the whole run has left."""
+    deadline = time.monotonic() + TOTAL_S[quick]
+    outcomes = []
+    for scenario in scenarios:
+        left = deadline - time.monotonic()
+        bound = min(scenario.quick_bound_s if quick else scenario.bound_s, left)
+        if bound < 5:
+            skipped = f"not run: the whole run's {TOTAL_S[quick]} s bound was spent"
+            outcomes.append(Outcome(scenario, scenario.command(quick), "", None, 0.0, skipped))
+            continue
+        outcomes.append(run_scenario(scenario, quick, bound))
+    return outcomes
+
+
+# --- the report ---------------------------------------------------------------------------
+
+
+def machine() -> str:
+    """CPU model, cores, memory, Python and torch versions."""
+    cpu = "unknown CPU"
+    with open("/proc/cpuinfo", encoding="utf-8") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    with open("/proc/meminfo", encoding="utf-8") as f:
+        kib = int(next(line for line in f if line.startswith("MemTotal")).split()[1])
+    return (
+        f"{os.cpu_count()} cores of {cpu}, {kib / 2**20:.1f} GiB, "
+        f"Python {platform.python_version()}, torch {_torch_version()}, "
+        f"{platform.system()} {platform.release()}"
+    )
+
+
+def _torch_version() -> str:
+    probe = [sys.executable, "-c", "import torch; print(torch.__version__)"]
+    try:
+        done = subprocess.run(probe, capture_output=True, text=True, timeout=60, check=True)
+    except (subprocess.SubprocessError, OSError):
+        return "not installed"
+    return done.stdout.strip()
+
+
+def _reading_worker_crossing(output: str) -> str | None:
+    """The crossing as a fraction of a ResNet-18 forward, per batch (its table's last column)."""
+    rows = [line.split("|")[1:-1] for line in output.splitlines() if re.match(r"\|\s*\d", line)]
+    if not rows or len(rows[0]) < 7:
+        return None
+    parts = [f"batch {r[0].strip()}: {float(r[-1]):.1%}" for r in rows]
+    return "worker round trip / ResNet-18 forward: " + ", ".join(parts)
+
+
+READERS: dict[str, Callable[[str], str | None]] = {"worker_crossing": _reading_worker_crossing}
+
+
+def reading(outcome: Outcome) -> str:
+    """The scenario's one-line reading: its ``Reading:`` lines, else a reader's, else none."""
+    lines = [
+        line.removeprefix("Reading:").strip()
+        for line in outcome.output.splitlines()
+        if line.startswith("Reading:")
+    ]
+    if lines:
+        return " ".join(lines)
+    reader = READERS.get(outcome.scenario.name)
+    found = reader(outcome.output) if reader else None
+    return found or "(the scenario prints no reading line: see its tables)"
+
+
+def _body(outcome: Outcome) -> str:
+    return "\n".join(
+        line for line in outcome.output.strip().splitlines() if not line.startswith("Reading:")
+    )
+
+
+def _tail(text: str, lines: int = 25) -> str:
+    return "\n".join(text.strip().splitlines()[-lines:])
+
+
+def section(outcome: Outcome) -> str:
+    """One scenario's Markdown section: command, tables and reading, or its error tail."""
+    title = f"## {outcome.scenario.title} (`{outcome.scenario.name}`)"
+    command = shlex.join([".venv/bin/python", *outcome.command[1:]])
+    head = [title, "", f"Command: `{command}` ({outcome.seconds:.0f} s)", ""]
+    if outcome.ok:
+        return "\n".join([*head, _body(outcome), "", f"**Reading:** {reading(outcome)}", ""])
+    if outcome.returncode is None:
+        status = outcome.errors if outcome.seconds == 0 else (
+            f"TIMED OUT after {outcome.seconds:.0f} s (killed)")  # fmt: skip
+    else:
+        status = f"FAILED with exit status {outcome.returncode}"
+    tail = _tail(outcome.output + "\n" + outcome.errors)
+    return "\n".join([*head, f"**{status}.** Last lines of its output:", "", "```", tail,
+                      "```", ""])  # fmt: skip
+
+
+def report(outcomes: Sequence[Outcome], quick: bool, total_s: float) -> str:
+    """The whole RESULTS.md."""
+    when = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    header = [
+        "# Benchmark results",
+        "",
+        f"Machine: {machine()}.",
+        f"Date: {when}. Written by `.venv/bin/python -m benchmarks.run_all"
+        f"{' --quick' if quick else ''}` in {total_s:.0f} s.",
+        "",
+        "The machine is shared and noisy: read the ratios of figures measured side by side in "
+        "one run, not the absolute numbers. Every section says how its figures were measured "
+        "in its module's docstring.",
+        "",
+    ]
+    return "\n".join(header + [section(o) for o in outcomes])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="short windows, <= 5 min in all")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="the Markdown to write")
+    parser.add_argument("--only", nargs="+", metavar="NAME", help="run only these scenarios")
+    args = parser.parse_args(argv)
+    known = {s.name for s in SCENARIOS}
+    if args.only and not set(args.only) <= known:
+        parser.error(
+            f"unknown scenario(s): {sorted(set(args.only) - known)}; known: {sorted(known)}"
+        )
+    chosen = [
+        s for s in SCENARIOS
+        if (not args.only or s.name in args.only) and (available(s) or not s.optional)
+    ]  # fmt: skip
+    started = time.monotonic()
+    outcomes = run_all(chosen, args.quick)
+    args.out.write_text(report(outcomes, args.quick, time.monotonic() - started), encoding="utf-8")
+    print(f"wrote {args.out}")
+    return 0 if all(o.ok for o in outcomes) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
