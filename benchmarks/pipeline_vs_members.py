@@ -59,8 +59,9 @@ Sample = dict[str, Any]
 def build_models() -> None:
     """Build the example's models unless they are up to date (the script's own check)."""
     subprocess.run(
-        [sys.executable, str(EXAMPLE / "build_models.py")], cwd=ROOT, check=True, timeout=900
-    )
+        [sys.executable, str(EXAMPLE / "build_models.py")],
+        cwd=ROOT, check=True, timeout=900, stdout=sys.stderr,
+    )  # fmt: skip
 
 
 def _used_outputs(pipeline: Mapping[str, Any], node: str) -> list[str]:

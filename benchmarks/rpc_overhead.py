@@ -15,10 +15,11 @@ Thrift, on asyncio's loop in this process):
   framed transport, its pure-Python async binary protocol, ``TCP_NODELAY`` set as dagserve
   sets it) with the same handler: what an off-the-shelf thriftpy2 service would give.
 
-Payloads: a tiny tensor (float32 [1, 4]) and one image (float32 [1, 3, 224, 224], 602 KB each
-way); concurrency 1 and 16.  Reported: req/s, p50 and p99 for each, and dagserve / bare (same
-stack).  The helpers that start and stop a server subprocess are reused by the other scenarios
-(``benchmarks.dag_overhead``, ``benchmarks.pipeline_vs_members``).
+Each server gets its window in two halves, in the order A B C then C B A (drift of the shared
+machine then weighs on all alike).  Payloads: a tiny tensor (float32 [1, 4]) and one image
+(float32 [1, 3, 224, 224], 602 KB each way); concurrency 1 and 16.  Reported: req/s, p50 and
+p99 for each, and each server over bare (same stack).  The helpers that start and stop a
+server subprocess are reused by ``benchmarks.dag_overhead`` and ``benchmarks.pipeline_vs_members``.
 """
 
 from __future__ import annotations
@@ -241,6 +242,47 @@ def _samples(shape: tuple[int, ...]) -> list[dict[str, np.ndarray]]:
     return [{"x": rng.standard_normal((1, *shape)).astype(np.float32)} for _ in range(4)]
 
 
+def merge(results: Sequence[BenchResult]) -> BenchResult:
+    """Several windows against one server as one: their requests and windows summed."""
+    merged = BenchResult(results[0].pipeline, results[0].mode, 0.0)
+    for result in results:
+        merged.window_s += result.window_s
+        merged.ok += result.ok
+        merged.items += result.items
+        merged.errors.update(result.errors)
+        merged.latencies_s.extend(result.latencies_s)
+    merged.latencies_s.sort()
+    return merged
+
+
+def interleaved(
+    ports: Mapping[str, int],
+    pipeline: str,
+    samples: Sequence[Mapping[str, Any]],
+    concurrency: int,
+    *,
+    duration_s: float,
+    warmup_s: float,
+) -> dict[str, BenchResult]:
+    """Each server for ``duration_s`` in two halves, in the order A B C then C B A, so that a
+    drift of the shared machine weighs on every server alike."""
+    halves: dict[str, list[BenchResult]] = {label: [] for label in ports}
+    for order in (list(ports), list(ports)[::-1]):
+        for label in order:
+            print(f"{pipeline} x{concurrency}, {label} ...", file=sys.stderr, flush=True)
+            halves[label].append(
+                measure(
+                    ports[label],
+                    pipeline,
+                    samples,
+                    concurrency=concurrency,
+                    duration_s=duration_s / 2,
+                    warmup_s=warmup_s,
+                )
+            )
+    return {label: merge(results) for label, results in halves.items()}
+
+
 def run_scenario(duration_s: float, warmup_s: float) -> list[dict[str, Any]]:
     """Every (payload, concurrency, server) window, all servers up at once."""
     ports = {"dagserve": free_port(), "bare (same stack)": free_port()}
@@ -259,12 +301,9 @@ def run_scenario(duration_s: float, warmup_s: float) -> list[dict[str, Any]]:
         for i, (payload, shape) in enumerate(PAYLOADS.items()):
             samples = _samples(shape)
             for concurrency in CONCURRENCIES:
-                for label, port in ports.items():
-                    print(f"{payload}, x{concurrency}, {label} ...", file=sys.stderr, flush=True)
-                    result = measure(
-                        port, f"rpc_{i}", samples,
-                        concurrency=concurrency, duration_s=duration_s, warmup_s=warmup_s,
-                    )  # fmt: skip
+                results = interleaved(ports, f"rpc_{i}", samples, concurrency,
+                                      duration_s=duration_s, warmup_s=warmup_s)  # fmt: skip
+                for label, result in results.items():
                     rows.append({"payload": payload, "concurrency": concurrency,
                                  "server": label, **figures(result)})  # fmt: skip
     return rows
@@ -293,14 +332,14 @@ def reading(rows: list[dict[str, Any]]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="2 s windows (default 5 s)")
+    parser.add_argument("--quick", action="store_true", help="2 s windows (default 6 s)")
     parser.add_argument("--duration", type=float, help="seconds per window")
     parser.add_argument("--_bare", nargs=2, metavar=("STACK", "PORT"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args._bare:
         BARE_STACKS[args._bare[0]](int(args._bare[1]))
         return 0
-    duration = args.duration or (2.0 if args.quick else 5.0)
+    duration = args.duration or (2.0 if args.quick else 6.0)
     rows = with_ratios(run_scenario(duration, warmup_s=0.5 if args.quick else 1.0))
     print(f"### RPC ceiling: closed loop, {duration:g} s windows\n")
     print(render_table(rows))

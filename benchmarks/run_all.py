@@ -178,7 +178,45 @@ def _reading_worker_crossing(output: str) -> str | None:
     return "worker round trip / ResNet-18 forward: " + ", ".join(parts)
 
 
-READERS: dict[str, Callable[[str], str | None]] = {"worker_crossing": _reading_worker_crossing}
+def table_after(output: str, heading: str) -> list[dict[str, str]]:
+    """The rows of the first Markdown table after the line that starts with ``heading``."""
+    lines = output.splitlines()
+    start = next((i for i, line in enumerate(lines) if line.startswith(heading)), None)
+    if start is None:
+        return []
+    block = []
+    for line in lines[start + 1 :]:
+        if line.startswith("|"):
+            block.append(line)
+        elif block:
+            break
+    table = block
+    if len(table) < 3:
+        return []
+    keys = [cell.strip() for cell in table[0].strip("|").split("|")]
+    return [
+        dict(zip(keys, (cell.strip() for cell in row.strip("|").split("|")), strict=False))
+        for row in table[2:]
+    ]
+
+
+def _reading_batching(output: str) -> str | None:
+    """Served / offline-best items/s at concurrency 64, and the batched speed-up at 32."""
+    efficiency = table_after(output, "### 1-2.")
+    speedup = table_after(output, "### 4.")
+    if not efficiency:
+        return None
+    parts = [f"{r.get('model')}: served / offline best {r.get('served / offline best')}"
+             for r in efficiency]  # fmt: skip
+    parts += [f"{r.get('model')}: batched / not batched at x32 {r.get('speed-up')}"
+              for r in speedup]  # fmt: skip
+    return "; ".join(parts)
+
+
+READERS: dict[str, Callable[[str], str | None]] = {
+    "worker_crossing": _reading_worker_crossing,
+    "batching": _reading_batching,
+}
 
 
 def reading(outcome: Outcome) -> str:

@@ -40,6 +40,8 @@ _ZERO_TRACE = "0" * 32
 _ZERO_SPAN = "0" * 16
 _SAMPLED = 0x01
 _TRACER_NAME = "dagserve"
+#: what the OpenTelemetry API hands out while no SDK provider is set: their spans record nothing
+_NO_OP_TRACERS = frozenset({"ProxyTracer", "NoOpTracer"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,8 +150,13 @@ def _context_of(span: Any) -> TraceContext | None:
 
 
 def tracing_enabled() -> bool:
-    """Whether OpenTelemetry is installed (spans are recorded only then)."""
-    return _opentelemetry() is not None
+    """Whether spans are recorded: OpenTelemetry is installed and an SDK provider is set."""
+    otel = _opentelemetry()
+    if otel is None:
+        return False
+    # Until an application sets a provider, the API hands out a proxy whose spans are no-ops:
+    # skip the work of making them (checked per call: a provider may be set at any time).
+    return type(otel[0].get_tracer(_TRACER_NAME)).__name__ not in _NO_OP_TRACERS
 
 
 @contextmanager
@@ -165,7 +172,7 @@ def start_request_span(
     An exception leaving the block is recorded on the span and propagates.
     """
     otel = _opentelemetry()
-    if otel is None:
+    if otel is None or not tracing_enabled():
         parent = traceparent_of(headers)
         yield None if parent is None else parent.child()
         return
@@ -192,11 +199,11 @@ def start_node_span(
 ) -> Iterator[None]:
     """Trace one node run of ``pipeline`` as a child of the current (request) span.
 
-    A no-op without OpenTelemetry.  ``model`` (``"pipeline/node"`` of the model's first user)
-    and ``batch_size`` become span attributes when given.
+    A no-op without OpenTelemetry, or while no SDK provider is set.  ``model``
+    (``"pipeline/node"`` of the model's first user) and ``batch_size`` become span attributes.
     """
     otel = _opentelemetry()
-    if otel is None:
+    if otel is None or not tracing_enabled():
         yield
         return
     trace = otel[0]

@@ -146,11 +146,11 @@ class WorkerProcess:
             self.process.kill()
 
     async def _read_replies(self) -> None:
-        loop = asyncio.get_running_loop()
         assert self._sock is not None
+        reader = wire.FrameReader(asyncio.get_running_loop(), self._sock)
         try:
             while True:
-                reply: Reply = await wire.read(loop, self._sock)
+                reply: Reply = await reader.read()
                 call = self._calls.get(reply.id)
                 if call is None or call.future.done():
                     continue  # the caller gave up (deadline): drop the late answer

@@ -70,41 +70,75 @@ def recv(sock: socket.socket) -> Any:
     return pickle.loads(header, buffers=buffers)
 
 
-async def _read_exactly(
-    loop: asyncio.AbstractEventLoop, sock: socket.socket, size: int
-) -> bytearray:
-    # Straight into a buffer of the final size: no stream buffer to grow and slice.
-    data = bytearray(size)
-    view = memoryview(data)
-    got = 0
-    while got < size:
-        n = await loop.sock_recv_into(sock, view[got:])
+#: frames below this are sent as one joined buffer (one syscall beats several small ones)
+_JOIN_BELOW = 64 * 1024
+#: how much a reader asks the kernel for at once when it needs a few bytes
+_CHUNK = 64 * 1024
+
+
+class FrameReader:
+    """Reads frames from a non-blocking socket through a small buffer.
+
+    Small reads (prefix, lengths, header, small tensors) are served from one ``recv`` of up to
+    64 KiB; a large buffer is read straight into a bytearray of its final size.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
+        self.loop = loop
+        self.sock = sock
+        self._buffer = bytearray()
+        self._chunk = bytearray(_CHUNK)
+
+    async def _fill(self) -> None:
+        n = await self.loop.sock_recv_into(self.sock, self._chunk)
         if n == 0:
             msg = "peer closed the connection"
             raise EOFError(msg)
-        got += n
-    return data
+        self._buffer += memoryview(self._chunk)[:n]
 
+    async def read_exactly(self, size: int) -> bytearray:
+        if size <= _CHUNK:
+            while len(self._buffer) < size:
+                await self._fill()
+            data = self._buffer[:size]
+            del self._buffer[:size]
+            return data
+        # a large buffer: take what is buffered, then read the rest in place
+        data = bytearray(size)
+        view = memoryview(data)
+        got = min(len(self._buffer), size)
+        view[:got] = self._buffer[:got]
+        del self._buffer[:got]
+        while got < size:
+            n = await self.loop.sock_recv_into(self.sock, view[got:])
+            if n == 0:
+                msg = "peer closed the connection"
+                raise EOFError(msg)
+            got += n
+        return data
 
-async def read(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> Any:
-    """Receive one frame from a non-blocking socket.
+    async def read(self) -> Any:
+        """Receive one frame.
 
-    Raises:
-        EOFError: the peer closed the socket.
-    """
-    prefix = await _read_exactly(loop, sock, _PREFIX.size)
-    header_length, count = _PREFIX.unpack(prefix)
-    lengths = await _read_exactly(loop, sock, _LENGTH.size * count)
-    sizes = [_LENGTH.unpack_from(lengths, i * _LENGTH.size)[0] for i in range(count)]
-    header = await _read_exactly(loop, sock, header_length)
-    buffers = [await _read_exactly(loop, sock, size) for size in sizes]
-    return pickle.loads(header, buffers=buffers)
+        Raises:
+            EOFError: the peer closed the socket.
+        """
+        header_length, count = _PREFIX.unpack(await self.read_exactly(_PREFIX.size))
+        lengths = await self.read_exactly(_LENGTH.size * count)
+        sizes = [_LENGTH.unpack_from(lengths, i * _LENGTH.size)[0] for i in range(count)]
+        header = await self.read_exactly(header_length)
+        buffers = [await self.read_exactly(size) for size in sizes]
+        return pickle.loads(header, buffers=buffers)
 
 
 async def write(loop: asyncio.AbstractEventLoop, sock: socket.socket, message: Any) -> None:
     """Send one frame on a non-blocking socket (the caller serialises concurrent writers)."""
-    for piece in encode(message):
+    pieces = encode(message)
+    if sum(memoryview(p).nbytes for p in pieces) < _JOIN_BELOW:
+        await loop.sock_sendall(sock, b"".join(pieces))
+        return
+    for piece in pieces:
         await loop.sock_sendall(sock, piece)
 
 
-__all__ = ["encode", "read", "recv", "send", "write"]
+__all__ = ["FrameReader", "encode", "recv", "send", "write"]
