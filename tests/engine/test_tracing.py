@@ -188,14 +188,15 @@ def test_importing_the_module_does_not_import_opentelemetry():
 # --- with OpenTelemetry -------------------------------------------------------------------
 
 
-def test_with_the_api_alone_the_context_is_still_a_child_of_the_callers():
+def test_with_the_api_alone_no_span_is_made_but_the_context_is_a_child_of_the_callers():
     pytest.importorskip("opentelemetry.trace", reason="opentelemetry-api is not installed")
     from opentelemetry import trace
 
     if not isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider):
         pytest.skip("a global OpenTelemetry tracer provider is configured in this process")
     with start_request_span("calc", {"traceparent": VALID}) as ctx:
-        assert trace.get_current_span().get_span_context().trace_id == int(TRACE_ID, 16)
+        # no SDK provider: nothing would record a span, so none is made (no cost per request)
+        assert not trace.get_current_span().get_span_context().is_valid
     assert ctx is not None
     assert ctx.trace_id == TRACE_ID
     assert ctx.span_id != SPAN_ID
