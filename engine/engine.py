@@ -523,7 +523,8 @@ def _serve(
             if shared is None:
                 model_id = model_ids[identity]
                 key = worker_key(model_node.framework, device)
-                worker = WorkerRunner(binding, workers, key)
+                timeout_s = node.timeout_ms / 1000 if node.timeout_ms else None
+                worker = WorkerRunner(binding, workers, key, timeout_s)
                 batcher = _batcher(node, plugin_class, worker, f"model {model_id!r}")
                 batcher.on_batch = metrics.batch_observer(model_id)
                 shared = models[identity] = SharedModel(model_id, worker, batcher, [])

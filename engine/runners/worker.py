@@ -7,7 +7,7 @@ import asyncio
 from engine.runners.local import NodeBinding
 from engine.workers.pool import WorkerKey, WorkerPool
 from model_plugins.contract import check_outputs
-from model_plugins.errors import PluginLoadError
+from model_plugins.errors import InferenceError, PluginLoadError
 from model_plugins.plugin import Batch
 
 
@@ -20,10 +20,18 @@ class WorkerRunner:
 
     kind = "worker"
 
-    def __init__(self, binding: NodeBinding, pool: WorkerPool, key: WorkerKey) -> None:
+    def __init__(
+        self,
+        binding: NodeBinding,
+        pool: WorkerPool,
+        key: WorkerKey,
+        timeout_s: float | None = None,
+    ) -> None:
         self.binding = binding
         self.pool = pool
         self.key = key
+        #: a call that runs longer has hung its instance: the worker is replaced
+        self.timeout_s = timeout_s
         self.model_id = f"{binding.pipeline}/{binding.node}"
         self._slots = asyncio.Semaphore(len(binding.contexts))
         self.outputs = dict(binding.outputs)
@@ -52,9 +60,23 @@ class WorkerRunner:
     async def run(self, inputs: Batch, *, deadline: float | None) -> Batch:
         b = self.binding
         async with self._slots:
-            outputs = await self.pool.predict(
+            call = self.pool.predict(
                 self.key, self.model_id, inputs, node=b.node, plugin=b.plugin, deadline=deadline
             )
+            if self.timeout_s is None:
+                outputs = await call
+            else:
+                try:
+                    async with asyncio.timeout(self.timeout_s):
+                        outputs = await call
+                except TimeoutError:
+                    # The call cannot be interrupted inside the worker and holds an instance:
+                    # replace the worker (its models are loaded again) rather than let every
+                    # later call queue behind a hung one.
+                    why = f"node {b.node!r} ran past its timeout_ms ({self.timeout_s * 1000:g} ms)"
+                    self.pool.replace(self.key, why)
+                    msg = f"{why}; its worker {self.key.name} is being replaced"
+                    raise InferenceError(msg, node=b.node, plugin=b.plugin) from None
         n_items = len(next(iter(inputs.values()))) if inputs else None
         return check_outputs(self.outputs, outputs, n_items, plugin=b.plugin, node=b.node)
 

@@ -125,6 +125,13 @@ class WorkerPool:
             for slot in self._slots.values()
         }
 
+    def replace(self, key: WorkerKey, why: str) -> None:
+        """Kill the worker of ``key`` (it hung); the supervisor starts a new one."""
+        process = self.process(key)
+        if process is not None and not process.exited.is_set():
+            logger.warning("replacing worker %s (pid %s): %s", key.name, process.pid, why)
+            process.kill()
+
     def process(self, key: WorkerKey) -> WorkerProcess | None:
         slot = self._slots.get(key)
         return slot.process if slot else None

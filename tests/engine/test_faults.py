@@ -84,3 +84,17 @@ def test_a_worker_that_grows_past_its_memory_limit_is_replaced(server):
                  and workers.statistics()["tensorflow@cpu"]["ready"])  # fmt: skip
         assert client.infer("faults", {"x": X}, outputs=["healthy"]).outputs["healthy"].shape
     assert workers.statistics()["tensorflow@cpu"]["restarts"] >= 1
+
+
+def test_a_plugin_that_hangs_past_its_node_timeout_fails_and_its_worker_is_replaced(server):
+    workers = server.engine.workers
+    old = workers.statistics()["torch@cpu"]["pid"]
+    with Client("127.0.0.1", server.port) as client:
+        started = time.monotonic()
+        with pytest.raises(InferenceError, match="timeout_ms") as info:
+            client.infer("faults", {"x": X}, outputs=["hang"])
+        assert time.monotonic() - started < 5
+        assert info.value.node == "hang"
+        wait_for(lambda: workers.statistics()["torch@cpu"]["pid"] != old
+                 and workers.statistics()["torch@cpu"]["ready"])  # fmt: skip
+        assert client.infer("faults", {"x": X}, outputs=["healthy"]).outputs["healthy"].shape
