@@ -63,6 +63,8 @@ SCENARIOS = (
     Scenario("batching", "Dynamic batching against the model run offline",
              (), ("--quick",), 300, 60, optional=True),
     Scenario("ray_serve", "Ray Serve against dagserve", (), ("--quick",), 240, 40, optional=True),
+    Scenario("soak", "Faults under load: bad input, an overload burst, a worker SIGKILL",
+             (), ("--quick",), 150, 60),
 )  # fmt: skip
 
 
@@ -234,9 +236,8 @@ def reading(outcome: Outcome) -> str:
 
 
 def _body(outcome: Outcome) -> str:
-    return "\n".join(
-        line for line in outcome.output.strip().splitlines() if not line.startswith("Reading:")
-    )
+    kept = [line for line in outcome.output.splitlines() if not line.startswith("Reading:")]
+    return "\n".join(kept).strip()
 
 
 def _tail(text: str, lines: int = 25) -> str:
