@@ -228,7 +228,10 @@ def ray_driver(plan: list[dict[str, object]], models_dir: Path, http_port: int) 
                     float(step["duration"]), float(step["warmup"]),
                 ))  # fmt: skip
             else:
-                async def via_handle(handle=handle, x=x, step=step) -> dict:
+
+                async def via_handle(
+                    handle=handle, x=x, step=step, concurrency=concurrency
+                ) -> dict:
                     return await _handle_closed_loop(
                         handle, x, concurrency, float(step["duration"]), float(step["warmup"])
                     )
@@ -402,9 +405,11 @@ def main() -> int:
     print("\n### Ratios\n")
     print(render_table(ratios))
     print(f"\nRay replica torch threads: {[r['replica torch threads'] for r in ray['results']]}")
-    print(f"Ray logs: {ray['session_dir']}: {ray['addresses']['files_scanned']} files, "
-          f"addresses other than 127.0.0.1/0.0.0.0: "
-          f"{json.dumps(ray['addresses']['other_addresses'], indent=1) or 'none'}")
+    print(
+        f"Ray logs: {ray['session_dir']}: {ray['addresses']['files_scanned']} files, "
+        f"addresses other than 127.0.0.1/0.0.0.0: "
+        f"{json.dumps(ray['addresses']['other_addresses'], indent=1) or 'none'}"
+    )
     for r in ours + ray["results"]:
         for kind, message in (r.get("error_examples") or {}).items():  # type: ignore[union-attr]
             print(f"  {r['model']} c{r['concurrency']} {r.get('via', 'ours')}: {kind}: {message}")
