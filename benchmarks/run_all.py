@@ -62,7 +62,7 @@ SCENARIOS = (
              (), ("--quick",), 240, 75),
     Scenario("batching", "Dynamic batching against the model run offline",
              (), ("--quick",), 300, 60, optional=True),
-    Scenario("ray_serve", "Ray Serve against dagserve", (), ("--quick",), 240, 40, optional=True),
+    Scenario("ray_serve", "Ray Serve against dagserve", (), ("--quick",), 480, 90, optional=True),
     Scenario("soak", "Faults under load: bad input, an overload burst, a worker SIGKILL",
              (), ("--quick",), 150, 60),
 )  # fmt: skip
