@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -202,3 +203,34 @@ def test_sigterm_lets_requests_in_flight_finish():
             server.kill()
     assert server.returncode == 0, output
     assert "draining" in output
+
+
+@pytest.mark.e2e
+def test_a_second_sigterm_exits_at_once_without_draining():
+    import threading
+
+    import numpy as np
+
+    server, port = _start_server(str(PIPELINES / "slow.yaml"))
+    try:
+
+        def in_flight() -> None:
+            with Client("127.0.0.1", port, timeout_s=30) as client, contextlib.suppress(Exception):
+                client.infer("slow", {"x": np.ones((1, 2), np.float32)})
+
+        caller = threading.Thread(target=in_flight)
+        caller.start()
+        time.sleep(0.3)  # the 5 s request is in flight
+        server.send_signal(signal.SIGTERM)
+        time.sleep(0.3)  # draining: it would wait up to drain_timeout_s for the request
+        started = time.monotonic()
+        server.send_signal(signal.SIGTERM)
+        output, _ = server.communicate(timeout=30)
+        stopped_in = time.monotonic() - started
+        caller.join(30)
+    finally:
+        if server.poll() is None:
+            server.kill()
+    assert server.returncode == 1, output
+    assert "second SIGTERM" in output
+    assert stopped_in < 3  # not the 5 s the request had left
