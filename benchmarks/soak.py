@@ -1,13 +1,15 @@
-"""Soak: a server under steady good load meets bad input, overload bursts and a worker kill.
+"""Soak: a server under steady good load meets bad input, overload and a worker kill.
 
     .venv/bin/python -m benchmarks.soak [--quick]
 
 One server (``dagserve serve`` in a subprocess) serves tests/pipelines/calc.yaml and
-batched_a.yaml.  Good load runs the whole time (closed loop, 8 connections, the batched worker
-model).  Faults come in turn: malformed frames and invalid tensors, an overload burst, a
-SIGKILL of the worker.  Reported: requests sent, answered, succeeded, refused by type, LOST (a
-request with neither an answer nor a typed error: must be 0), peak memory of the server and its
-workers, worker restarts, and for each fault the time until good requests succeed again.
+soak.yaml (a batched model bounded by ``max_queue`` and ``max_queue_delay_ms``).  Good load
+runs the whole time (closed loop, 8 connections, the batched worker model).  Faults come in
+turn: malformed frames and invalid tensors, an overload burst, ten times the sustainable rate
+(open loop) for a while, a SIGKILL of the worker.  Reported: requests sent, answered,
+succeeded, refused by type, LOST (a request with neither an answer nor a typed error: must be
+0), peak memory of the server and its workers, worker restarts, the steady load's latency
+before and during the 10x load, and for each fault the time until good requests succeed again.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from engine.bench import BenchSpec, run_bench
 from engine.client import AsyncClient, Client
 from engine.errors import ClientConnectionError
 from engine.workers.pool import resident_mb
@@ -35,7 +38,7 @@ from model_plugins.errors import DagserveError
 ROOT = Path(__file__).resolve().parent.parent
 PIPELINES = [
     ROOT / "tests" / "pipelines" / "calc.yaml",
-    ROOT / "tests" / "pipelines" / "batched_a.yaml",
+    ROOT / "tests" / "pipelines" / "soak.yaml",
 ]
 GOOD = {"x": np.ones((1, 2), np.float32)}
 
@@ -48,6 +51,7 @@ class Tally:
     refused: Counter[str] = field(default_factory=Counter)
     lost: Counter[str] = field(default_factory=Counter)
     ok_times: list[float] = field(default_factory=list)
+    ok_latencies: list[float] = field(default_factory=list)
 
 
 def _free_port() -> int:
@@ -63,7 +67,9 @@ async def good_load(port: int, until: float, tally: Tally) -> None:
             while time.monotonic() < until:
                 tally.sent += 1
                 try:
-                    await client.infer("batched_a", GOOD, timeout_ms=5000)
+                    started = time.perf_counter()
+                    await client.infer("soak", GOOD, timeout_ms=5000)
+                    tally.ok_latencies.append(time.perf_counter() - started)
                     tally.ok += 1
                     tally.ok_times.append(time.monotonic())
                     tally.answered += 1
@@ -100,7 +106,7 @@ async def overload_burst(port: int, tally: Tally) -> None:
         async def one() -> None:
             tally.sent += 1
             try:
-                await client.infer("batched_a", {"x": np.ones((40, 2), np.float32)})
+                await client.infer("soak", {"x": np.ones((40, 2), np.float32)})
                 tally.ok += 1
                 tally.answered += 1
             except DagserveError as exc:
@@ -120,6 +126,16 @@ def worker_pid(port: int) -> int | None:
         if part.startswith("pid="):
             return int(part[4:])
     return None
+
+
+def _latencies_ms(tally: Tally) -> tuple[float, float]:
+    return _p(sorted(tally.ok_latencies), 50), _p(sorted(tally.ok_latencies), 99)
+
+
+def _p(ordered: list[float], percentile: float) -> float:
+    if not ordered:
+        return float("nan")
+    return ordered[min(len(ordered) - 1, int(percentile / 100 * len(ordered)))] * 1000
 
 
 def recovery_s(tally: Tally, fault_end: float) -> float | None:
@@ -150,7 +166,7 @@ async def main_async(quick: bool) -> int:
             await asyncio.sleep(0.2)
         tally = Tally()
         start = time.monotonic()
-        total = phase * 5
+        total = phase * 6
         load = asyncio.create_task(good_load(port, start + total, tally))
         peak = {"server MB": 0.0, "workers MB": 0.0}
         fault_ends: dict[str, float] = {}
@@ -164,11 +180,26 @@ async def main_async(quick: bool) -> int:
 
         sampler = asyncio.create_task(sample_memory())
         await asyncio.sleep(phase)  # baseline
+        baseline_ok = tally.ok
+        baseline_rps = baseline_ok / phase
+        baseline_lat = _latencies_ms(tally)
         await asyncio.to_thread(bad_input, port, phase, tally)
         fault_ends["bad input"] = time.monotonic()
         await asyncio.sleep(phase / 2)
         await overload_burst(port, tally)
         fault_ends["overload burst"] = time.monotonic()
+        await asyncio.sleep(phase / 2)
+        # ten times the sustainable rate, open loop, on top of the steady load
+        mark = len(tally.ok_latencies)
+        heavy = await run_bench(
+            BenchSpec(
+                "127.0.0.1", port, "soak", [GOOD], concurrency=2000,
+                rate=max(10 * baseline_rps, 50.0), duration_s=phase, warmup_s=0.0,
+                timeout_ms=5000,
+            )
+        )  # fmt: skip
+        fault_ends["10x load"] = time.monotonic()
+        during_lat = sorted(tally.ok_latencies[mark:])
         await asyncio.sleep(phase / 2)
         pid = await asyncio.to_thread(worker_pid, port)
         if pid is not None:
@@ -198,6 +229,18 @@ async def main_async(quick: bool) -> int:
     for fault, seconds in recoveries.items():
         shown = f"{seconds * 1000:.0f} ms" if seconds is not None else "never"
         print(f"| {fault} | {shown} |")
+    print()
+    print("| steady load, accepted requests | p50 ms | p99 ms |")
+    print("|---|---|---|")
+    print(
+        f"| baseline ({baseline_rps:.0f} req/s) | {baseline_lat[0]:.1f} | {baseline_lat[1]:.1f} |"
+    )
+    print(f"| during 10x open-loop load | {_p(during_lat, 50):.1f} | {_p(during_lat, 99):.1f} |")
+    extra = ", ".join(f"{k}={v}" for k, v in sorted(heavy.errors.items())) or "none"
+    print(
+        f"\n10x load: {heavy.sent} sent at {max(10 * baseline_rps, 50.0):.0f}/s for {phase:g} s, "
+        f"{heavy.ok} accepted and answered in the window, refused: {extra}"
+    )
     print(f"\nworker after the run: {restarts}; server exit code {code}")
     if lost:
         print(f"LOST requests by error: {dict(tally.lost)}")

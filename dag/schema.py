@@ -53,6 +53,9 @@ class BatchingConfig(_Strict):
     """How long the first waiting item may be held to grow a batch; 0 = never wait."""
     max_queue: int = Field(1024, ge=1)
     """Items that may wait; past it requests are answered Overloaded."""
+    max_queue_delay_ms: float | None = Field(None, gt=0)
+    """Refuse (Overloaded) a request expected to wait longer than this, judged from the queue
+    ahead of it and recent batch times: accepted requests keep their latency under overload."""
 
     @property
     def max_delay_s(self) -> float:

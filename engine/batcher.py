@@ -140,6 +140,9 @@ class Batcher:
         name: for messages and logs.
         on_batch: called after each batch with its size, each item's wait in the queue, and
             how long the call took (the metrics hook).
+        max_queue_delay_s: refuse (``Overloaded``) a request whose expected wait, from the
+            queue ahead of it and the recent batch times, is longer: under overload the
+            accepted requests keep their latency instead of all waiting longer.
     """
 
     def __init__(
@@ -155,6 +158,7 @@ class Batcher:
         clock: Clock | None = None,
         name: str = "model",
         on_batch: Callable[[int, list[float], float], None] | None = None,
+        max_queue_delay_s: float | None = None,
     ) -> None:
         if max_batch_size is not None and (
             not isinstance(max_batch_size, int) or max_batch_size < 1
@@ -177,6 +181,7 @@ class Batcher:
         self.name = name
         self._clock = clock
         self.on_batch = on_batch
+        self.max_queue_delay_s = max_queue_delay_s
         self._queue: collections.deque[_Request] = collections.deque()
         self._queued_items = 0
         self._busy = 0
@@ -220,6 +225,15 @@ class Batcher:
             raise Overloaded(msg, retry_after_ms=self._retry_after_ms())
         if n == 0:
             return await self._call(inputs)
+        if self.max_queue_delay_s is not None and self._batch_seconds:
+            expected = self._expected_wait_s(n)
+            if expected > self.max_queue_delay_s:
+                self._rejected += 1
+                msg = (
+                    f"{self.name}: the expected wait ({expected * 1000:.0f} ms) is past "
+                    f"max_queue_delay_ms ({self.max_queue_delay_s * 1000:g} ms); retry later"
+                )
+                raise Overloaded(msg, retry_after_ms=self._retry_after_ms())
         future: asyncio.Future[Batch] = asyncio.get_running_loop().create_future()
         request = _Request(inputs, n, deadline, self._now(), future, self._shape_key(inputs))
         self._queue.append(request)
@@ -353,6 +367,13 @@ class Batcher:
         if request in self._queue:
             self._queue.remove(request)
             self._queued_items -= request.waiting
+
+    def _expected_wait_s(self, n: int) -> float:
+        """Batches ahead of ``n`` more items (running ones included) times a batch's time."""
+        per_batch = self.max_batch_size or 1
+        waiting = math.ceil((self._queued_items + n) / per_batch)
+        rounds = (self._busy + waiting) / self.instances
+        return max(0.0, rounds - 1) * self._batch_seconds
 
     def _retry_after_ms(self) -> int:
         per_batch = self._batch_seconds or 0.01

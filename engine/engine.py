@@ -405,6 +405,9 @@ def _batcher(
         max_batch_size=node.batching.max_batch_size,
         max_delay_s=node.batching.max_delay_s,
         max_queue=node.batching.max_queue,
+        max_queue_delay_s=(
+            node.batching.max_queue_delay_ms / 1000 if node.batching.max_queue_delay_ms else None
+        ),
         instances=node.instances,
         padding=padding,
         ragged=plugin_class.ragged,

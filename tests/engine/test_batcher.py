@@ -302,3 +302,23 @@ def test_parameters_are_checked():
         Batcher(FakeModel(), max_batch_size=0, max_queue=1)
     with pytest.raises(ValueError, match="max_delay_s must be >= 0"):
         Batcher(FakeModel(), max_batch_size=1, max_delay_s=-1, max_queue=1)
+
+
+async def test_max_queue_delay_refuses_what_would_wait_too_long():
+    model = FakeModel()
+    batcher = Batcher(model, max_batch_size=2, max_queue=100, max_queue_delay_s=0.25, name="m")
+    first = asyncio.create_task(batcher.submit(items(1)))
+    await settle()
+    await model.finish(0)
+    await first  # one batch done: the batcher has a batch time now; pin it to 100 ms
+    batcher._batch_seconds = 0.1
+    # one batch running and four items (two batches) queued: a new item would wait for the
+    # running batch and both queued ones, ~300 ms > 250 ms
+    accepted = [asyncio.create_task(batcher.submit(items(i))) for i in range(5)]
+    await settle()
+    with pytest.raises(Overloaded, match="max_queue_delay_ms"):
+        await batcher.submit(items(9))
+    while not all(t.done() for t in accepted):
+        await model.finish(len(model.calls) - 1)
+    await asyncio.gather(*accepted)
+    assert batcher.statistics().rejected == 1

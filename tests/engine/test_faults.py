@@ -73,28 +73,38 @@ def test_a_plugin_that_aborts_fails_its_request_and_its_worker_is_replaced(serve
 def test_a_worker_that_grows_past_its_memory_limit_is_replaced(server):
     workers = server.engine.workers
     old = workers.statistics()["tensorflow@cpu"]["pid"]
-    with Client("127.0.0.1", server.port) as client:
-        # keeps 400 MB: over the 300 MB limit.  The supervisor may catch it growing while the
-        # call still runs, and then this request fails: the fault stays with its own request.
-        try:
-            client.infer("faults", {"x": X}, outputs=["leak"])
-        except InferenceError as exc:
-            assert exc.node == "leak"  # noqa: PT017 - the call may also succeed
-        wait_for(lambda: workers.statistics()["tensorflow@cpu"]["pid"] != old
-                 and workers.statistics()["tensorflow@cpu"]["ready"])  # fmt: skip
-        assert client.infer("faults", {"x": X}, outputs=["healthy"]).outputs["healthy"].shape
+    stop, failures = threading.Event(), []
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        stream = pool.submit(healthy_stream, server.port, stop, failures)
+        with Client("127.0.0.1", server.port) as client:
+            # keeps 400 MB: over the 300 MB limit.  The supervisor may catch it growing while
+            # the call still runs, and then this request fails: the fault stays with its own.
+            try:
+                client.infer("faults", {"x": X}, outputs=["leak"])
+            except InferenceError as exc:
+                assert exc.node == "leak"  # noqa: PT017 - the call may also succeed
+            wait_for(lambda: workers.statistics()["tensorflow@cpu"]["pid"] != old
+                     and workers.statistics()["tensorflow@cpu"]["ready"])  # fmt: skip
+        stop.set()
+        assert stream.result(timeout=30) > 0
+    assert failures == []  # the healthy node never failed meanwhile
     assert workers.statistics()["tensorflow@cpu"]["restarts"] >= 1
 
 
 def test_a_plugin_that_hangs_past_its_node_timeout_fails_and_its_worker_is_replaced(server):
     workers = server.engine.workers
     old = workers.statistics()["torch@cpu"]["pid"]
-    with Client("127.0.0.1", server.port) as client:
-        started = time.monotonic()
-        with pytest.raises(InferenceError, match="timeout_ms") as info:
-            client.infer("faults", {"x": X}, outputs=["hang"])
-        assert time.monotonic() - started < 5
-        assert info.value.node == "hang"
-        wait_for(lambda: workers.statistics()["torch@cpu"]["pid"] != old
-                 and workers.statistics()["torch@cpu"]["ready"])  # fmt: skip
-        assert client.infer("faults", {"x": X}, outputs=["healthy"]).outputs["healthy"].shape
+    stop, failures = threading.Event(), []
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        stream = pool.submit(healthy_stream, server.port, stop, failures)
+        with Client("127.0.0.1", server.port) as client:
+            started = time.monotonic()
+            with pytest.raises(InferenceError, match="timeout_ms") as info:
+                client.infer("faults", {"x": X}, outputs=["hang"])
+            assert time.monotonic() - started < 5
+            assert info.value.node == "hang"
+            wait_for(lambda: workers.statistics()["torch@cpu"]["pid"] != old
+                     and workers.statistics()["torch@cpu"]["ready"])  # fmt: skip
+        stop.set()
+        assert stream.result(timeout=30) > 0
+    assert failures == []  # the healthy node never failed meanwhile
