@@ -63,7 +63,7 @@ SCENARIOS = (
     Scenario("batching", "Dynamic batching against the model run offline",
              (), ("--quick",), 300, 60, optional=True),
     Scenario("ray_serve", "Ray Serve against dagserve", (), ("--quick",), 480, 90, optional=True),
-    Scenario("soak", "Faults under load: bad input, an overload burst, a worker SIGKILL",
+    Scenario("soak", "Faults under load: bad input, overload, 10x the rate, a worker SIGKILL",
              (), ("--quick",), 150, 60),
 )  # fmt: skip
 
