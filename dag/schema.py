@@ -39,6 +39,8 @@ class TensorDecl(_Strict):
     """The shape of ONE item (the item dimension is implied); -1 = any size."""
     optional: bool = False
     """A pipeline input that a request may leave out; nodes that need it are then skipped."""
+    allow_nan: bool = True
+    """``false``: a request whose (floating-point) input holds a NaN is refused, naming it."""
 
     def to_spec(self) -> TensorSpec:
         return TensorSpec(self.dtype, self.shape, self.optional)

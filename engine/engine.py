@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from dag.executor import Execution, NodeTiming, _Plan, execute, plan
 from dag.pipeline import Pipeline
 from dag.schema import NodeSpec, parse_ref
@@ -560,6 +562,17 @@ def _check_request(served: ServedPipeline, request: InferenceRequest) -> None:
         raise InvalidRequest(msg, field="inputs")
     # dtypes, item shapes, and the same number of items in every input
     check_inputs({n: specs[n] for n in request.inputs}, request.inputs, where="inputs")
+    for name, array in request.inputs.items():
+        declared = served.pipeline.spec.inputs[name]
+        if not declared.allow_nan and array.dtype.kind == "f":
+            bad = np.isnan(array.reshape(len(array), -1)).any(axis=1) if array.size else []
+            items = [int(i) for i in np.flatnonzero(bad)]
+            if items:
+                msg = (
+                    f"input {name!r} holds NaN in item(s) {items[:10]}, which the pipeline "
+                    "does not allow (allow_nan: false)"
+                )
+                raise InvalidRequest(msg, field=f"inputs.{name}")
     if request.outputs is not None:
         unknown = [o for o in request.outputs if o not in served.pipeline.spec.outputs]
         if unknown:

@@ -176,3 +176,13 @@ def test_many_concurrent_clients(server):
         got = list(pool.map(call, range(40)))
     assert got == [2.0 * i for i in range(40)]
     assert time.monotonic() - start < 60
+
+
+def test_a_nan_where_the_pipeline_forbids_it_is_an_invalid_request(client):
+    x = np.ones((3, 3), np.float32)
+    x[1, 2] = np.nan
+    with pytest.raises(InvalidRequest, match=r"NaN in item\(s\) \[1\]") as info:
+        client.infer("calc", {"x": x})
+    assert info.value.field == "inputs.x"
+    extra = np.full((1, 3), np.nan, np.float32)  # `extra` allows NaN: it passes
+    assert client.infer("calc", {"x": np.ones((1, 3), np.float32), "extra": extra}).outputs
