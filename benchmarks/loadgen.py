@@ -1,4 +1,5 @@
-"""A closed-loop load generator over :class:`engine.client.AsyncClient`.
+"""A closed-loop load generator over :class:`engine.client.AsyncClient`, for the batching
+and Ray Serve scenarios (``dagserve bench`` / :mod:`engine.bench` is the general one).
 
     from benchmarks.loadgen import LoadSpec, run_load
     result = await run_load(LoadSpec(host, port, "heavy", {"pixels": x}, concurrency=64,
@@ -33,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from engine.bench import render_table
 from engine.client import AsyncClient
 
 
@@ -195,25 +197,6 @@ def percentile_ms(samples_s: list[float], percentile: float) -> float:
         return math.nan
     rank = max(1, math.ceil(percentile / 100 * len(ordered)))
     return ordered[rank - 1] * 1000
-
-
-def render_table(rows: list[dict[str, object]]) -> str:
-    """Rows of equal keys as a Markdown table (floats to 3 significant places)."""
-    if not rows:
-        return "(no rows)"
-    keys = list(rows[0])
-    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    for row in rows:
-        cells = []
-        for key in keys:
-            value = row.get(key, "")
-            if isinstance(value, float):
-                cells.append("nan" if math.isnan(value) else f"{value:.3g}" if abs(value) < 100
-                             else f"{value:.0f}")
-            else:
-                cells.append(str(value))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
 
 
 def _main() -> None:  # a small CLI until `dagserve bench` exists
