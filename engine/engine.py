@@ -6,39 +6,36 @@ The Thrift adapter (``engine.service``) calls :class:`Engine`; so do tests, with
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import re
 import time
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from dag.executor import Execution, NodeTiming, _Plan, execute, plan
+from dag.executor import Execution, execute
 from dag.pipeline import Pipeline
-from dag.schema import NodeSpec, parse_ref
 from engine import logs
-from engine.batcher import Batcher, Padding
+from engine.assembly import (
+    Runner,
+    ServedPipeline,
+    check_request,
+    plan_placement,
+    serve_pipeline,
+)
 from engine.devices import DeviceInventory
-from engine.metrics import Metrics, error_type, status_of
-from engine.placement import Placement, PlacementRequest, place
+from engine.metrics import Metrics, status_of
+from engine.placement import Placement
 from engine.runners.batched import BatchedNode, SharedModel
-from engine.runners.local import InlineRunner, LocalRunner, NodeBinding, ThreadPoolRunner
-from engine.runners.worker import WorkerRunner
+from engine.runners.local import LocalRunner
 from engine.tracing import start_request_span
 from engine.types import (
-    EdgeDescription,
     HealthReport,
     InferenceRequest,
     InferenceResult,
     PipelineDescription,
 )
-from engine.workers.pool import WorkerPool, worker_key
-from model_plugins.contract import check_inputs
+from engine.workers.pool import WorkerPool
 from model_plugins.errors import (
     DagserveError,
     InferenceError,
@@ -47,42 +44,13 @@ from model_plugins.errors import (
     PipelineNotFound,
     PluginLoadError,
 )
-from model_plugins.plugin import Batch, LoadContext, ModelPlugin
-from model_plugins.registry import BUILTINS, resolve
 
 logger = logging.getLogger(__name__)
-
-
-#: items that may wait for a model node without `batching:` before requests are Overloaded
-DEFAULT_MAX_QUEUE = 1024
 
 
 def _version_key(version: str) -> tuple[tuple[int, int | str], ...]:
     # "10" sorts after "9"; "1.10" after "1.9"; text parts compare as text.
     return tuple((0, int(p)) if p.isdigit() else (1, p) for p in re.split(r"[.\-_]", version))
-
-
-Runner = LocalRunner | BatchedNode
-
-
-@dataclass
-class ServedPipeline:
-    """A pipeline with its runners, ready to execute requests."""
-
-    pipeline: Pipeline
-    runners: dict[str, Runner]
-    plan: _Plan
-    description: PipelineDescription
-    required_inputs: frozenset[str] = field(default_factory=frozenset)
-    metrics: Metrics | None = None
-
-    def observe_node(self, node: str, timing: NodeTiming, error: BaseException | None) -> None:
-        if self.metrics is None:
-            return
-        name = self.pipeline.name
-        self.metrics.node_seconds.labels(name, node).observe(timing.end - timing.start)
-        if error is not None:
-            self.metrics.node_errors.labels(name, node, error_type(error)).inc()
 
 
 class Engine:
@@ -140,7 +108,7 @@ class Engine:
         try:
             for pipeline in self._pending:
                 known = set(self.models)
-                served = _serve(
+                served = serve_pipeline(
                     pipeline, self._pool, self.workers, self.models, self.placement, model_ids,
                     self.metrics,
                 )  # fmt: skip
@@ -266,7 +234,7 @@ class Engine:
 
     async def execute(self, served: ServedPipeline, request: InferenceRequest) -> Execution:
         """Check ``request`` against the pipeline's signature and run it."""
-        _check_request(served, request)
+        check_request(served, request)
         deadline = None
         if request.timeout_ms is not None:
             if request.timeout_ms <= 0:
@@ -347,261 +315,4 @@ def _where(runner: Runner) -> str:
     return runner.kind
 
 
-def runner_kind(node: NodeSpec, plugin_class: type[ModelPlugin]) -> str:
-    """Where a node runs: ``inline``, ``thread`` or ``worker`` (see ``NodeSpec.runner``)."""
-    if node.runner != "auto":
-        return node.runner
-    if node.plugin in BUILTINS and framework_of(node, plugin_class) is None:
-        return "inline" if getattr(plugin_class, "inline", False) else "thread"
-    return "worker"
-
-
-def framework_of(node: NodeSpec, plugin_class: type[ModelPlugin]) -> str | None:
-    """The node's framework: its ``framework:`` key, else what the plugin declares."""
-    if node.framework is not None:
-        return None if node.framework == "numpy" else node.framework
-    return plugin_class.framework
-
-
-def _in_process_class(
-    pipeline: Pipeline, name: str, node: NodeSpec, plugin_class: type[ModelPlugin]
-) -> type[ModelPlugin]:
-    """The real plugin class, for a node that asked to run in the front process."""
-    framework = framework_of(node, plugin_class)
-    if framework is not None:
-        msg = (
-            f"pipeline {pipeline.name!r}: node {name!r} asks for runner {node.runner!r}, but its "
-            f"plugin runs on {framework}, and the front process never imports a framework: "
-            "use runner: worker (or leave runner: auto)"
-        )
-        raise PluginLoadError(msg)
-    if getattr(plugin_class, "inspected", False):
-        # The user chose to run this plugin in the front process: import it here.
-        return resolve(node.plugin)
-    return plugin_class
-
-
-def model_identity(
-    node: NodeSpec, model_path: Path | None, device: str, framework: str | None
-) -> tuple[Any, ...]:
-    """Nodes whose model is the same thing: loaded once, batched once."""
-    batching = node.batching.model_dump_json() if node.batching else None
-    params = json.dumps(node.params, sort_keys=True, default=str)
-    return (node.plugin, str(model_path), params, device, framework, node.instances, batching)
-
-
-def _batcher(
-    node: NodeSpec, plugin_class: type[ModelPlugin], runner: WorkerRunner, name: str
-) -> Batcher:
-    async def call(batch: Batch) -> Batch:
-        return await runner.run(batch, deadline=None)
-
-    padding = Padding(dict(plugin_class.padding), dict(plugin_class.padded_outputs))
-    if node.batching is None:  # no merging of requests; still bounded and deadline-aware
-        return Batcher(
-            call, max_batch_size=None, max_queue=DEFAULT_MAX_QUEUE, instances=node.instances,
-            name=name,
-        )  # fmt: skip
-    return Batcher(
-        call,
-        max_batch_size=node.batching.max_batch_size,
-        max_delay_s=node.batching.max_delay_s,
-        max_queue=node.batching.max_queue,
-        max_queue_delay_s=(
-            node.batching.max_queue_delay_ms / 1000 if node.batching.max_queue_delay_ms else None
-        ),
-        instances=node.instances,
-        padding=padding,
-        ragged=plugin_class.ragged,
-        name=name,
-    )
-
-
-@dataclass(frozen=True)
-class _ModelNode:
-    """A worker node as placement and sharing see it."""
-
-    pipeline: Pipeline
-    name: str
-    node: NodeSpec
-    plugin_class: type[ModelPlugin]
-    model_path: Path | None
-    framework: str | None
-
-    @property
-    def identity(self) -> tuple[Any, ...]:
-        return model_identity(self.node, self.model_path, self.node.device, self.framework)
-
-
-def _model_nodes(pipeline: Pipeline) -> list[_ModelNode]:
-    base = _base(pipeline)
-    found = []
-    for name, node in pipeline.spec.nodes.items():
-        plugin_class = pipeline.plugin_classes[name]
-        if runner_kind(node, plugin_class) == "worker":
-            model_path = (base / node.model).resolve() if node.model is not None else None
-            framework = framework_of(node, plugin_class)
-            found.append(_ModelNode(pipeline, name, node, plugin_class, model_path, framework))
-    return found
-
-
-def _base(pipeline: Pipeline) -> Path:
-    return pipeline.path.parent.resolve() if pipeline.path else Path.cwd()
-
-
-def plan_placement(
-    pipelines: Iterable[Pipeline], inventory: DeviceInventory, *, reserve_mb: int = 0
-) -> tuple[Placement, dict[tuple[Any, ...], str]]:
-    """Place every model of ``pipelines``; return the placement and each model's id.
-
-    Nodes that name the same model (plugin, model file, params, device request, batching) are
-    one model: placed once, loaded once, batched once.  Its id is ``pipeline/node`` of its
-    first user.
-
-    Raises:
-        PlacementError: a model does not fit; the message says what each device has left.
-    """
-    ids: dict[tuple[Any, ...], str] = {}
-    requests = []
-    for pipeline in pipelines:
-        for m in _model_nodes(pipeline):
-            model_id = ids.setdefault(m.identity, f"{pipeline.name}/{m.name}")
-            requests.append(
-                PlacementRequest(
-                    model_id=model_id,
-                    pipeline=pipeline.name,
-                    node=m.name,
-                    device=m.node.device,
-                    gpu_memory_mb=m.node.gpu_memory_mb,
-                    gpu_share=m.node.gpu_share,
-                    framework=m.framework,
-                )
-            )
-    return place(requests, inventory, reserve_mb=reserve_mb), ids
-
-
-def _serve(
-    pipeline: Pipeline,
-    pool: ThreadPoolExecutor,
-    workers: WorkerPool,
-    models: dict[tuple[Any, ...], SharedModel],
-    placement: Placement,
-    model_ids: dict[tuple[Any, ...], str],
-    metrics: Metrics,
-) -> ServedPipeline:
-    runners: dict[str, Runner] = {}
-    base = _base(pipeline)
-    model_nodes = {m.name: m for m in _model_nodes(pipeline)}
-    for name, node in pipeline.spec.nodes.items():
-        plugin_class = pipeline.plugin_classes[name]
-        model_node = model_nodes.get(name)
-        if model_node is None:
-            plugin_class = _in_process_class(pipeline, name, node, plugin_class)
-            device = "cpu"
-            model_path = (base / node.model).resolve() if node.model is not None else None
-        else:
-            device = placement.device_of(model_ids[model_node.identity])
-            model_path = model_node.model_path
-        contexts = tuple(
-            LoadContext(
-                node=name,
-                plugin=node.plugin,
-                model_path=model_path,
-                device=device,
-                params=node.params,
-                pipeline_dir=base,
-                instance=i,
-            )
-            for i in range(node.instances)
-        )
-        binding = NodeBinding(
-            pipeline=pipeline.name,
-            node=name,
-            plugin=node.plugin,
-            plugin_class=plugin_class,
-            outputs=pipeline.node_signatures[name][1],
-            contexts=contexts,
-        )
-        if model_node is not None:
-            identity = model_node.identity
-            shared = models.get(identity)
-            if shared is None:
-                model_id = model_ids[identity]
-                key = worker_key(model_node.framework, device)
-                timeout_s = node.timeout_ms / 1000 if node.timeout_ms else None
-                worker = WorkerRunner(binding, workers, key, timeout_s)
-                batcher = _batcher(node, plugin_class, worker, f"model {model_id!r}")
-                batcher.on_batch = metrics.batch_observer(model_id)
-                shared = models[identity] = SharedModel(model_id, worker, batcher, [])
-            shared.nodes.append(f"{pipeline.name}/{name}")
-            runners[name] = BatchedNode(shared, pipeline.name, name, node.plugin)
-        elif runner_kind(node, plugin_class) == "inline":
-            runners[name] = InlineRunner(binding)
-        else:
-            runners[name] = ThreadPoolRunner(binding, pool)
-    required = frozenset(n for n, s in pipeline.input_specs.items() if not s.optional)
-    return ServedPipeline(
-        pipeline, runners, plan(pipeline.spec), describe(pipeline), required, metrics
-    )
-
-
-def _check_request(served: ServedPipeline, request: InferenceRequest) -> None:
-    specs = served.pipeline.input_specs
-    for name in request.inputs:
-        if name not in specs:
-            msg = (
-                f"pipeline {served.pipeline.name!r} has no input {name!r} "
-                f"(inputs: {', '.join(specs)})"
-            )
-            raise InvalidRequest(msg, field=f"inputs.{name}")
-    for name in served.required_inputs - request.inputs.keys():
-        msg = f"required input {name!r} is missing ({specs[name].describe()} per item)"
-        raise InvalidRequest(msg, field=f"inputs.{name}")
-    if not request.inputs:
-        msg = "the request carries no inputs"
-        raise InvalidRequest(msg, field="inputs")
-    # dtypes, item shapes, and the same number of items in every input
-    check_inputs({n: specs[n] for n in request.inputs}, request.inputs, where="inputs")
-    for name, array in request.inputs.items():
-        declared = served.pipeline.spec.inputs[name]
-        if not declared.allow_nan and array.dtype.kind == "f":
-            bad = np.isnan(array.reshape(len(array), -1)).any(axis=1) if array.size else []
-            items = [int(i) for i in np.flatnonzero(bad)]
-            if items:
-                msg = (
-                    f"input {name!r} holds NaN in item(s) {items[:10]}, which the pipeline "
-                    "does not allow (allow_nan: false)"
-                )
-                raise InvalidRequest(msg, field=f"inputs.{name}")
-    if request.outputs is not None:
-        unknown = [o for o in request.outputs if o not in served.pipeline.spec.outputs]
-        if unknown:
-            known = ", ".join(served.pipeline.spec.outputs)
-            msg = f"unknown outputs requested: {', '.join(unknown)} (outputs: {known})"
-            raise InvalidRequest(msg, field="outputs")
-
-
-def describe(pipeline: Pipeline) -> PipelineDescription:
-    """The wire-neutral description of a pipeline (its signature and its graph)."""
-    edges: list[EdgeDescription] = []
-    for name, node in pipeline.spec.nodes.items():
-        for text in node.inputs.values():
-            ref = parse_ref(text)
-            tensor = ref.name if ref.is_input else str(ref)
-            edges.append(EdgeDescription(ref.source, name, tensor))
-    for text in pipeline.spec.outputs.values():
-        ref = parse_ref(text)
-        edges.append(
-            EdgeDescription(ref.source, "$outputs", ref.name if ref.is_input else str(ref))
-        )
-    return PipelineDescription(
-        name=pipeline.name,
-        version=pipeline.version,
-        inputs=dict(pipeline.input_specs),
-        outputs=dict(pipeline.output_specs),
-        nodes=list(pipeline.spec.nodes),
-        edges=edges,
-    )
-
-
-__all__ = ["Engine", "ServedPipeline", "describe"]
+__all__ = ["Engine"]
