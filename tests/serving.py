@@ -60,3 +60,26 @@ def serving(paths: Sequence[Path], **config: Any) -> Iterator[ServerThread]:
         yield thread
     finally:
         thread.stop()
+
+
+def occupy(
+    thread: ServerThread, pipeline: str, model_id: str, inputs: dict[str, Any], output: str
+) -> threading.Thread:
+    """Start one request that keeps ``model_id``'s only instance busy; return once it is."""
+    import time
+
+    from engine.client import Client
+
+    shared = next(m for m in thread.engine.models.values() if m.model_id == model_id)
+
+    def call() -> None:
+        with Client("127.0.0.1", thread.port) as client:
+            client.infer(pipeline, inputs, outputs=[output])
+
+    caller = threading.Thread(target=call)
+    caller.start()
+    deadline = time.monotonic() + 10
+    while shared.batcher.statistics().busy_instances == 0:
+        assert time.monotonic() < deadline, f"{model_id} never became busy"
+        time.sleep(0.005)
+    return caller

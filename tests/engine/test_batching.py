@@ -9,7 +9,7 @@ import pytest
 
 from engine.client import Client
 from model_plugins.errors import Overloaded
-from tests.serving import PIPELINES, serving
+from tests.serving import PIPELINES, occupy, serving
 
 pytestmark = pytest.mark.e2e
 
@@ -84,23 +84,11 @@ def test_a_full_queue_is_overloaded_with_retry_after(server):
 
 
 def test_the_server_wide_inflight_limit_answers_overloaded_at_once():
-    import threading
     import time
 
     with serving([PIPELINES / "workers.yaml"], max_inflight=1) as thread:
-        shared = next(m for m in thread.engine.models.values() if m.model_id == "workers/slow_a")
         x = np.ones((1, 2), np.float32)
-
-        def busy() -> None:
-            with Client("127.0.0.1", thread.port) as client:
-                client.infer("workers", {"x": x}, outputs=["a"])
-
-        first = threading.Thread(target=busy)
-        first.start()
-        deadline = time.monotonic() + 10
-        while shared.batcher.statistics().busy_instances == 0:
-            assert time.monotonic() < deadline
-            time.sleep(0.005)
+        first = occupy(thread, "workers", "workers/slow_a", {"x": x}, "a")
         with Client("127.0.0.1", thread.port) as client:
             started = time.monotonic()
             with pytest.raises(Overloaded, match="max_inflight 1") as info:

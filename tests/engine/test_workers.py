@@ -15,7 +15,7 @@ import pytest
 from engine.client import Client
 from engine.types import InferenceRequest
 from model_plugins.errors import BatchContractError, InferenceError
-from tests.serving import PIPELINES, serving
+from tests.serving import PIPELINES, occupy, serving
 
 pytestmark = pytest.mark.e2e
 
@@ -159,7 +159,6 @@ def test_a_hung_worker_is_replaced(server, client):
 
 def test_a_client_that_hangs_up_does_not_keep_its_work_queued(server):
     import socket
-    import threading
 
     from thriftpy2.thrift import TMessageType
 
@@ -170,16 +169,8 @@ def test_a_client_that_hangs_up_does_not_keep_its_work_queued(server):
     before = shared.batcher.statistics()
 
     # A: a normal request that keeps slow_a's only instance busy for 0.3 s
-    def busy() -> None:
-        with Client("127.0.0.1", server.port) as client:
-            client.infer("workers", {"x": X}, outputs=["a"])
-
-    first = threading.Thread(target=busy)
-    first.start()
+    first = occupy(server, "workers", "workers/slow_a", {"x": X}, "a")
     deadline = time.monotonic() + 10
-    while shared.batcher.statistics().busy_instances == 0:
-        assert time.monotonic() < deadline
-        time.sleep(0.005)
     # B: a raw client that sends a request for the same model, then hangs up at once
     args = _infer_args(
         "workers", {"x": X}, version=None, timeout_ms=None, outputs=["a"],
