@@ -359,8 +359,10 @@ def main(argv: list[str] | None = None) -> int:
         offline[key] = merged
 
     print()
-    print(f"torch threads: {int(offline_before['threads']['torch'])} (offline), "
-          f"server workers: {figures['workers']}")
+    print(
+        f"torch threads: {int(offline_before['threads']['torch'])} (offline), "
+        f"server workers: {figures['workers']}"
+    )
     print("\n### Offline (torch directly, inference_mode; better of before/after)\n")
     rows = []
     for key in ("heavy", "light"):
@@ -375,8 +377,10 @@ def main(argv: list[str] | None = None) -> int:
             abs(offline_before[key][k] / offline_after[key][k] - 1) for k in offline_before[key]
         )
         if spread > 0.2:
-            print(f"NOTE: {key}: before and after differ by up to {spread:.0%}: "
-                  "the machine was busy (other work) during one of them")
+            print(
+                f"NOTE: {key}: before and after differ by up to {spread:.0%}: "
+                "the machine was busy (other work) during one of them"
+            )
     print(render_table(rows))
 
     print("\n### Served runs\n")

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.rpc_overhead import dagserve_command, figures, free_port, measure, serving
+from benchmarks._serving import dagserve_command, figures, free_port, measure, serving
 from engine.bench import render_table
 
 SIZES = (1, 4, 16)

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from benchmarks.rpc_overhead import (
+from benchmarks._serving import (
     HOST,
     ROOT,
     dagserve_command,

@@ -1,0 +1,143 @@
+"""Serving dagserve (or another server) in a subprocess and loading it: what every scenario
+of ``benchmarks/`` shares."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from engine.bench import BenchResult, BenchSpec, run_bench
+from engine.client import Client
+
+ROOT = Path(__file__).resolve().parent.parent
+HOST = "127.0.0.1"
+
+
+def free_port() -> int:
+    """A TCP port that was free a moment ago on ``HOST``."""
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        return int(sock.getsockname()[1])
+
+
+def dagserve_command(pipelines: Sequence[Path], port: int) -> list[str]:
+    """The command line that serves ``pipelines`` on ``port``."""
+    return [
+        sys.executable, "-m", "engine.cli", "serve", *map(str, pipelines),
+        "--port", str(port), "--log-level", "warning",
+    ]  # fmt: skip
+
+
+def _log_tail(path: Path, lines: int = 30) -> str:
+    text = path.read_text(encoding="utf-8", errors="replace") if path.exists() else ""
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def _wait_ready(process: subprocess.Popen[bytes], port: int, log: Path, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    with Client(HOST, port, timeout_s=2.0, pool_size=1) as client:
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                msg = f"server exited with {process.returncode}:\n{_log_tail(log)}"
+                raise RuntimeError(msg)
+            try:
+                if client.health().ready:
+                    return
+            except Exception:  # not listening yet, or not ready
+                pass
+            time.sleep(0.2)
+    msg = f"server not ready after {timeout_s:.0f} s:\n{_log_tail(log)}"
+    raise RuntimeError(msg)
+
+
+def _stop(process: subprocess.Popen[bytes], grace_s: float = 20.0) -> None:
+    if process.poll() is not None:
+        return
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+@contextlib.contextmanager
+def serving(
+    command: Sequence[str],
+    port: int,
+    *,
+    ready_timeout_s: float = 120.0,
+    env: Mapping[str, str] | None = None,
+) -> Iterator[subprocess.Popen[bytes]]:
+    """Run ``command`` (a server on ``port``) until the block ends: ready on entry
+    (``health().ready``), SIGTERM and wait on exit.  Its output goes to a log file whose tail
+    is in the error when it does not start."""
+    with tempfile.NamedTemporaryFile(prefix="bench-server-", suffix=".log", delete=False) as f:
+        log = Path(f.name)
+    full_env = {**os.environ, **(env or {})}
+    full_env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(ROOT), full_env.get("PYTHONPATH", "")) if p
+    )
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            list(command), cwd=ROOT, env=full_env, stdout=out, stderr=subprocess.STDOUT
+        )
+    try:
+        _wait_ready(process, port, log, ready_timeout_s)
+        yield process
+    finally:
+        _stop(process)
+        log.unlink(missing_ok=True)
+
+
+def measure(
+    port: int,
+    pipeline: str,
+    samples: Sequence[Mapping[str, Any]],
+    *,
+    concurrency: int,
+    duration_s: float,
+    warmup_s: float = 1.0,
+) -> BenchResult:
+    """One closed-loop window of ``run_bench`` against ``pipeline``.
+
+    On asyncio's own loop, as ``dagserve bench`` runs it: ``run_bench`` times requests with
+    ``loop.time()``, which on uvloop is libuv's cached clock, 1 ms granular (every sub-ms
+    latency would read 0 or 1 ms).
+    """
+    spec = BenchSpec(
+        HOST, port, pipeline, samples,
+        concurrency=concurrency, duration_s=duration_s, warmup_s=warmup_s,
+    )  # fmt: skip
+    return asyncio.run(run_bench(spec))
+
+
+def figures(result: BenchResult) -> dict[str, Any]:
+    """req/s, p50 and p99 (ms) and the errors of one window."""
+    summary = result.summary()
+    return {
+        "req/s": summary["req/s"],
+        "p50 ms": summary["p50 ms"],
+        "p99 ms": summary["p99 ms"],
+        "errors": summary["errors"],
+    }
+
+
+def ratio(a: float, b: float) -> float:
+    """a / b, NaN when b is 0 or NaN."""
+    return a / b if b and not np.isnan(b) else float("nan")
+
+
+# --- the bare echo servers (run as `python -m benchmarks.rpc_overhead --_bare STACK PORT`) ---
