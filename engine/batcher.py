@@ -208,6 +208,7 @@ class Batcher:
         """Queue one request's items and return the model's outputs for them, in order.
 
         Raises:
+            InvalidRequest: the request alone has more items than ``max_queue``.
             Overloaded: the queue holds ``max_queue`` items already.
             DeadlineExceeded: the deadline passed before the items reached the model.
             DagserveError: what the model raised for this request.
@@ -216,6 +217,13 @@ class Batcher:
             msg = f"{self.name} is shutting down"
             raise Overloaded(msg, retry_after_ms=1000)
         n = _count_items(inputs)
+        if n > self.max_queue:
+            # Not an overload: no retry can succeed, so no retry hint.
+            msg = (
+                f"{self.name}: a request of {n} items can never be queued: it is more than "
+                f"max_queue {self.max_queue}; send at most {self.max_queue} items per request"
+            )
+            raise InvalidRequest(msg, field="inputs")
         if self._queued_items + n > self.max_queue:
             self._rejected += 1
             msg = (

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -83,3 +83,17 @@ def occupy(
         assert time.monotonic() < deadline, f"{model_id} never became busy"
         time.sleep(0.005)
     return caller
+
+
+def wait_until(condition: Callable[[], Any], what: str, timeout_s: float = 30.0) -> Any:
+    """Poll ``condition()`` until it returns something true, and return that; fail the test
+    naming ``what`` if it has not after ``timeout_s`` (state is polled, never assumed)."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        result = condition()
+        if result:
+            return result
+        assert time.monotonic() < deadline, f"{what}: not after {timeout_s:g} s"
+        time.sleep(0.01)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from engine.batcher import Batcher, Padding
-from model_plugins.errors import DeadlineExceeded, InferenceError, Overloaded
+from model_plugins.errors import DeadlineExceeded, InferenceError, InvalidRequest, Overloaded
 
 
 class FakeTimer:
@@ -185,6 +185,24 @@ async def test_a_full_queue_answers_overloaded_at_once():
     await model.finish(0)
     await model.finish(1)
     await asyncio.gather(busy, waiting)
+
+
+async def test_a_request_larger_than_the_whole_queue_is_invalid_not_overloaded():
+    model, clock = FakeModel(), FakeClock()
+    batcher = make(model, clock, max_queue=3)
+    # the queue is empty: a retry could never fit 4 items, so no retry hint
+    with pytest.raises(InvalidRequest) as info:
+        await batcher.submit(items(1, 2, 3, 4))
+    assert not isinstance(info.value, Overloaded)
+    assert "m: a request of 4 items can never be queued" in str(info.value)
+    assert "max_queue 3" in str(info.value)
+    assert info.value.field == "inputs"
+    assert model.sizes == []
+    assert batcher.statistics().rejected == 0  # not counted as an overload either
+    fits = asyncio.create_task(batcher.submit(items(1, 2, 3)))  # the whole queue still fits
+    await settle()
+    await model.finish(0)
+    np.testing.assert_array_equal((await fits)["y"], [[2], [4], [6]])
 
 
 async def test_a_poison_request_fails_alone():

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from engine.client import Client
-from model_plugins.errors import Overloaded
+from model_plugins.errors import InvalidRequest, Overloaded
 from tests.serving import PIPELINES, occupy, serving
 
 pytestmark = pytest.mark.e2e
@@ -74,13 +74,20 @@ def test_statistics_reach_health(server):
     assert any(key.startswith("model.batched_a/probe") for key in details)
 
 
-def test_a_full_queue_is_overloaded_with_retry_after(server):
+def test_a_request_larger_than_the_whole_queue_is_invalid_and_names_the_limit(server):
     shared = next(m for m in server.engine.models.values() if m.model_id == "batched_a/probe")
     assert shared.batcher.max_queue == 64
-    # 65 items in one request cannot fit a queue of 64
-    with Client("127.0.0.1", server.port) as client, pytest.raises(Overloaded) as info:
-        client.infer("batched_a", {"x": np.zeros((65, 2), np.float32)})
-    assert info.value.retry_after_ms >= 1
+    with Client("127.0.0.1", server.port) as client:
+        # 65 items in one request can never fit a queue of 64: no retry would help
+        with pytest.raises(InvalidRequest) as info:
+            client.infer("batched_a", {"x": np.zeros((65, 2), np.float32)})
+        message = str(info.value)
+        assert "model 'batched_a/probe'" in message
+        assert "65 items" in message
+        assert "max_queue 64" in message
+        # the whole queue's worth is served (split across batches of 16)
+        out = client.infer("batched_a", {"x": np.ones((64, 2), np.float32)}).outputs
+    assert out["y"].shape == (64, 2)
 
 
 def test_the_server_wide_inflight_limit_answers_overloaded_at_once():

@@ -26,7 +26,7 @@ from model_plugins.errors import (
     PipelineNotFound,
 )
 from tests.engine.test_devices import two_gpus
-from tests.serving import PIPELINES, serving
+from tests.serving import PIPELINES, serving, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -50,7 +50,10 @@ def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 
 
 def value(samples, metric: str, **labels: str) -> float:
-    return samples.get((metric, tuple(sorted(labels.items()))), 0.0)
+    """The sample's value; a sample that is not exported fails (it does not read as 0)."""
+    key = (metric, tuple(sorted(labels.items())))
+    assert key in samples, f"{metric}{labels} is not exported"
+    return samples[key]
 
 
 @pytest.fixture(scope="module")
@@ -73,17 +76,30 @@ def test_a_known_mix_of_requests_is_counted_exactly(server):
             client.infer("no_such_pipeline", {"x": x})
         with pytest.raises(InferenceError):
             client.infer("calc", {"x": -x})
-        with pytest.raises(Overloaded):
+        with pytest.raises(InvalidRequest, match="max_queue 64"):  # more than the whole queue
             client.infer("batched_a", {"x": np.ones((65, 2), np.float32)})
+        limit, server.engine.max_inflight = server.engine.max_inflight, 0
+        try:  # the server-wide limit answers Overloaded at once
+            with pytest.raises(Overloaded, match="max_inflight 0"):
+                client.infer("batched_a", {"x": np.ones((1, 2), np.float32)})
+        finally:
+            server.engine.max_inflight = limit
         with pytest.raises(DeadlineExceeded):
             client.infer("batched_a", {"x": np.ones((1, 2), np.float32)}, timeout_ms=1)
-    s = scrape(server.server.metrics_port)
+        s = scrape(server.server.metrics_port)
+        assert value(s, "dagserve_open_connections") == 1  # this client's, still open
+    # and the gauge follows the connection: it goes back to 0 once the client hangs up
+    wait_until(
+        lambda: value(scrape(server.server.metrics_port), "dagserve_open_connections") == 0,
+        "dagserve_open_connections back to 0",
+    )
     total = "dagserve_requests_total"
     assert value(s, total, pipeline="calc", version="1", status="ok") == 5
     assert value(s, total, pipeline="calc", version="1", status="invalid_request") == 1
     assert value(s, total, pipeline="calc", version="1", status="inference_error") == 1
     assert value(s, total, pipeline="", version="", status="pipeline_not_found") == 1
     assert value(s, total, pipeline="batched_a", version="1", status="ok") == 3
+    assert value(s, total, pipeline="batched_a", version="1", status="invalid_request") == 1
     assert value(s, total, pipeline="batched_a", version="1", status="overloaded") == 1
     assert value(s, total, pipeline="batched_a", version="1", status="deadline_exceeded") == 1
     # the request histogram counts every request of a known pipeline
@@ -102,7 +118,6 @@ def test_a_known_mix_of_requests_is_counted_exactly(server):
     assert value(s, "dagserve_model_compute_duration_seconds_count", model="batched_a/probe") >= 3
     assert ("dagserve_model_queue_length", (("model", "batched_a/probe"),)) in s
     assert value(s, "dagserve_inflight_requests", pipeline="calc") == 0
-    assert value(s, "dagserve_open_connections") >= 0
     assert value(s, "dagserve_worker_up", worker="numpy@cpu") == 1
     assert value(s, "dagserve_worker_resident_memory_bytes", worker="numpy@cpu") > 1e6
     # without a GPU the GPU families are absent
