@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed-$(shell cksum setup.py | cut -d' ' -f1)
 # scrapes a real server); see system-deps.
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: all test demo bench lint check system-deps clean
+.PHONY: all test gpu-check demo bench lint check system-deps clean
 
 all: test
 
@@ -32,6 +32,12 @@ $(STAMP): setup.py
 
 test: system-deps $(STAMP)
 	$(PY) -m pytest -q
+
+# the GPU tests (tests/gpu): every adapter on each card, placement over real NVML; they skip,
+# saying why, where no CUDA device is visible
+gpu-check: $(STAMP)
+	$(PY) -m pip install -q -e '.[gpu]'
+	$(PY) -m pytest -q -m gpu tests/gpu
 
 demo: system-deps $(STAMP)
 	$(PY) examples/post_understanding/demo.py

@@ -222,12 +222,14 @@ def serve_pipeline(
         else:
             device = placement.device_of(model_ids[model_node.identity])
             model_path = model_node.model_path
+        # A worker sees only its own card, as cuda:0: tell the plugin that one.
+        key = worker_key(model_node.framework if model_node else None, device)
         contexts = tuple(
             LoadContext(
                 node=name,
                 plugin=node.plugin,
                 model_path=model_path,
-                device=device,
+                device=key.visible_device,
                 params=node.params,
                 pipeline_dir=base,
                 instance=i,
@@ -247,7 +249,6 @@ def serve_pipeline(
             shared = models.get(identity)
             if shared is None:
                 model_id = model_ids[identity]
-                key = worker_key(model_node.framework, device)
                 timeout_s = node.timeout_ms / 1000 if node.timeout_ms else None
                 worker = WorkerRunner(binding, workers, key, timeout_s)
                 batcher = _batcher(node, plugin_class, worker, f"model {model_id!r}")

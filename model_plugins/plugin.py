@@ -35,7 +35,10 @@ class LoadContext:
         node: the pipeline node this instance serves.
         plugin: the plugin reference as written in the pipeline (``identity``, ``pkg.mod:Class``).
         model_path: ``model:`` of the node, resolved against the pipeline file's folder, or None.
-        device: where to run: ``cpu`` or ``cuda:N``.
+        device: where to run, as this process sees it: ``cpu`` or ``cuda:N``.  A model worker
+            is started with ``CUDA_VISIBLE_DEVICES`` set to the one card placement gave it,
+            so a model placed on any card is told ``cuda:0``; the card's physical index
+            (NVML's numbering) appears in the placement log, ``health`` and metrics.
         params: ``params:`` of the node, as written in the YAML.
         pipeline_dir: the folder of the pipeline file (for relative paths inside ``params``).
         instance: which of the node's ``instances`` this is, from 0.

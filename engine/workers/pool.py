@@ -33,6 +33,16 @@ class WorkerKey:
     def name(self) -> str:
         return f"{self.framework}@{self.device}"
 
+    @property
+    def visible_device(self) -> str:
+        """The device as the worker process sees it: ``cuda:0`` for any card, since a worker
+        is started with ``CUDA_VISIBLE_DEVICES`` set to its one card (see :meth:`environment`).
+
+        ``device`` stays the physical index (NVML's numbering) for placement, logs, health
+        and metrics; plugins are told this one, which is the only one their framework knows.
+        """
+        return "cuda:0" if self.device.startswith("cuda:") else self.device
+
     def environment(self) -> dict[str, str]:
         """Variables the worker starts with: each worker sees only its own GPU."""
         # PCI bus order: the numbering NVML (and so placement) uses

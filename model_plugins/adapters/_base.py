@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, NoReturn
@@ -150,6 +151,21 @@ def cuda_index(device: str) -> int | None:
     return None
 
 
+def no_gpu(where: str, device: str, framework: str, why: str) -> PluginLoadError:
+    """The error of a node placed on a GPU that its framework cannot use.
+
+    Raised at load rather than letting the framework fall back to the CPU unannounced
+    (TensorFlow's soft placement does) or fail later on the first batch.
+    """
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "<unset>")
+    msg = (
+        f"{where}: placed on {device}, but {framework} in this worker cannot use a GPU: {why} "
+        f"(CUDA_VISIBLE_DEVICES={visible}); install a CUDA build of {framework} or set "
+        "device: cpu on the node"
+    )
+    return PluginLoadError(msg)
+
+
 def spec_from(dtype: str, dims: Sequence[int | None], what: str) -> TensorSpec:
     """The spec of one item of a batched tensor: drop the batch dimension, None -> -1.
 
@@ -184,4 +200,4 @@ def cast_input(
     raise InvalidRequest(msg, field=f"inputs.{name}.dtype")
 
 
-__all__ = ["Adapter", "Params", "cast_input", "cuda_index", "model_path", "spec_from"]
+__all__ = ["Adapter", "Params", "cast_input", "cuda_index", "model_path", "no_gpu", "spec_from"]

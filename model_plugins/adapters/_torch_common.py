@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from model_plugins.adapters._base import Adapter, Params
+from model_plugins.adapters._base import Adapter, Params, cuda_index, no_gpu
 from model_plugins.plugin import Batch, LoadContext
 
 if TYPE_CHECKING:
@@ -33,6 +33,19 @@ class TorchAdapter(Adapter):
         """Read ``params.input_names`` / ``params.output_names`` (before the model loads)."""
         self.input_names = params.names("input_names") or []
         self.output_names = params.names("output_names") or [DEFAULT_OUTPUT]
+
+    def check_device(self, context: LoadContext) -> None:
+        """Refuse a ``cuda:N`` that this process's torch cannot use, before loading onto it."""
+        import torch
+
+        index = cuda_index(context.device)
+        if index is None:
+            return
+        if not torch.cuda.is_available():
+            raise no_gpu(self.where, context.device, "torch", "torch.cuda.is_available() is False")
+        if index >= torch.cuda.device_count():
+            why = f"it sees {torch.cuda.device_count()} card(s)"
+            raise no_gpu(self.where, context.device, "torch", why)
 
     def use(self, module: Any, context: LoadContext, forward_names: Sequence[str]) -> None:
         """Hold ``module`` in inference mode; its inputs default to forward's arguments."""

@@ -15,6 +15,7 @@ from model_plugins.adapters._base import (
     cast_input,
     cuda_index,
     model_path,
+    no_gpu,
     spec_from,
 )
 from model_plugins.adapters._paddle_program import program_specs
@@ -77,12 +78,16 @@ class PaddleInferenceAdapter(Adapter):
         with warnings.catch_warnings():
             # Every import of paddle warns that ccache (a compiler cache) is missing.
             warnings.filterwarnings("ignore", "No ccache found")
+            import paddle
             import paddle.inference
 
         config = paddle.inference.Config(str(model_file), str(params_file))
         config.disable_glog_info()
         index = cuda_index(context.device)
         if index is not None:
+            if not paddle.device.is_compiled_with_cuda():
+                why = "paddle.device.is_compiled_with_cuda() is False"
+                raise no_gpu(params.where, context.device, "Paddle", why)
             config.enable_use_gpu(256, index)
         else:
             config.disable_gpu()

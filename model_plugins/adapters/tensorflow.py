@@ -13,6 +13,7 @@ from model_plugins.adapters._base import (
     cast_input,
     cuda_index,
     model_path,
+    no_gpu,
     spec_from,
 )
 from model_plugins.errors import PluginLoadError
@@ -78,6 +79,9 @@ class SavedModelAdapter(Adapter):
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
         import tensorflow as tf
 
+        if index is not None and not tf.config.list_physical_devices("GPU"):
+            why = "tf.config.list_physical_devices('GPU') is empty"
+            raise no_gpu(params.where, context.device, "TensorFlow", why)
         with tf.device(self.device):
             try:
                 self.root = tf.saved_model.load(str(path))

@@ -52,6 +52,7 @@ class TorchModuleAdapter(TorchAdapter):
         """Build the module, load the state_dict if any, move it to the device, ``eval()``."""
         params = self.read_params(context)
         self.read_names(params)
+        self.check_device(context)
         reference = params.string("factory")
         if reference is None or ":" not in reference:
             params.fail(f"params.factory must be 'module:function' (got {reference!r})")

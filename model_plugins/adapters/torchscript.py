@@ -46,6 +46,7 @@ class TorchScriptAdapter(TorchAdapter):
         """Check the params, then ``torch.jit.load`` the file onto the node's device."""
         params = self.read_params(context)
         self.read_names(params)
+        self.check_device(context)
         path = model_path(context, "a TorchScript file written by torch.jit.save")
         import torch
 

@@ -31,7 +31,9 @@ def pipeline(tmp_path: Path, nodes: dict[str, str]) -> Path:
             f"    params: {{tag: {name}}}\n"  # distinct models (the same ones would be shared)
             f"    inputs: {{x: $inputs.x}}\n    {extra}\n"
         )
-    text += "outputs:\n" + "".join(f"  {n}: {n}.visible\n" for n in nodes)
+    text += "outputs:\n" + "".join(
+        f"  {n}: {n}.visible\n  {n}_device: {n}.device\n" for n in nodes
+    )
     path = tmp_path / "gpu.yaml"
     path.write_text(text)
     return path
@@ -59,6 +61,11 @@ def test_models_are_packed_by_memory_and_each_worker_sees_only_its_card(tmp_path
     assert out["big"][0] == "0"
     assert out["small"][0] == "1"
     assert out["pinned"][0] == "0"
+    # Each worker sees only its card, so every plugin is told cuda:0 (cuda:1 would be an
+    # invalid ordinal inside the worker of card 1); the physical index stays in placement.
+    assert out["big_device"][0] == "cuda:0"
+    assert out["small_device"][0] == "cuda:0"
+    assert out["pinned_device"][0] == "cuda:0"
     assert set(server.engine.workers.statistics()) == {"torch@cuda:0", "torch@cuda:1"}
     assert "placement.cuda:0" in details
     assert "memory=13000/16000MB" in details["placement.cuda:0"]

@@ -15,7 +15,9 @@ REPO = Path(__file__).resolve().parents[2]
 class Builds:
     """The four model builders, started together in child processes on first use."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(
+        self, root: Path, which: tuple[str, ...] = ("torchscript", "torch", "tensorflow", "paddle")
+    ) -> None:
         self.root = root
         self.running = {
             which: subprocess.Popen(
@@ -24,7 +26,7 @@ class Builds:
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.PIPE,
             )
-            for which in ("torchscript", "torch", "tensorflow", "paddle")
+            for which in which
         }
 
     def folder(self, which: str) -> Path:
