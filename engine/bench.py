@@ -11,6 +11,10 @@ Two ways to load:
 
 Time is a warm-up, whose answers are not counted, then a window of ``duration_s``: a request
 counts when it completes inside the window.  Errors are counted by type and never stop the load.
+Every request sent, warm-up and drain included, is also counted by outcome (``ok`` or the
+error's type) in ``outcomes``: the server's ``dagserve_requests_total`` counts the same ones
+by status.  It is ``answered`` only when the server answered (a result or a typed error), not
+when the connection broke or the client timed out.
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ from typing import Any
 import numpy as np
 
 from engine.client import AsyncClient
+from engine.errors import ClientConnectionError
+from model_plugins.errors import DagserveError
 from model_plugins.specs import NUMPY_DTYPES, TensorSpec
 
 #: the percentiles the table reports
@@ -70,9 +76,13 @@ class BenchResult:
     items: int = 0
     errors: Counter[str] = field(default_factory=Counter)
     latencies_s: list[float] = field(default_factory=list, repr=False)
-    #: requests sent in all (warm-up and drain included) and answered in all
+    #: requests sent in all (warm-up and drain included), and those the server answered (a
+    #: result or a typed error); a connection error or client timeout is not an answer
     sent: int = 0
     answered: int = 0
+    #: every request sent, by outcome: ``ok`` or the error's type (the server's metrics count
+    #: the answered ones by the same outcomes)
+    outcomes: Counter[str] = field(default_factory=Counter)
     error_examples: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -112,6 +122,7 @@ class BenchResult:
             "error_examples": self.error_examples,
             "sent": self.sent,
             "answered": self.answered,
+            "outcomes": dict(self.outcomes),
             "mean_ms": (sum(self.latencies_s) / len(self.latencies_s) * 1000)
             if self.latencies_s
             else None,
@@ -158,7 +169,13 @@ async def run_bench(
             except Exception as exc:  # every error is counted, by type; the load goes on
                 error = type(exc).__name__
                 result.error_examples.setdefault(error, str(exc)[:300])
-            result.answered += 1
+                # a typed error is the server's answer; a lost connection, a client timeout
+                # or a failure inside the client is not
+                if isinstance(exc, DagserveError) and not isinstance(exc, ClientConnectionError):
+                    result.answered += 1
+            else:
+                result.answered += 1
+            result.outcomes[error or "ok"] += 1
             done = now()
             if not window_start <= done < window_end:
                 return

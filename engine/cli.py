@@ -181,6 +181,11 @@ def _bench(args: argparse.Namespace) -> int:
     if sys.stderr.isatty():
         sys.stderr.write("\n")
     print(render_table([result.summary()]))
+    outcomes = ", ".join(f"{k}={v}" for k, v in sorted(result.outcomes.items()))
+    print(
+        f"all requests, warm-up and drain included: sent {result.sent}, answered "
+        f"{result.answered} ({outcomes or 'none'})"
+    )
     for name, example in sorted(result.error_examples.items()):
         print(f"  {name}: {example}")
     if args.json is not None:

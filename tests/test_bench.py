@@ -2,36 +2,62 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
+import socket
+from collections import Counter
 
 import numpy as np
 import pytest
 
 from engine.bench import BenchSpec, generated_samples, run_bench, samples_from_file
 from engine.client import Client
+from engine.metrics import STATUSES
+from tests.engine.test_metrics import scrape
 from tests.serving import PIPELINES, serving
 from tests.test_cli import dagserve
 
 pytestmark = pytest.mark.e2e
 
+#: the bench's outcome (``ok`` or an error's type) -> the server's ``status`` label
+STATUS = {"ok": "ok", **{kind.__name__: status for status, kind in STATUSES}}
+
 
 @pytest.fixture(scope="module")
 def server():
-    with serving([PIPELINES / "calc.yaml"]) as thread:
+    with serving([PIPELINES / "calc.yaml"], metrics_port=0) as thread:
         yield thread
 
 
-def test_closed_loop_counts_add_up(server):
+def received(server, pipeline: str = "calc") -> Counter[str]:
+    """What the server's metrics say it answered for ``pipeline``, by status."""
+    counts: Counter[str] = Counter()
+    for (name, labels), count in scrape(server.server.metrics_port).items():
+        if name == "dagserve_requests_total" and dict(labels)["pipeline"] == pipeline:
+            counts[dict(labels)["status"]] += int(count)
+    return counts
+
+
+def assert_the_server_saw_the_same(outcomes: dict[str, int], before: Counter[str], after):
+    """The bench's counts, by outcome, are the requests the server counted meanwhile."""
+    served = after - before
+    assert served == Counter({STATUS[outcome]: n for outcome, n in outcomes.items()})
+
+
+def test_closed_loop_counts_match_the_servers_metrics(server):
     samples = [{"x": np.ones((1, 3), np.float32)}, {"x": -np.ones((1, 3), np.float32)}]
     spec = BenchSpec("127.0.0.1", server.port, "calc", samples, concurrency=4,
                      duration_s=1.0, warmup_s=0.2)  # fmt: skip
+    before = received(server)
     result = server.run(run_bench(spec))
-    assert result.ok > 0
-    assert result.errors["InferenceError"] > 0  # the negative sample fails the `check` node
-    assert abs(result.ok - result.errors["InferenceError"]) <= 4  # they alternate
-    assert result.sent == result.answered  # nothing lost: every request sent was answered
-    assert result.ok + sum(result.errors.values()) <= result.answered
+    assert_the_server_saw_the_same(result.outcomes, before, received(server))
+    assert set(result.outcomes) == {"ok", "InferenceError"}  # the negative one fails `check`
+    assert abs(result.outcomes["ok"] - result.outcomes["InferenceError"]) <= 4  # they alternate
+    assert sum(result.outcomes.values()) == result.sent == result.answered
+    # the window's counts are a part of all: the warm-up's and the drain's are left out
+    assert 0 < result.ok < result.outcomes["ok"]
+    assert 0 < result.errors["InferenceError"] < result.outcomes["InferenceError"]
     assert result.items == result.ok
     assert len(result.latencies_s) == result.ok
     assert result.latency_ms(50) <= result.latency_ms(99) <= result.latency_ms(99.9)
@@ -41,10 +67,26 @@ def test_open_loop_sends_at_the_rate(server):
     samples = [{"x": np.ones((1, 3), np.float32)}]
     spec = BenchSpec("127.0.0.1", server.port, "calc", samples, concurrency=50, rate=100,
                      duration_s=2.0, warmup_s=0.2, seed=3)  # fmt: skip
+    before = received(server)
     result = server.run(run_bench(spec))
-    assert result.sent == result.answered
+    assert_the_server_saw_the_same(result.outcomes, before, received(server))
+    assert result.outcomes == {"ok": result.sent}
     assert 100 <= result.ok <= 320  # ~200 Poisson arrivals in the 2 s window
     assert not math.isnan(result.latency_ms(99))
+
+
+def test_requests_nobody_answered_are_not_counted_as_answered():
+    with socket.socket() as probe:  # a port where nothing listens
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    samples = [{"x": np.ones((1, 3), np.float32)}]
+    spec = BenchSpec("127.0.0.1", port, "calc", samples, concurrency=2, duration_s=0.2,
+                     warmup_s=0.0)  # fmt: skip
+    result = asyncio.run(run_bench(spec))
+    assert result.sent > 0
+    assert result.answered == 0
+    assert result.outcomes == {"ClientConnectionError": result.sent}
+    assert result.ok == 0
 
 
 def test_samples_generated_from_the_declared_specs(server):
@@ -69,6 +111,7 @@ def test_samples_from_files(tmp_path):
 
 def test_the_command_line_prints_a_table_and_writes_json(server, tmp_path):
     out = tmp_path / "bench.json"
+    before = received(server)
     result = dagserve(
         "bench", "--pipeline", "calc", "--port", str(server.port), "--duration", "1",
         "--warmup", "0.2", "--concurrency", "2", "--json", str(out),
@@ -80,4 +123,7 @@ def test_the_command_line_prints_a_table_and_writes_json(server, tmp_path):
     )
     data = json.loads(out.read_text())
     assert data["ok"] > 0
-    assert data["sent"] == data["answered"]
+    assert data["sent"] == data["answered"] == sum(data["outcomes"].values())
+    assert f"answered {data['sent']}" in result.stdout
+    # what the CLI counted is what the server received (its describe call is no infer)
+    assert_the_server_saw_the_same(data["outcomes"], before, received(server))
