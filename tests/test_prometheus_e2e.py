@@ -1,4 +1,5 @@
-"""A real Prometheus scrapes a real dagserve server, and answers queries about it.
+"""A real Prometheus scrapes a real dagserve server, and answers queries about it: every query
+of the Grafana dashboard, under known traffic, returns data and a believable value.
 
 Needs the Debian package ``prometheus`` (``make system-deps`` installs it); skipped without
 it.  Everything listens on 127.0.0.1: the server's Thrift and metrics ports are chosen by the
@@ -8,12 +9,16 @@ system Prometheus (Debian's service listens on :9090) neither helps nor interfer
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import json
 import math
 import os
+import re
 import shutil
 import socket
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -25,8 +30,10 @@ from typing import Any
 
 import numpy as np
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from engine.client import Client
+from model_plugins.errors import InferenceError
 from tests.serving import PIPELINES, serving
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -37,6 +44,7 @@ DASHBOARD = (
 )
 POLL_S = 30.0
 REQUESTS = 5
+_NAME = re.compile(r"\bdagserve_[a-zA-Z0-9_]+")
 
 
 def _free_port() -> int:
@@ -169,7 +177,8 @@ def _dashboard_queries() -> list[str]:
     reason="the prometheus binary is missing (Debian package 'prometheus'; make system-deps)",
 )
 def test_prometheus_scrapes_the_server(tmp_path: Path) -> None:
-    with serving([PIPELINES / "calc.yaml"], metrics_port=0) as thread:
+    paths = [PIPELINES / "calc.yaml", PIPELINES / "batched_a.yaml"]  # batched_a: a worker
+    with serving(paths, metrics_port=0) as thread:
         metrics_port = thread.server.metrics_port
         assert isinstance(metrics_port, int)
         assert metrics_port > 0
@@ -208,5 +217,108 @@ def test_prometheus_scrapes_the_server(tmp_path: Path) -> None:
             assert p99 is not None
             assert math.isfinite(p99)
             assert 0 < p99 <= 10
-            for promql in _dashboard_queries():
-                _query(url, promql)
+
+            # Every query of the Grafana dashboard is PromQL that this Prometheus accepts, and,
+            # under known traffic, answers with data that makes sense: a query that returns
+            # nothing about metrics the server exports is a broken panel.
+            with _traffic(thread.port):
+                exported = _exported_series(metrics_port)
+                _check_dashboard(url, exported, log)
+
+
+def _exported_series(metrics_port: int) -> set[str]:
+    """The series names that the server's /metrics holds now."""
+    url = f"http://127.0.0.1:{metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=5) as response:
+        text = response.read().decode()
+    return {s.name for f in text_string_to_metric_families(text) for s in f.samples}
+
+
+@contextmanager
+def _traffic(port: int) -> Iterator[None]:
+    """Steady requests while the block runs: calc succeeding and failing (its ``check`` node
+    refuses negative input) and the batched model; one connection stays open throughout."""
+    stop = threading.Event()
+    good = {"x": np.ones((1, 3), np.float32), "extra": np.ones((1, 3), np.float32)}
+    bad = {"x": -np.ones((1, 3), np.float32)}
+    sent: list[int] = [0]
+
+    def run() -> None:
+        with Client("127.0.0.1", port, timeout_s=10) as client:
+            while not stop.is_set():
+                client.infer("calc", good)
+                with contextlib.suppress(InferenceError):
+                    client.infer("calc", bad)
+                client.infer("batched_a", {"x": np.ones((2, 2), np.float32)})
+                sent[0] += 1
+                time.sleep(0.02)
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        done = pool.submit(run)
+        try:
+            _wait(lambda: sent[0] > 0 or done.done(), "the first round of traffic")
+            yield
+        finally:
+            stop.set()
+        done.result(timeout=30)  # the traffic itself never failed
+
+
+def _wait(condition: Callable[[], bool], what: str, timeout_s: float = POLL_S) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"{what}: not after {timeout_s:.0f} s"
+        time.sleep(0.05)
+
+
+def _check_dashboard(url: str, exported: set[str], log: Path) -> None:
+    """Each dashboard query until it answers plausibly, all within one bound."""
+    queries = _dashboard_queries()
+    missing = {n for q in queries for n in _NAME.findall(q)} - exported
+    # only GPU families may be absent (no GPU, or one that does not report, say, its power)
+    assert all(n.startswith("dagserve_gpu_") for n in missing), sorted(missing)
+    pending = {q: "not asked yet" for q in queries}
+    deadline = time.monotonic() + 2 * POLL_S
+    while pending and time.monotonic() < deadline:
+        for promql in list(pending):
+            result = _query(url, promql)
+            if set(_NAME.findall(promql)) & missing:
+                # no such series on this machine: the query is valid and must return nothing
+                assert not result["result"], (promql, result)
+                del pending[promql]
+                continue
+            problem = _implausible(promql, result)
+            if problem is None:
+                del pending[promql]
+            else:
+                pending[promql] = problem
+        if pending:
+            time.sleep(0.5)
+    if pending:
+        lines = "\n".join(f"  {q}\n    -> {why}" for q, why in pending.items())
+        pytest.fail(f"dashboard queries without a plausible answer:\n{lines}\n{_tail(log)}")
+
+
+def _implausible(promql: str, data: Any) -> str | None:
+    """Why the answer to one dashboard query is not believable, or None when it is."""
+    if data["resultType"] != "vector" or not data["result"]:
+        return f"no data: {data}"
+    values = [float(r["value"][1]) for r in data["result"]]
+    if not all(math.isfinite(v) for v in values):
+        return f"not finite: {values}"
+    if "histogram_quantile" in promql:  # seconds
+        ok = all(0 <= v <= 10 for v in values) and any(v > 0 for v in values)
+    elif "dagserve_model_batch_size_sum" in promql:  # the mean batch size
+        ok = all(v >= 1 for v in values)
+    elif "status!=" in promql:  # the error ratio: calc fails half its requests
+        ok = all(0 < v <= 1 for v in values)
+    elif "rate(" in promql:  # requests, node errors, batches per second under traffic
+        ok = all(v >= 0 for v in values) and any(v > 0 for v in values)
+    elif "dagserve_worker_up" in promql:
+        ok = all(v == 1 for v in values)
+    elif "resident_memory" in promql:
+        ok = all(v > 1e6 for v in values)
+    elif "open_connections" in promql:  # the traffic's connection is open
+        ok = all(v >= 1 for v in values)
+    else:  # in flight, queue length, restarts, GPU gauges
+        ok = all(v >= 0 for v in values)
+    return None if ok else f"implausible: {values}"
