@@ -33,8 +33,8 @@ Case = tuple[dict[str, np.ndarray], dict[str, np.ndarray]]
 
 
 def save_cases(path: Path, cases: list[Case]) -> None:
-    """Save ``[(inputs, outputs), ...]`` as one .npz."""
-    arrays: dict[str, Any] = {}
+    """Save ``[(inputs, outputs), ...]`` as one .npz, with their count."""
+    arrays: dict[str, Any] = {"count": np.int64(len(cases))}
     for index, (inputs, outputs) in enumerate(cases):
         arrays.update({f"{index}.in.{name}": value for name, value in inputs.items()})
         arrays.update({f"{index}.out.{name}": value for name, value in outputs.items()})
@@ -42,13 +42,26 @@ def save_cases(path: Path, cases: list[Case]) -> None:
 
 
 def load_cases(path: Path) -> list[Case]:
-    """Read what :func:`save_cases` wrote."""
+    """Read what :func:`save_cases` wrote: all of its cases, each with inputs and outputs.
+
+    A file with no case, or with fewer than it says, is an error: a test that loops over the
+    cases would otherwise pass without comparing anything.
+    """
     cases: dict[int, Case] = {}
     with np.load(path) as data:
+        count = int(data["count"]) if "count" in data.files else None
         for key in data.files:
+            if key == "count":
+                continue
             index, side, name = key.split(".", 2)
             inputs, outputs = cases.setdefault(int(index), ({}, {}))
             (inputs if side == "in" else outputs)[name] = data[key]
+    if not cases or count != len(cases) or sorted(cases) != list(range(len(cases))):
+        msg = f"{path}: {len(cases)} cases (indices {sorted(cases)}), expected {count}"
+        raise ValueError(msg)
+    if not all(inputs and outputs for inputs, outputs in cases.values()):
+        msg = f"{path}: a case without inputs or without outputs"
+        raise ValueError(msg)
     return [cases[i] for i in sorted(cases)]
 
 

@@ -16,12 +16,14 @@ import pytest
 
 from engine.client import Client
 from tests.frameworks.conftest import Builds
-from tests.frameworks.models import load_cases
+from tests.frameworks.models import BATCHES, SEQ_SHAPES, Case, load_cases
 from tests.serving import ServerThread, serving
 
 pytestmark = pytest.mark.e2e
 
 ATOL = 1e-5
+MLP_IDS = [f"B{b}" for b in BATCHES]
+SEQ_IDS = [f"B{b}xL{n}" for b, n in SEQ_SHAPES]
 
 THREE = """
 name: three_frameworks
@@ -105,41 +107,55 @@ def close(got: np.ndarray, want: np.ndarray) -> None:
     np.testing.assert_allclose(got, want, rtol=0, atol=ATOL)
 
 
-def test_three_frameworks_in_one_pipeline(server: ServerThread, client: Client, builds: Builds):
-    torch_cases = load_cases(builds.root / "torchscript" / "mlp.npz")
-    tf_cases = load_cases(builds.root / "tensorflow" / "mlp.npz")
-    paddle_cases = load_cases(builds.root / "paddle" / "mlp.npz")
-    for (inputs, t), (_, f), (_, p) in zip(torch_cases, tf_cases, paddle_cases, strict=True):
-        result = client.infer("three_frameworks", inputs)
-        close(result.outputs["torch"], t["y"])
-        close(result.outputs["tensorflow"], f["y"])
-        close(result.outputs["paddle"], p["y"])
-        close(result.outputs["fused"], np.concatenate([t["y"], f["y"], p["y"]], axis=1))
+def cases(builds: Builds, name: str, expected: int) -> list[Case]:
+    """The cases a builder saved, as many as it was asked for (never none)."""
+    found = load_cases(builds.root / name)
+    assert len(found) == expected, f"{name}: {len(found)} cases, expected {expected}"
+    return found
+
+
+@pytest.mark.parametrize("case", range(len(BATCHES)), ids=MLP_IDS)
+def test_three_frameworks_in_one_pipeline(
+    server: ServerThread, client: Client, builds: Builds, case: int
+):
+    inputs, t = cases(builds, "torchscript/mlp.npz", len(BATCHES))[case]
+    tf_inputs, f = cases(builds, "tensorflow/mlp.npz", len(BATCHES))[case]
+    paddle_inputs, p = cases(builds, "paddle/mlp.npz", len(BATCHES))[case]
+    np.testing.assert_array_equal(tf_inputs["x"], inputs["x"])  # the same inputs for all three
+    np.testing.assert_array_equal(paddle_inputs["x"], inputs["x"])
+    result = client.infer("three_frameworks", inputs)
+    close(result.outputs["torch"], t["y"])
+    close(result.outputs["tensorflow"], f["y"])
+    close(result.outputs["paddle"], p["y"])
+    close(result.outputs["fused"], np.concatenate([t["y"], f["y"], p["y"]], axis=1))
+
+
+def test_each_framework_has_its_worker_and_none_entered_the_front(server: ServerThread):
     workers = server.engine.workers.statistics()
     assert {"torch@cpu", "tensorflow@cpu", "paddle@cpu"} <= set(workers)
     for name in ("torch", "tensorflow", "paddle"):
         assert name not in sys.modules, f"the front process imported {name}"
 
 
-def test_torch_module_factory_with_state_dict(client: Client, builds: Builds):
-    for inputs, outputs in load_cases(builds.root / "torch" / "mlp.npz"):
-        close(
-            client.infer("more_models", inputs, outputs=["module"]).outputs["module"], outputs["y"]
-        )
+@pytest.mark.parametrize("case", range(len(BATCHES)), ids=MLP_IDS)
+def test_torch_module_factory_with_state_dict(client: Client, builds: Builds, case: int):
+    inputs, outputs = cases(builds, "torch/mlp.npz", len(BATCHES))[case]
+    close(client.infer("more_models", inputs, outputs=["module"]).outputs["module"], outputs["y"])
 
 
+@pytest.mark.parametrize("case", range(len(SEQ_SHAPES)), ids=SEQ_IDS)
 @pytest.mark.parametrize(
     ("folder", "input_name", "output"),
     [("tensorflow", "ids32", "tf_scores"), ("paddle", "ids64", "pd_scores")],
 )
 def test_variable_length_integer_inputs(
-    client: Client, builds: Builds, folder: str, input_name: str, output: str
+    client: Client, builds: Builds, folder: str, input_name: str, output: str, case: int
 ):
-    for inputs, outputs in load_cases(builds.root / folder / "seq.npz"):
-        ids = inputs["ids"]
-        request = {"x": np.zeros((len(ids), 8), np.float32), input_name: ids}
-        result = client.infer("more_models", request, outputs=[output])
-        close(result.outputs[output], outputs["scores"])
+    inputs, outputs = cases(builds, f"{folder}/seq.npz", len(SEQ_SHAPES))[case]
+    ids = inputs["ids"]
+    request = {"x": np.zeros((len(ids), 8), np.float32), input_name: ids}
+    result = client.infer("more_models", request, outputs=[output])
+    close(result.outputs[output], outputs["scores"])
 
 
 def test_model_specs_reported_by_the_framework_are_adopted(server: ServerThread):
