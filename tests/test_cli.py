@@ -8,13 +8,16 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from engine.client import Client
-from tests.serving import PIPELINES, ROOT
+from tests.serving import PIPELINES, ROOT, wait_until
 
 CASES = ROOT / "tests" / "dag" / "cases"
 QUICKSTART = ROOT / "examples" / "quickstart" / "pipeline.yaml"
@@ -87,47 +90,24 @@ def _free_port() -> int:
 
 @pytest.mark.e2e
 def test_serve_then_infer_then_sigterm(tmp_path: Path):
-    port = _free_port()
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "engine.cli",
-            "serve",
-            str(PIPELINES / "calc.yaml"),
-            "--port",
-            str(port),
-        ],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
+    server = ServerProcess(str(PIPELINES / "calc.yaml"))
     try:
-        deadline = time.monotonic() + 60
-        with Client("127.0.0.1", port, timeout_s=5) as client:
-            while True:
-                try:
-                    if client.health().ready:
-                        break
-                except ConnectionError:
-                    pass
-                assert server.poll() is None, server.stdout.read() if server.stdout else ""
-                assert time.monotonic() < deadline, "server not ready in 60 s"
-                time.sleep(0.1)
         result = dagserve(
-            "infer", "--pipeline", "calc", "--input", "x=[1, 2, 3]", "--port", str(port), "--json"
-        )
+            "infer", "--pipeline", "calc", "--input", "x=[1, 2, 3]", "--port", str(server.port),
+            "--json",
+        )  # fmt: skip
         assert result.returncode == 0, result.stderr
         assert '"doubled": [\n      [\n        2.0' in result.stdout
-        bad = dagserve("infer", "--pipeline", "calc", "--input", "x=[1, 2]", "--port", str(port))
+        bad = dagserve(
+            "infer", "--pipeline", "calc", "--input", "x=[1, 2]", "--port", str(server.port)
+        )
         assert bad.returncode == 1
         assert "InvalidRequest" in bad.stderr
+        server.process.send_signal(signal.SIGTERM)
+        output = server.wait()
     finally:
-        server.send_signal(signal.SIGTERM)
-        output, _ = server.communicate(timeout=30)
-    assert server.returncode == 0, output
+        server.kill()
+    assert server.process.returncode == 0, output
     assert "dagserve stopped" in output
 
 
@@ -157,24 +137,71 @@ def test_new_plugin_skeleton_passes_its_own_test(tmp_path: Path):
     assert dagserve("new-plugin", "Bad-Name", "--dir", str(tmp_path)).returncode == 2
 
 
-def _start_server(*args: str) -> tuple[subprocess.Popen[str], int]:
-    port = _free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "engine.cli", "serve", *args, "--port", str(port)],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )  # fmt: skip
-    deadline = time.monotonic() + 60
-    with Client("127.0.0.1", port, timeout_s=5) as client:
-        while True:
-            try:
-                if client.health().ready:
-                    return server, port
-            except ConnectionError:
-                pass
-            assert server.poll() is None, server.stdout.read() if server.stdout else ""
-            assert time.monotonic() < deadline, "server not ready in 60 s"
-            time.sleep(0.1)
+class ServerProcess:
+    """``dagserve serve ARGS`` in a subprocess, ready when constructed; its output is read as
+    it comes, so a test can wait for a log line, and its metrics port for a gauge."""
+
+    def __init__(self, *args: str) -> None:
+        self.port, self.metrics_port = _free_port(), _free_port()
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "engine.cli", "serve", *args, "--port", str(self.port),
+             "--metrics-port", str(self.metrics_port)],
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )  # fmt: skip
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        try:
+            wait_until(self._ready, "the server answers health() with ready", timeout_s=60)
+        except BaseException:
+            self.kill()
+            raise
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self.lines.append(line)
+
+    def _ready(self) -> bool:
+        assert self.process.poll() is None, f"the server exited:\n{self.output}"
+        try:
+            with Client("127.0.0.1", self.port, timeout_s=5) as client:
+                return client.health().ready
+        except ConnectionError:
+            return False
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    def inflight(self, pipeline: str) -> float:
+        """``dagserve_inflight_requests`` of ``pipeline``, read from the metrics port."""
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as response:
+            text = response.read().decode()
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == "dagserve_inflight_requests" and sample.labels == {
+                    "pipeline": pipeline
+                }:
+                    return sample.value
+        return 0.0  # no request of the pipeline yet
+
+    def wait(self, timeout_s: float = 30) -> str:
+        """Wait for the process to exit; its whole output."""
+        self.process.wait(timeout_s)
+        self._reader.join(10)
+        return self.output
+
+    def kill(self) -> None:
+        """Kill the process if it still runs; close its pipe (whatever happened)."""
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+        self._reader.join(10)
+        if self.process.stdout is not None:
+            self.process.stdout.close()
 
 
 @pytest.mark.e2e
@@ -183,54 +210,56 @@ def test_sigterm_lets_requests_in_flight_finish():
 
     import numpy as np
 
-    server, port = _start_server(str(PIPELINES / "workers.yaml"))
+    server = ServerProcess(str(PIPELINES / "workers.yaml"))
     try:
         x = np.ones((1, 2), np.float32)
 
         def one():
-            with Client("127.0.0.1", port) as client:
+            with Client("127.0.0.1", server.port) as client:
                 return client.infer("workers", {"x": x}, outputs=["a"])
 
         with concurrent.futures.ThreadPoolExecutor(4) as pool:
             calls = [pool.submit(one) for _ in range(4)]
-            time.sleep(0.1)  # the requests are in flight (each takes 0.3 s in the worker)
-            server.send_signal(signal.SIGTERM)
+            # all four are in the server (slow_a takes them one at a time, 0.3 s each)
+            wait_until(lambda: server.inflight("workers") == 4, "4 requests in flight")
+            server.process.send_signal(signal.SIGTERM)
             results = [c.result(timeout=30) for c in calls]
         assert all(r.outputs["a"].shape == (1, 2) for r in results)
-        output, _ = server.communicate(timeout=30)
+        output = server.wait()
     finally:
-        if server.poll() is None:
-            server.kill()
-    assert server.returncode == 0, output
+        server.kill()
+    assert server.process.returncode == 0, output
     assert "draining" in output
 
 
 @pytest.mark.e2e
 def test_a_second_sigterm_exits_at_once_without_draining():
-    import threading
-
     import numpy as np
 
-    server, port = _start_server(str(PIPELINES / "slow.yaml"))
+    server = ServerProcess(str(PIPELINES / "slow.yaml"))
     try:
 
         def in_flight() -> None:
-            with Client("127.0.0.1", port, timeout_s=30) as client, contextlib.suppress(Exception):
+            with (
+                Client("127.0.0.1", server.port, timeout_s=30) as client,
+                contextlib.suppress(Exception),
+            ):
                 client.infer("slow", {"x": np.ones((1, 2), np.float32)})
 
         caller = threading.Thread(target=in_flight)
         caller.start()
-        time.sleep(0.3)  # the 5 s request is in flight
-        server.send_signal(signal.SIGTERM)
-        time.sleep(0.3)  # draining: it would wait up to drain_timeout_s for the request
+        wait_until(lambda: server.inflight("slow") == 1, "the 5 s request in flight")
+        server.process.send_signal(signal.SIGTERM)
+        # draining: it would wait up to drain_timeout_s for the request
+        wait_until(lambda: "draining" in server.output, "the server says it is draining")
+        assert server.process.poll() is None
         started = time.monotonic()
-        server.send_signal(signal.SIGTERM)
-        output, _ = server.communicate(timeout=30)
+        server.process.send_signal(signal.SIGTERM)
+        output = server.wait()
         stopped_in = time.monotonic() - started
         caller.join(30)
     finally:
-        if server.poll() is None:
-            server.kill()
-    assert server.returncode == 1, output
+        server.kill()
+    assert server.process.returncode == 1, output
     assert "second SIGTERM" in output
     assert stopped_in < 3  # not the 5 s the request had left

@@ -15,7 +15,7 @@ import pytest
 from engine.client import Client
 from engine.types import InferenceRequest
 from model_plugins.errors import BatchContractError, InferenceError
-from tests.serving import PIPELINES, occupy, serving
+from tests.serving import PIPELINES, occupy, serving, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -109,21 +109,24 @@ def test_sigkill_under_load_fails_in_flight_fast_and_spares_other_workers(server
                 except InferenceError as exc:
                     failures[kind].append((time.monotonic() - started, exc))
 
+    slow_a = next(m for m in server.engine.models.values() if m.model_id == "workers/slow_a")
     with concurrent.futures.ThreadPoolExecutor(6) as pool:
         futures = [pool.submit(load, k) for k in ("numpy", "numpy", "numpy", "other", "other")]
-        time.sleep(0.5)
-        killed_at = time.monotonic()
+        # both kinds of load are served, and a request is inside the worker now
+        wait_until(
+            lambda: successes["numpy"] and successes["other"]
+            and slow_a.batcher.statistics().busy_instances,
+            "both loads served and slow_a busy",
+        )  # fmt: skip
         os.kill(old_pid, signal.SIGKILL)
-        # wait until the worker is back and has answered again
-        deadline = killed_at + 30
-        while time.monotonic() < deadline:
-            stats = server.engine.workers.statistics()["numpy@cpu"]
-            if stats["pid"] != old_pid and stats["ready"]:
-                break
-            time.sleep(0.05)
+        # the worker comes back, and answers again
+        wait_until(
+            lambda: worker_pid(server, "numpy@cpu") != old_pid
+            and server.engine.workers.statistics()["numpy@cpu"]["ready"],
+            "numpy@cpu replaced",
+        )  # fmt: skip
         before = successes["numpy"]
-        while successes["numpy"] == before and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_until(lambda: successes["numpy"] > before, "a numpy request served after the restart")
         stop.set()
         for f in futures:
             f.result(timeout=60)
@@ -144,11 +147,9 @@ def test_a_hung_worker_is_replaced(server, client):
     old_pid = worker_pid(server, "tensorflow@cpu")
     os.kill(old_pid, signal.SIGSTOP)  # alive but silent: only the ping notices
     try:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if worker_pid(server, "tensorflow@cpu") != old_pid:
-                break
-            time.sleep(0.05)
+        wait_until(
+            lambda: worker_pid(server, "tensorflow@cpu") != old_pid, "tensorflow@cpu replaced"
+        )
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(old_pid, signal.SIGKILL)
@@ -170,7 +171,6 @@ def test_a_client_that_hangs_up_does_not_keep_its_work_queued(server):
 
     # A: a normal request that keeps slow_a's only instance busy for 0.3 s
     first = occupy(server, "workers", "workers/slow_a", {"x": X}, "a")
-    deadline = time.monotonic() + 10
     # B: a raw client that sends a request for the same model, then hangs up at once
     args = _infer_args(
         "workers", {"x": X}, version=None, timeout_ms=None, outputs=["a"],
@@ -179,13 +179,11 @@ def test_a_client_that_hangs_up_does_not_keep_its_work_queued(server):
     body = encode_message("infer", TMessageType.CALL, 1, args)
     with socket.create_connection(("127.0.0.1", server.port)) as raw:
         raw.sendall(len(body).to_bytes(4, "big") + body)
-        while shared.batcher.statistics().queued_items == 0:
-            assert time.monotonic() < deadline
-            time.sleep(0.005)
+        wait_until(lambda: shared.batcher.statistics().queued_items, "B queued", timeout_s=10)
     first.join(10)
     # B's item was dropped from the queue: the model only ever saw A's
-    while shared.batcher.statistics().queued_items:
-        assert time.monotonic() < deadline
-        time.sleep(0.005)
+    wait_until(
+        lambda: shared.batcher.statistics().queued_items == 0, "the queue empty", timeout_s=10
+    )
     after = shared.batcher.statistics()
     assert after.items - before.items == 1
