@@ -34,6 +34,8 @@ class Server:
             ping_timeout_s=config.worker_ping_timeout_s,
             restart_wait_s=config.worker_restart_wait_s,
             memory_limit_mb=config.worker_memory_limit_mb,
+            quarantine_after_crashes=config.quarantine_after_crashes,
+            quarantine_window_s=config.quarantine_window_s,
             log_level=logging.getLevelName(config.log_level.upper()),
         )
         inventory = (

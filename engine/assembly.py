@@ -16,7 +16,7 @@ import numpy as np
 from dag.executor import NodeTiming, _Plan, plan
 from dag.pipeline import Pipeline
 from dag.schema import NodeSpec, parse_ref
-from engine.batcher import Batcher, Padding
+from engine.batcher import Batcher, Padding, batch_deadline
 from engine.devices import DeviceInventory
 from engine.metrics import Metrics, error_type
 from engine.placement import Placement, PlacementRequest, place
@@ -114,7 +114,7 @@ def _batcher(
     node: NodeSpec, plugin_class: type[ModelPlugin], runner: WorkerRunner, name: str
 ) -> Batcher:
     async def call(batch: Batch) -> Batch:
-        return await runner.run(batch, deadline=None)
+        return await runner.run(batch, deadline=batch_deadline())
 
     padding = Padding(dict(plugin_class.padding), dict(plugin_class.padded_outputs))
     if node.batching is None:  # no merging of requests; still bounded and deadline-aware

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextvars
 import itertools
 import logging
 import math
@@ -40,6 +41,17 @@ from model_plugins.errors import (
 from model_plugins.plugin import Batch
 
 logger = logging.getLogger(__name__)
+
+#: while the model runs a batch: when its last request gives up (None: one never does)
+_batch_deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar(
+    "dagserve_batch_deadline", default=None
+)
+
+
+def batch_deadline() -> float | None:
+    """Inside a batcher's ``call``: the latest deadline of the batch's requests, on the loop's
+    clock, or None when one of them has none.  Past it, nobody waits for the batch."""
+    return _batch_deadline.get()
 
 
 class Clock(Protocol):
@@ -420,6 +432,9 @@ class Batcher:
         self._sizes[size] += 1
         loop = asyncio.get_running_loop()
         started = loop.time()
+        deadlines = [s.request.deadline for s in live if s.request.deadline is not None]
+        # Each batch runs in a task of its own: the value is seen by this call only.
+        _batch_deadline.set(max(deadlines) if len(deadlines) == len(live) else None)
         try:
             inputs, lengths = self._merge(live)
             outputs = await self._call(inputs)
@@ -534,8 +549,9 @@ def _item_shape(value: Any) -> tuple[int, ...]:
 
 
 def _isolatable(exc: BaseException) -> bool:
-    # A dead worker says nothing about which request was bad: do not re-run the others on it.
-    return type(exc).__name__ != "WorkerDied"
+    # A dead worker says nothing about which request was bad: do not re-run the others on it;
+    # nor on a quarantined model, which refuses every request alike.
+    return type(exc).__name__ not in ("WorkerDied", "ModelQuarantined")
 
 
 def _split_index(batch: list[_Slice]) -> int:
@@ -586,4 +602,4 @@ def _concat_padded(pieces: list[np.ndarray]) -> np.ndarray:
     return out
 
 
-__all__ = ["Batcher", "BatcherStatistics", "Clock", "Padding"]
+__all__ = ["Batcher", "BatcherStatistics", "Clock", "Padding", "batch_deadline"]

@@ -94,6 +94,12 @@ class ServerConfig(BaseModel):
     """How long a request waits for its worker to come back after a crash."""
     worker_memory_limit_mb: float | None = Field(None, gt=0)
     """A worker whose resident memory grows past this is replaced (checked at every ping)."""
+    quarantine_after_crashes: int | None = Field(3, ge=1)
+    """A model whose calls crash its worker this many times within ``quarantine_window_s`` is
+    quarantined: its requests fail at once and it is not loaded into the replacement worker,
+    until the server restarts.  None: never."""
+    quarantine_window_s: float = Field(300.0, gt=0)
+    """The window over which a model's crashes are counted for ``quarantine_after_crashes``."""
     tls: TlsConfig | None = None
     """TLS on the Thrift port; None: plain TCP (the default, meant for loopback)."""
     gpus: list[GpuConfig] | None = None

@@ -278,10 +278,16 @@ class Engine:
                 f"deadline_dropped={batching.deadline_dropped} rejected={batching.rejected}"
             )
         for worker, stats in self.workers.statistics().items():
+            crashes = sum(stats["crashes"].values())  # type: ignore[attr-defined]
             details[f"worker.{worker}"] = (
                 f"pid={stats['pid']} ready={stats['ready']} restarts={stats['restarts']} "
+                f"crashes={crashes} retried={stats['retried']} "
                 f"models={','.join(stats['models'])}"  # type: ignore[arg-type]
+                f" quarantined={','.join(stats['quarantined'])}"  # type: ignore[arg-type]
             )
+        # A quarantined model's requests fail at once: say so, and why.
+        for model_id, reason in self.workers.quarantined().items():
+            details[f"quarantined.{model_id}"] = reason
         return HealthReport(live=True, ready=self.ready, details=details)
 
 

@@ -40,6 +40,7 @@ class PluginDescription:
     padding: dict[str, Any] | None = None
     padded_outputs: dict[str, tuple[str, int]] | None = None
     ragged: bool = False
+    retry_on_worker_loss: bool = True
 
 
 def _describe(reference: str) -> PluginDescription | DagserveError:
@@ -56,6 +57,7 @@ def _describe(reference: str) -> PluginDescription | DagserveError:
         dict(cls.padding),
         dict(cls.padded_outputs),
         cls.ragged,
+        cls.retry_on_worker_loss,
     )
 
 
@@ -152,6 +154,7 @@ def proxy_class(description: PluginDescription) -> type[ModelPlugin]:
         "padding": description.padding or {},
         "padded_outputs": description.padded_outputs or {},
         "ragged": description.ragged,
+        "retry_on_worker_loss": description.retry_on_worker_loss,
         "__doc__": description.doc,
         "__module__": "engine.inspector.inspected",
     }

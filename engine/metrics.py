@@ -137,9 +137,17 @@ class _LiveCollector(Collector):
         queue = GaugeMetricFamily(
             "dagserve_model_queue_length", "Items waiting in the model's batcher.", labels=["model"]
         )
+        quarantined = GaugeMetricFamily(
+            "dagserve_model_quarantined",
+            "1 while the model is quarantined for crashing its worker (its requests fail at once).",
+            labels=["model"],
+        )
+        refused = self.engine.workers.quarantined()
         for shared in self.engine.models.values():
             queue.add_metric([shared.model_id], shared.batcher.statistics().queued_items)
+            quarantined.add_metric([shared.model_id], 1.0 if shared.model_id in refused else 0.0)
         yield queue
+        yield quarantined
 
         up = GaugeMetricFamily("dagserve_worker_up", "1 if the worker answers.", labels=["worker"])
         restarts = CounterMetricFamily(
@@ -149,14 +157,23 @@ class _LiveCollector(Collector):
             "dagserve_worker_resident_memory_bytes", "Resident memory of the worker process.",
             labels=["worker"],
         )  # fmt: skip
+        crashes = CounterMetricFamily(
+            "dagserve_worker_crashes",
+            "Unplanned deaths of the worker, by the model whose call caused them "
+            '("" when no crash dump named one).',
+            labels=["worker", "model"],
+        )
         for name, stats in self.engine.workers.statistics().items():
             up.add_metric([name], 1.0 if stats["ready"] else 0.0)
             restarts.add_metric([name], float(stats["restarts"]))  # type: ignore[arg-type]
+            for model, count in stats["crashes"].items():  # type: ignore[attr-defined]
+                crashes.add_metric([name, model], float(count))
             memory = resident_mb(stats["pid"])  # type: ignore[arg-type]
             if memory is not None:
                 rss.add_metric([name], memory * 1024 * 1024)
         yield up
         yield restarts
+        yield crashes
         yield rss
         yield from _gpu_families(self.engine)
 

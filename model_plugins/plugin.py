@@ -68,6 +68,15 @@ class ModelPlugin:
       item.  ``padded_outputs`` (output name -> (input name, dimension)) says which output
       dimension follows a padded input's dimension; it is cut back to each item's length.
       ``ragged = True`` hands ``predict`` lists of per-item arrays instead.
+    * ``retry_on_worker_loss`` (default True): models of one framework and device share a
+      worker process, so another model's crash (a segfault, an abort, an OOM kill) can end
+      the worker while a call of this one is in flight on it.  Such a call, which did not
+      cause the crash (it was waiting, or running on another thread than the one that
+      crashed), is sent again to the replacement worker, within the request's deadline:
+      ``predict`` is assumed free of side effects, so running it twice is harmless.
+      Declare ``retry_on_worker_loss = False`` when it is not (it calls out, or counts): the
+      call then fails with ``InferenceError``.  The call that crashed the worker is never
+      sent again.
 
     **Lifecycle**: the engine creates the object with no arguments, calls :meth:`load` once,
     then :meth:`predict` once per batch, possibly from several threads at once when the node
@@ -81,6 +90,7 @@ class ModelPlugin:
     padding: ClassVar[Mapping[str, Any]] = {}
     padded_outputs: ClassVar[Mapping[str, tuple[str, int]]] = {}
     ragged: ClassVar[bool] = False
+    retry_on_worker_loss: ClassVar[bool] = True
 
     @classmethod
     def signature(

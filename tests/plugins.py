@@ -175,3 +175,37 @@ class Hog(ModelPlugin):
     def predict(self, batch):
         self.kept.append(np.ones(self.megabytes * 1024 * 1024 // 8))  # touched: resident
         return {"y": batch["x"]}
+
+
+class TorchScale(ModelPlugin):
+    """y = x * params.factor (default 2), computed by PyTorch in its worker.
+
+    params.seconds (default 0) sleeps that long per call first; an item whose first element
+    equals params.poison aborts the process (os.abort: SIGABRT), as a crashing library would.
+    """
+
+    framework = "torch"
+    inputs: ClassVar = {"x": TensorSpec("float32", [-1])}
+    outputs: ClassVar = {"y": TensorSpec("float32", [-1])}
+
+    def load(self, context):
+        import torch
+
+        self.torch = torch
+        self.factor = float(context.params.get("factor", 2.0))
+        self.seconds = float(context.params.get("seconds", 0.0))
+        self.poison = context.params.get("poison")
+
+    def predict(self, batch):
+        x = batch["x"]
+        if self.poison is not None and (x[:, 0] == self.poison).any():
+            os.abort()
+        time.sleep(self.seconds)
+        y = self.torch.from_numpy(np.ascontiguousarray(x)) * self.factor
+        return {"y": y.numpy().astype(np.float32)}
+
+
+class TorchScaleOnce(TorchScale):
+    """TorchScale whose calls must not run twice: a worker lost under them fails them."""
+
+    retry_on_worker_loss = False

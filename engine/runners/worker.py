@@ -7,7 +7,7 @@ import asyncio
 from engine.runners.local import NodeBinding
 from engine.workers.pool import WorkerKey, WorkerPool
 from model_plugins.contract import check_outputs
-from model_plugins.errors import InferenceError, PluginLoadError
+from model_plugins.errors import PluginLoadError
 from model_plugins.plugin import Batch
 
 
@@ -15,7 +15,9 @@ class WorkerRunner:
     """Hands a node's items to the model loaded in its worker.
 
     At most ``instances`` calls are in flight for one node: the worker holds that many loaded
-    copies and runs one call on each at a time.
+    copies and runs one call on each at a time.  A call that was in flight on a worker that
+    another model crashed is sent again to the replacement, unless the plugin declares
+    ``retry_on_worker_loss = False`` (see ``WorkerPool.predict``).
     """
 
     kind = "worker"
@@ -33,6 +35,7 @@ class WorkerRunner:
         #: a call that runs longer has hung its instance: the worker is replaced
         self.timeout_s = timeout_s
         self.model_id = f"{binding.pipeline}/{binding.node}"
+        self.retry = bool(getattr(binding.plugin_class, "retry_on_worker_loss", True))
         self._slots = asyncio.Semaphore(len(binding.contexts))
         self.outputs = dict(binding.outputs)
 
@@ -60,23 +63,12 @@ class WorkerRunner:
     async def run(self, inputs: Batch, *, deadline: float | None) -> Batch:
         b = self.binding
         async with self._slots:
-            call = self.pool.predict(
-                self.key, self.model_id, inputs, node=b.node, plugin=b.plugin, deadline=deadline
-            )
-            if self.timeout_s is None:
-                outputs = await call
-            else:
-                try:
-                    async with asyncio.timeout(self.timeout_s):
-                        outputs = await call
-                except TimeoutError:
-                    # The call cannot be interrupted inside the worker and holds an instance:
-                    # replace the worker (its models are loaded again) rather than let every
-                    # later call queue behind a hung one.
-                    why = f"node {b.node!r} ran past its timeout_ms ({self.timeout_s * 1000:g} ms)"
-                    self.pool.replace(self.key, why)
-                    msg = f"{why}; its worker {self.key.name} is being replaced"
-                    raise InferenceError(msg, node=b.node, plugin=b.plugin) from None
+            # A call that runs past timeout_s has hung its instance: the pool fails it and
+            # replaces the worker.  The timeout bounds each attempt, not a wait for a restart.
+            outputs = await self.pool.predict(
+                self.key, self.model_id, inputs, node=b.node, plugin=b.plugin,
+                deadline=deadline, timeout_s=self.timeout_s, retry=self.retry,
+            )  # fmt: skip
         n_items = len(next(iter(inputs.values()))) if inputs else None
         return check_outputs(self.outputs, outputs, n_items, plugin=b.plugin, node=b.node)
 

@@ -5,11 +5,17 @@ all.  A reader thread takes messages off the socket.  Each loaded instance of a 
 thread of its own, which runs all its calls (a call for a busy model waits in that model's
 backlog), so different models and the instances of one model execute concurrently whenever
 the framework releases the GIL; replies go back under a lock as each finishes.
+
+So that the parent can tell, after a crash, which call killed the worker and which calls were
+only its neighbours, every thread that runs plugin code marks the call it runs in a shared
+call table, and ``faulthandler`` dumps the faulting thread into a crash file
+(``engine.workers.postmortem``).
 """
 
 from __future__ import annotations
 
 import collections
+import faulthandler
 import logging
 import os
 import signal
@@ -32,8 +38,9 @@ from engine.workers.messages import (
     Shutdown,
     Unload,
 )
+from engine.workers.postmortem import CallTable
 from model_plugins.errors import DagserveError, InferenceError
-from model_plugins.plugin import ModelPlugin
+from model_plugins.plugin import LoadContext, ModelPlugin
 from model_plugins.registry import resolve
 
 logger = logging.getLogger("dagserve.worker")
@@ -50,6 +57,7 @@ class _Instance:
 
     plugin: ModelPlugin
     thread: ThreadPoolExecutor
+    slot: int  # its row in the call table
 
 
 @dataclass
@@ -62,9 +70,13 @@ class _Hosted:
 
 
 class _Worker:
-    def __init__(self, sock: socket.socket, name: str) -> None:
+    def __init__(
+        self, sock: socket.socket, name: str, calls: CallTable, crash_file: Any = None
+    ) -> None:
         self.sock = sock
         self.name = name
+        self.calls = calls
+        self.crash_file = crash_file
         self.send_lock = threading.Lock()
         self.models: dict[str, _Hosted] = {}
         # For loads and unloads; predicts run on each instance's own thread.
@@ -92,7 +104,7 @@ class _Worker:
             elif isinstance(message, Predict):
                 self.predict(message_id, message)
             elif isinstance(message, LoadModel):
-                self.pool.submit(self._guarded, message_id, self.load, message)
+                self.pool.submit(self._guarded, message_id, self.load, message_id, message)
             elif isinstance(message, Unload):
                 self.pool.submit(self._guarded, message_id, self.unload, message.model_id)
             elif isinstance(message, Shutdown):
@@ -111,16 +123,32 @@ class _Worker:
         else:
             self.reply(Reply(message_id, value=value))
 
-    def load(self, message: LoadModel) -> Loaded:
+    def load(self, message_id: int, message: LoadModel) -> Loaded:
         start = time.perf_counter()
-        plugin_class = resolve(message.plugin)
+        # The import runs here and each instance loads on its own thread: both threads are
+        # marked with this call, so that a crash while loading is laid at this model's door.
+        slot = self.calls.claim()
+        self.calls.begin(slot, message_id)
         instances: list[_Instance] = []
-        for context in message.contexts:
-            thread = ThreadPoolExecutor(1, thread_name_prefix=f"{context.node}-{context.instance}")
-            plugin = plugin_class()
-            thread.submit(plugin.load, context).result()  # loaded where it will run
-            instances.append(_Instance(plugin, thread))
+        try:
+            plugin_class = resolve(message.plugin)
+            for context in message.contexts:
+                thread = ThreadPoolExecutor(1, f"{context.node}-{context.instance}")
+                instance = _Instance(plugin_class(), thread, self.calls.claim())
+                instances.append(instance)
+                # loaded where it will run
+                thread.submit(self._load_instance, instance, message_id, context).result()
+        except BaseException:
+            self._drop(instances)
+            raise
+        finally:
+            self.calls.release(slot)
         self.models[message.model_id] = _Hosted(message.plugin, instances, list(instances))
+        if self.crash_file is not None:
+            # A framework may install its own fatal-signal handlers when it is imported
+            # (Paddle does): put faulthandler's back, or the parent learns nothing of a crash.
+            faulthandler.disable()
+            faulthandler.enable(self.crash_file, all_threads=True)
         first = instances[0].plugin
         # Adapters learn their specs from the model file during load: report what they know.
         inputs = dict(getattr(first, "loaded_inputs", None) or plugin_class.inputs)
@@ -142,11 +170,18 @@ class _Worker:
             instance = hosted.idle.pop()
         instance.thread.submit(self._run_instance, hosted, instance, message_id, message)
 
+    def _load_instance(self, instance: _Instance, message_id: int, context: LoadContext) -> None:
+        self.calls.begin(instance.slot, message_id)
+        instance.plugin.load(context)
+        self.calls.end(instance.slot)
+
     def _run_instance(
         self, hosted: _Hosted, instance: _Instance, message_id: int, message: Predict
     ) -> None:
         while True:
+            self.calls.begin(instance.slot, message_id)
             self._guarded(message_id, instance.plugin.predict, message.inputs)
+            self.calls.end(instance.slot)
             with hosted.lock:
                 if not hosted.backlog:
                     hosted.idle.append(instance)
@@ -160,11 +195,22 @@ class _Worker:
                 instance.thread.submit(instance.plugin.unload).result()
             except Exception:
                 logger.exception("%s: unloading %s failed", self.name, model_id)
+        self._drop(hosted.instances if hosted else [])
+
+    def _drop(self, instances: list[_Instance]) -> None:
+        for instance in instances:
             instance.thread.shutdown(wait=False)
+            self.calls.release(instance.slot)
 
 
-def worker_entry(sock: socket.socket, name: str, log_level: int) -> None:
-    """The target of the spawned worker process."""
+def worker_entry(
+    sock: socket.socket, name: str, log_level: int, calls_path: str, crash_path: str
+) -> None:
+    """The target of the spawned worker process.
+
+    ``calls_path`` and ``crash_path`` are the call table and the crash file the parent reads
+    after a death (``engine.workers.postmortem``).
+    """
     # Frameworks print to stdout (Paddle's oneDNN check does): send it to stderr, so that
     # nothing a plugin prints can mix with whatever owns the parent's stdout.
     os.dup2(2, 1)
@@ -175,7 +221,11 @@ def worker_entry(sock: socket.socket, name: str, log_level: int) -> None:
     logging.basicConfig(
         level=log_level, format=f"%(asctime)s %(levelname)s [{name} pid %(process)d] %(message)s"
     )
-    worker = _Worker(sock, name)
+    # On a fatal signal, the stacks of all threads, the faulting one first; the file stays
+    # open for the life of the process.
+    crash_file = open(crash_path, "w")  # noqa: SIM115
+    faulthandler.enable(crash_file, all_threads=True)
+    worker = _Worker(sock, name, CallTable(calls_path), crash_file)
     try:
         worker.serve()
     finally:

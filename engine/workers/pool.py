@@ -5,17 +5,28 @@ every ``ping_interval_s``; a worker that died, or that did not answer a ping wit
 ``ping_timeout_s``, is killed and replaced after a backoff that doubles up to
 ``max_backoff_s``, and every model it hosted is loaded again.  Requests that arrive while a
 worker is being replaced wait for it, bounded by their deadline and ``restart_wait_s``.
+
+A crash fails only the call that caused it.  The other calls in flight on the dead worker
+(see ``engine.workers.postmortem`` for how they are told apart) wait for the replacement and
+are sent again, within their deadline.  A model that crashes its worker
+``quarantine_after_crashes`` times within ``quarantine_window_s`` is quarantined: its calls
+are refused at once with :class:`ModelQuarantined`, and it is not loaded into the replacement
+worker, so that its neighbours come back fast.  Quarantine bounds how often a crash can be
+laid at another model's door (its thread named by the crash dump, or its call past its
+timeout), so such crashes do not use up a call's retries; after deaths that name no culprit
+(a SIGKILL, the OOM killer) a call is sent again at most ``max_retries`` times.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 from dataclasses import dataclass, field
 
 from engine.workers.messages import Loaded, LoadModel, Predict
-from engine.workers.process import WorkerDied, WorkerProcess
+from engine.workers.process import Death, WorkerDied, WorkerProcess
 from model_plugins.errors import DagserveError, DeadlineExceeded, InferenceError
 from model_plugins.plugin import Batch, LoadContext
 
@@ -60,12 +71,30 @@ class _Slot:
     process: WorkerProcess | None = None
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     models: dict[str, LoadModel] = field(default_factory=dict)
+    #: the models loaded in the current process (a quarantined one is not)
+    loaded: set[str] = field(default_factory=set)
     restarts: int = 0
+    #: model ("" when no crash dump named one) -> deaths of this worker laid at its door
+    crashes: collections.Counter[str] = field(default_factory=collections.Counter)
+    #: calls sent again after another call crashed the worker they were in flight on
+    retried: int = 0
     supervisor: asyncio.Task[None] | None = None
 
 
+class ModelQuarantined(InferenceError):
+    """The model crashed its worker too often: its calls are refused without running."""
+
+
 class WorkerPool:
-    """The worker processes of one server."""
+    """The worker processes of one server.
+
+    Args:
+        max_retries: how many times a call that was in flight on a worker that died without
+            naming a culprit is sent again to the replacement (deaths laid at another model's
+            door do not count while quarantine is on: it bounds them).
+        quarantine_after_crashes: crashes of one model within ``quarantine_window_s`` that
+            quarantine it; None: never.
+    """
 
     def __init__(
         self,
@@ -77,6 +106,9 @@ class WorkerPool:
         restart_wait_s: float = 30.0,
         memory_limit_mb: float | None = None,
         log_level: int = logging.INFO,
+        max_retries: int = 2,
+        quarantine_after_crashes: int | None = 3,
+        quarantine_window_s: float = 300.0,
     ) -> None:
         self.ping_interval_s = ping_interval_s
         self.ping_timeout_s = ping_timeout_s
@@ -85,8 +117,15 @@ class WorkerPool:
         self.restart_wait_s = restart_wait_s
         self.memory_limit_mb = memory_limit_mb
         self.log_level = log_level
+        self.max_retries = max_retries
+        self.quarantine_after_crashes = quarantine_after_crashes
+        self.quarantine_window_s = quarantine_window_s
         self._slots: dict[WorkerKey, _Slot] = {}
         self._closing = False
+        #: model -> loop times of its recent crashes
+        self._crash_times: dict[str, collections.deque[float]] = {}
+        #: quarantined model -> why (the message its calls are refused with)
+        self._quarantined: dict[str, str] = {}
 
     # -- what the engine calls -----------------------------------------------------------
 
@@ -104,6 +143,7 @@ class WorkerPool:
         assert slot.process is not None
         loaded: Loaded = await slot.process.call(message, node=contexts[0].node, plugin=plugin)
         slot.models[model_id] = message
+        slot.loaded.add(model_id)
         return loaded
 
     async def predict(
@@ -115,25 +155,123 @@ class WorkerPool:
         node: str,
         plugin: str,
         deadline: float | None = None,
+        timeout_s: float | None = None,
+        retry: bool = True,
     ) -> Batch:
+        """Run ``model_id`` on one batch in the worker of ``key``.
+
+        Args:
+            deadline: on the loop's clock, when the last request of the batch gives up; waiting
+                for a replacement worker ends there.
+            timeout_s: a call that runs longer has hung its instance: it fails and its worker
+                is replaced (the other calls in flight on it are sent again).
+            retry: send the call again when another call crashed its worker
+                (the plugin's ``retry_on_worker_loss``).
+
+        Raises:
+            ModelQuarantined: the model crashed its worker too often.
+            WorkerDied: this call crashed the worker (or may have), or ``retry`` is False, or
+                its worker died under it more than ``max_retries`` times with no culprit named.
+            InferenceError: the plugin raised, ran past ``timeout_s``, or its worker did not
+                come back within ``restart_wait_s``.
+            DeadlineExceeded: the deadline passed while waiting for the worker to come back.
+        """
         slot = self._slots[key]
-        if not slot.ready.is_set():
-            await self._wait_ready(slot, node, plugin, deadline)
-        assert slot.process is not None
-        result: Batch = await slot.process.call(Predict(model_id, inputs), node=node, plugin=plugin)
-        return result
+        message = Predict(model_id, inputs)
+        retries = 0
+        while True:
+            reason = self._quarantined.get(model_id)
+            if reason is not None:
+                raise ModelQuarantined(reason, node=node, plugin=plugin)
+            if not slot.ready.is_set():
+                await self._wait_ready(slot, node, plugin, deadline)
+                continue  # the model may have been quarantined meanwhile
+            assert slot.process is not None
+            try:
+                return await self._call(slot, slot.process, message, node, plugin, timeout_s)
+            except WorkerDied as exc:
+                if not (retry and exc.retryable):
+                    raise
+                # Quarantine bounds the crashes laid at another model's door; count the rest.
+                if not exc.blamed_elsewhere or self.quarantine_after_crashes is None:
+                    if retries >= self.max_retries:
+                        raise
+                    retries += 1
+                slot.retried += 1
+                logger.info("%s; sending it to the new worker", exc.message)
+
+    async def _call(
+        self,
+        slot: _Slot,
+        process: WorkerProcess,
+        message: Predict,
+        node: str,
+        plugin: str,
+        timeout_s: float | None,
+    ) -> Batch:
+        result: Batch
+        if timeout_s is None:
+            result = await process.call(message, node=node, plugin=plugin)
+            return result
+        try:
+            async with asyncio.timeout(timeout_s):
+                result = await process.call(message, node=node, plugin=plugin)
+                return result
+        except TimeoutError:
+            # The call cannot be interrupted inside the worker and holds an instance: replace
+            # the worker (its models are loaded again) rather than let every later call queue
+            # behind a hung one.  This call is the culprit; the others in flight are not.
+            why = f"node {node!r} ran past its timeout_ms ({timeout_s * 1000:g} ms)"
+            if process is slot.process and not process.killed and not process.exited.is_set():
+                logger.warning("replacing worker %s (pid %s): %s", slot.key.name, process.pid, why)
+                self._record_crash(slot, message.model_id)
+                process.kill(spare_in_flight=True)
+            msg = f"{why}; its worker {slot.key.name} is being replaced"
+            raise InferenceError(msg, node=node, plugin=plugin) from None
 
     def statistics(self) -> dict[str, dict[str, object]]:
-        """Per worker: pid, restarts, hosted models, whether it is ready."""
+        """Per worker: pid, restarts, hosted models, whether it is ready, crashes by model
+        (``""``: no crash dump named one), calls retried after a crash, quarantined models."""
         return {
             slot.key.name: {
                 "pid": slot.process.pid if slot.process else None,
                 "restarts": slot.restarts,
                 "models": sorted(slot.models),
                 "ready": slot.ready.is_set(),
+                "crashes": dict(slot.crashes),
+                "retried": slot.retried,
+                "quarantined": sorted(m for m in slot.models if m in self._quarantined),
             }
             for slot in self._slots.values()
         }
+
+    def quarantined(self) -> dict[str, str]:
+        """Quarantined model -> why."""
+        return dict(self._quarantined)
+
+    async def lift_quarantine(self, model_id: str) -> bool:
+        """Serve a quarantined model again: forget its crashes and load it into its worker.
+
+        Returns:
+            Whether the model was quarantined.
+
+        Raises:
+            DagserveError: loading it into the running worker failed (it is then served by the
+                next replacement worker).
+        """
+        if self._quarantined.pop(model_id, None) is None:
+            return False
+        self._crash_times.pop(model_id, None)
+        logger.warning("model %s: quarantine lifted", model_id)
+        for slot in self._slots.values():
+            message = slot.models.get(model_id)
+            # A worker being replaced loads it with the others (see _supervise).
+            if message is None or not slot.ready.is_set() or model_id in slot.loaded:
+                continue
+            assert slot.process is not None
+            await slot.process.call(message, node=message.contexts[0].node, plugin=message.plugin)
+            slot.loaded.add(model_id)
+        return True
 
     def replace(self, key: WorkerKey, why: str) -> None:
         """Kill the worker of ``key`` (it hung); the supervisor starts a new one."""
@@ -166,10 +304,40 @@ class WorkerPool:
         # a dead worker while the supervisor has not noticed yet.
         key = slot.key
         process = WorkerProcess(
-            key.name, env=key.environment(), log_level=self.log_level, on_exit=slot.ready.clear
+            key.name,
+            env=key.environment(),
+            log_level=self.log_level,
+            on_exit=lambda death: self._on_death(slot, death),
         )
         await process.start()
         return process
+
+    def _on_death(self, slot: _Slot, death: Death) -> None:
+        slot.ready.clear()
+        slot.loaded.clear()
+        if death.stopped or death.spared or self._closing:
+            return  # a shutdown; or a timeout, counted where it was found
+        (culprit,) = death.culprits if len(death.culprits) == 1 else ("",)
+        self._record_crash(slot, culprit)
+
+    def _record_crash(self, slot: _Slot, model_id: str) -> None:
+        """Count a death of ``slot``'s worker against ``model_id``; quarantine it if due."""
+        slot.crashes[model_id] += 1
+        limit = self.quarantine_after_crashes
+        if not model_id or limit is None or model_id in self._quarantined:
+            return
+        now = asyncio.get_running_loop().time()
+        times = self._crash_times.setdefault(model_id, collections.deque())
+        times.append(now)
+        while times[0] < now - self.quarantine_window_s:
+            times.popleft()
+        if len(times) >= limit:
+            reason = (
+                f"model {model_id} quarantined after {len(times)} crashes in "
+                f"{self.quarantine_window_s:g} s; restart the server to lift it"
+            )
+            self._quarantined[model_id] = reason
+            logger.error("%s (worker %s)", reason, slot.key.name)
 
     async def _wait_ready(
         self, slot: _Slot, node: str, plugin: str, deadline: float | None
@@ -214,8 +382,15 @@ class WorkerPool:
             started = loop.time()
             try:
                 slot.process = await self._spawn(slot)
-                for message in slot.models.values():
-                    await slot.process.call(message, node=message.contexts[0].node)
+                # Until none is missing: a quarantine may be lifted meanwhile.
+                while todo := [
+                    message
+                    for model_id, message in slot.models.items()
+                    if model_id not in slot.loaded and model_id not in self._quarantined
+                ]:
+                    for message in todo:
+                        await slot.process.call(message, node=message.contexts[0].node)
+                        slot.loaded.add(message.model_id)
             except (DagserveError, OSError) as exc:
                 logger.error("worker %s could not be restarted: %s", slot.key.name, exc)
                 continue
@@ -258,4 +433,4 @@ def worker_key(framework: str | None, device: str) -> WorkerKey:
     return WorkerKey(framework or "numpy", device)
 
 
-__all__ = ["WorkerDied", "WorkerKey", "WorkerPool", "worker_key"]
+__all__ = ["ModelQuarantined", "WorkerDied", "WorkerKey", "WorkerPool", "worker_key"]

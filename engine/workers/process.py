@@ -1,4 +1,9 @@
-"""The parent's handle on one worker process: spawn it, call it, notice when it dies."""
+"""The parent's handle on one worker process: spawn it, call it, notice when it dies.
+
+When a worker dies, the calls in flight on it are judged from what it left behind
+(``engine.workers.postmortem``): the call that crashed it fails; the others fail with a
+*retryable* :class:`WorkerDied`, which the pool sends again to the replacement worker.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,7 @@ import itertools
 import logging
 import multiprocessing
 import os
+import signal
 import socket
 import threading
 from collections.abc import Callable, Mapping
@@ -16,6 +22,7 @@ from typing import Any
 from engine.workers import wire
 from engine.workers.main import worker_entry
 from engine.workers.messages import Ping, RemoteError, Reply, Shutdown
+from engine.workers.postmortem import FlightRecord, Postmortem
 from model_plugins.errors import DagserveError, InferenceError
 
 logger = logging.getLogger(__name__)
@@ -32,10 +39,46 @@ class _Call:
     future: asyncio.Future[Any]
     node: str | None
     plugin: str | None
+    model: str | None  # the model a Predict or LoadModel is for
 
 
 class WorkerDied(InferenceError):
-    """The worker process ended while requests were in flight on it."""
+    """The worker process ended while requests were in flight on it.
+
+    ``retryable`` is true for a call that cannot have caused the death: it had not started,
+    or it ran on another thread than the one that crashed, or the worker was killed for
+    another call's timeout.  Inference is side-effect free, so such a call may be sent again.
+    ``blamed_elsewhere`` is true when, besides, the death was laid at another call's door (a
+    crash dump named its thread, or it ran past its timeout): that call's model is counted
+    towards its quarantine.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        node: str | None = None,
+        plugin: str | None = None,
+        *,
+        retryable: bool = False,
+        blamed_elsewhere: bool = False,
+    ) -> None:
+        super().__init__(message, node=node, plugin=plugin)
+        self.retryable = retryable
+        self.blamed_elsewhere = blamed_elsewhere
+
+
+@dataclass(frozen=True)
+class Death:
+    """How a worker ended, for its pool (``WorkerProcess.on_exit``)."""
+
+    how: str
+    """"exit code 1", "killed by signal 6 (SIGABRT)", ..."""
+    culprits: frozenset[str]
+    """The model whose call crashed it, as the crash dump names it; empty when unknown."""
+    stopped: bool
+    """Stopped on purpose (shutdown): nothing crashed."""
+    spared: bool
+    """Killed after a call ran past its timeout (``kill(spare_in_flight=True)``)."""
 
 
 class WorkerProcess:
@@ -43,7 +86,8 @@ class WorkerProcess:
 
     ``call`` sends a message and awaits the reply of the same correlation id.  When the
     process dies, every call in flight fails at once with :class:`WorkerDied` naming its
-    node, and ``exited`` is set.
+    node, retryable unless the call may have caused the death; then ``exited`` is set and
+    ``on_exit`` is called with the :class:`Death`.
     """
 
     def __init__(
@@ -52,7 +96,7 @@ class WorkerProcess:
         *,
         env: Mapping[str, str] | None = None,
         log_level: int = 20,
-        on_exit: Callable[[], None] | None = None,
+        on_exit: Callable[[Death], None] | None = None,
     ) -> None:
         self.name = name
         self.on_exit = on_exit
@@ -66,6 +110,10 @@ class WorkerProcess:
         self._send_lock = asyncio.Lock()
         self._reader_task: asyncio.Task[None] | None = None
         self._stopping = False
+        self._spare = False
+        self._record: FlightRecord | None = None
+        #: kill() was called: the process is dying or dead
+        self.killed = False
 
     @property
     def pid(self) -> int | None:
@@ -73,9 +121,10 @@ class WorkerProcess:
 
     async def start(self) -> None:
         parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        record = self._record = FlightRecord(self.name)
         process = _SPAWN.Process(
             target=worker_entry,
-            args=(child_sock, self.name, self.log_level),
+            args=(child_sock, self.name, self.log_level, *record.paths()),
             name=f"dagserve-worker-{self.name}",
             daemon=True,
         )
@@ -84,6 +133,9 @@ class WorkerProcess:
             os.environ.update(self.env)
             try:
                 process.start()
+            except BaseException:
+                record.remove()
+                raise
             finally:
                 for key, value in saved.items():
                     if value is None:
@@ -101,23 +153,30 @@ class WorkerProcess:
         self, message: Any, *, node: str | None = None, plugin: str | None = None
     ) -> Any:
         """Send ``message`` and return the value of the worker's reply to it."""
+        # A call that never reached the worker cannot have harmed it: it may go again.
         if self.exited.is_set() or self._sock is None:
             msg = f"worker {self.name} is not running"
-            raise WorkerDied(msg, node=node, plugin=plugin)
+            raise WorkerDied(msg, node=node, plugin=plugin, retryable=True)
         message_id = next(self._ids)
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._calls[message_id] = _Call(future, node, plugin)
+        model = getattr(message, "model_id", None)
+        self._calls[message_id] = _Call(future, node, plugin, model)
+        sent = False
         try:
             async with self._send_lock:  # frames must not interleave
                 await wire.write(asyncio.get_running_loop(), self._sock, (message_id, message))
+            sent = True
             return await future
         except (ConnectionError, RuntimeError) as exc:
             if future.done() and future.exception() is not None:
                 raise future.exception() from None  # type: ignore[misc]
             msg = f"worker {self.name} cannot be reached: {exc}"
-            raise WorkerDied(msg, node=node, plugin=plugin) from exc
+            raise WorkerDied(msg, node=node, plugin=plugin, retryable=not sent) from exc
         finally:
-            self._calls.pop(message_id, None)
+            # A call that was sent stays listed until its reply or the worker's death, even
+            # when its caller gave up: if it crashes the worker, its model is to blame.
+            if not sent:
+                self._calls.pop(message_id, None)
 
     async def ping(self, timeout_s: float) -> bool:
         try:
@@ -141,8 +200,16 @@ class WorkerProcess:
         if self._reader_task is not None:
             await asyncio.gather(self._reader_task, return_exceptions=True)
 
-    def kill(self) -> None:
+    def kill(self, *, spare_in_flight: bool = False) -> None:
+        """Kill the process (SIGKILL).
+
+        Args:
+            spare_in_flight: the call that made the worker useless has been answered already
+                (it ran past its timeout): every call still in flight is innocent.
+        """
         if self.process is not None and self.process.is_alive():
+            self._spare = self._spare or spare_in_flight
+            self.killed = True
             self.process.kill()
 
     async def _read_replies(self) -> None:
@@ -151,7 +218,7 @@ class WorkerProcess:
         try:
             while True:
                 reply: Reply = await reader.read()
-                call = self._calls.get(reply.id)
+                call = self._calls.pop(reply.id, None)
                 if call is None or call.future.done():
                     continue  # the caller gave up (deadline): drop the late answer
                 if reply.error is None:
@@ -174,19 +241,48 @@ class WorkerProcess:
         code = await self._exit_code()
         how = f"exit code {code}" if code is not None else "still running, unreachable"
         if code is not None and code < 0:
-            how = f"killed by signal {-code}"
-        for call in list(self._calls.values()):
-            if not call.future.done():
+            how = f"killed by signal {-code}{_signal_name(-code)}"
+        if code is None:
+            self.kill()  # unreachable: make it dead before reading what it left
+        report = Postmortem()
+        if self._record is not None:
+            report = self._record.read()
+            self._record.remove()
+        blame = not (self._stopping or self._spare)
+        guilty = {i for i in self._calls if blame and report.is_culprit(i)}
+        # Only a dump that names the thread convicts a model; without one, running calls fail
+        # as suspects, but nobody is blamed (an OOM kill may hit a bystander).
+        convicted = report.faulting_thread is not None and bool(guilty)
+        models = (self._calls[i].model for i in guilty) if convicted else ()
+        culprits = frozenset(m for m in models if m is not None)
+        for message_id, call in self._calls.items():
+            if call.future.done():
+                continue  # its caller gave up; it still counted for the blame
+            if message_id in guilty or self._stopping:
                 where = f" while running node {call.node!r}" if call.node else ""
                 msg = f"worker {self.name} (pid {self.pid}) died{where}: {how}"
-                call.future.set_exception(WorkerDied(msg, node=call.node, plugin=call.plugin))
+                error = WorkerDied(msg, node=call.node, plugin=call.plugin)
+            else:
+                where = f"node {call.node!r}" if call.node else "a call"
+                msg = (
+                    f"worker {self.name} (pid {self.pid}) died ({how}) while {where} was in "
+                    "flight on it, though not what crashed it"
+                )
+                error = WorkerDied(
+                    msg, node=call.node, plugin=call.plugin, retryable=True,
+                    blamed_elsewhere=convicted or self._spare,
+                )  # fmt: skip
+            call.future.set_exception(error)
+        self._calls.clear()
         if self._sock is not None:
             self._sock.close()
         self.exited.set()
         if self.on_exit is not None:
-            self.on_exit()
+            self.on_exit(Death(how, culprits, self._stopping, self._spare))
         level = logging.INFO if self._stopping else logging.WARNING
         logger.log(level, "worker %s (pid %s) ended: %s", self.name, self.pid, how)
+        if report.dump:
+            logger.warning("worker %s (pid %s) crash dump:\n%s", self.name, self.pid, _head(report))
 
     async def _exit_code(self) -> int | None:
         # The socket closes a moment before the process is reaped: wait briefly for the code.
@@ -197,4 +293,18 @@ class WorkerProcess:
         return self.process.exitcode if self.process else None
 
 
-__all__ = ["WorkerDied", "WorkerProcess"]
+def _signal_name(number: int) -> str:
+    try:
+        return f" ({signal.Signals(number).name})"
+    except ValueError:
+        return ""
+
+
+def _head(report: Postmortem) -> str:
+    """The error and the faulting thread's stack (the dump lists every thread, in any order)."""
+    blocks = report.dump.strip().split("\n\n")
+    current = [b for b in blocks[1:] if b.startswith("Current thread")]
+    return "\n\n".join(blocks[:1] + (current or blocks[1:2]))
+
+
+__all__ = ["Death", "WorkerDied", "WorkerProcess"]
