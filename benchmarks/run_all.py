@@ -2,13 +2,19 @@
 
     .venv/bin/python -m benchmarks.run_all [--quick] [--out FILE] [--only NAME ...]
 
+RESULTS.md is only ever written whole, by one full run (``make bench``): its header names the
+commit of the code that ran (and whether the tree had changes the commit lacks) and the date,
+and every section below it comes from that run.  A ``--quick`` run or an ``--only`` run prints
+its report (or writes it to ``--out``, never to RESULTS.md), so no section of another run can
+be pasted in.
+
 Each scenario runs as ``python -m benchmarks.<name> [ARGS]`` in a subprocess with a time bound
 (and within the whole run's bound: 20 min, 5 min with ``--quick``); its stdout is pasted into
 its section as it printed it (tables, in Markdown).  A line of its output starting with
 ``Reading:`` becomes the section's one-line reading; for scenarios that print none, a reader
 here derives it from the table, or says there is none.  A scenario that fails, or runs past
 its bound, gets the tail of its output instead of numbers.  ``benchmarks.batching`` and
-``benchmarks.ray_serve`` run only where they import.  The file is rewritten whole.
+``benchmarks.ray_serve`` run only where they import (their sections say so otherwise).
 """
 
 from __future__ import annotations
@@ -29,7 +35,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_OUT = ROOT / "benchmarks" / "RESULTS.md"
+#: the report of the last full run, relative to ROOT
+RESULTS = "benchmarks/RESULTS.md"
+DEFAULT_OUT = ROOT / RESULTS
 #: the whole run's bound, seconds (full, --quick)
 TOTAL_S = {False: 20 * 60, True: 5 * 60}
 
@@ -132,6 +140,10 @@ def run_all(scenarios: Sequence[Scenario], quick: bool) -> list[Outcome]:
     deadline = time.monotonic() + TOTAL_S[quick]
     outcomes = []
     for scenario in scenarios:
+        if scenario.optional and not available(scenario):
+            missing = f"not run: benchmarks.{scenario.name} is not available here"
+            outcomes.append(Outcome(scenario, scenario.command(quick), "", None, 0.0, missing))
+            continue
         left = deadline - time.monotonic()
         bound = min(scenario.quick_bound_s if quick else scenario.bound_s, left)
         if bound < 5:
@@ -143,6 +155,31 @@ def run_all(scenarios: Sequence[Scenario], quick: bool) -> list[Outcome]:
 
 
 # --- the report ---------------------------------------------------------------------------
+
+
+def code_version() -> str:
+    """The commit of the checkout, and the files in which the tree differs from it."""
+    try:
+        commit = _git("rev-parse", "HEAD").strip()
+        status = _git("status", "--porcelain")
+    except (subprocess.SubprocessError, OSError):
+        return "not a git checkout (commit unknown)"
+    changed = sorted(line[3:] for line in status.splitlines() if line[3:] not in ("", RESULTS))
+    if not changed:
+        return f"commit {commit}, clean tree"
+    shown = ", ".join(changed[:10]) + (
+        f" and {len(changed) - 10} more" if len(changed) > 10 else ""
+    )
+    return (
+        f"commit {commit} with uncommitted changes (dirty tree) in {len(changed)} file(s): {shown}"
+    )
+
+
+def _git(*args: str) -> str:
+    done = subprocess.run(
+        ["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=30, check=True
+    )
+    return done.stdout
 
 
 def machine() -> str:
@@ -261,28 +298,59 @@ def section(outcome: Outcome) -> str:
                       "```", ""])  # fmt: skip
 
 
-def report(outcomes: Sequence[Outcome], quick: bool, total_s: float) -> str:
-    """The whole RESULTS.md."""
+def header(
+    quick: bool,
+    total_s: float,
+    code: str,
+    code_after: str | None = None,
+    only: Sequence[str] = (),
+) -> list[str]:
+    """The report's header: what ran (the code's commit, dirty or not), when, where, how."""
     when = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
-    header = [
+    flags = (" --quick" if quick else "") + (f" --only {' '.join(only)}" if only else "")
+    lines = [
         "# Benchmark results",
         "",
+        f"Code: {code}.",
+    ]
+    if code_after is not None and code_after != code:
+        lines.append(f"**The tree changed during the run**; at its end: {code_after}.")
+    return [
+        *lines,
         f"Machine: {machine()}.",
-        f"Date: {when}. Written by `.venv/bin/python -m benchmarks.run_all"
-        f"{' --quick' if quick else ''}` in {total_s:.0f} s.",
+        f"Date: {when}. Every section below comes from this one run of "
+        f"`.venv/bin/python -m benchmarks.run_all{flags}`, in {total_s:.0f} s.",
         "",
+    ]
+
+
+def report(
+    outcomes: Sequence[Outcome],
+    quick: bool,
+    total_s: float,
+    code: str,
+    code_after: str | None = None,
+    only: Sequence[str] = (),
+) -> str:
+    """The whole report (RESULTS.md for a full run)."""
+    header_lines = [
+        *header(quick, total_s, code, code_after, only),
         "The machine is shared and noisy: read the ratios of figures measured side by side in "
         "one run, not the absolute numbers. Every section says how its figures were measured "
         "in its module's docstring.",
         "",
     ]
-    return "\n".join(header + [section(o) for o in outcomes])
+    return "\n".join(header_lines + [section(o) for o in outcomes])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="short windows, <= 5 min in all")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="the Markdown to write")
+    parser.add_argument(
+        "--out", type=Path,
+        help=f"the Markdown to write (default: {RESULTS} for a full run; "
+        "a --quick or --only run prints its report)",
+    )  # fmt: skip
     parser.add_argument("--only", nargs="+", metavar="NAME", help="run only these scenarios")
     args = parser.parse_args(argv)
     known = {s.name for s in SCENARIOS}
@@ -290,15 +358,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(
             f"unknown scenario(s): {sorted(set(args.only) - known)}; known: {sorted(known)}"
         )
-    chosen = [
-        s for s in SCENARIOS
-        if (not args.only or s.name in args.only) and (available(s) or not s.optional)
-    ]  # fmt: skip
+    partial = bool(args.only) or args.quick
+    out = args.out if args.out is not None or partial else DEFAULT_OUT
+    if partial and out is not None and out.resolve() == DEFAULT_OUT.resolve():
+        parser.error(
+            f"{RESULTS} is written only by a full run of every scenario "
+            "(make bench); give --out another file"
+        )
+    chosen = [s for s in SCENARIOS if not args.only or s.name in args.only]
+    code = code_version()
     started = time.monotonic()
     outcomes = run_all(chosen, args.quick)
-    args.out.write_text(report(outcomes, args.quick, time.monotonic() - started), encoding="utf-8")
-    print(f"wrote {args.out}")
-    return 0 if all(o.ok for o in outcomes) else 1
+    text = report(
+        outcomes, args.quick, time.monotonic() - started, code, code_version(), args.only or ()
+    )
+    if out is None:
+        print(text)
+    else:
+        out.write_text(text, encoding="utf-8")
+        print(f"wrote {out}")
+    missing = {
+        o.scenario.name for o in outcomes if o.scenario.optional and not available(o.scenario)
+    }
+    return 0 if all(o.ok or o.scenario.name in missing for o in outcomes) else 1
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ with neither an answer nor a typed error: must be 0).  Malformed frames are coun
 are not requests, and the server closes their connections without an answer.  Also: peak
 memory of the server and its worker, worker restarts, the steady load's latency before and
 during the 10x load, and for each fault how the steady load fared: its requests that failed
-from the fault's start until it recovered, and the recovery time, from the fault's end (the
+from the fault's start until the next fault, and the recovery time, from the fault's end (the
 kill, for the SIGKILL) to the first success of a steady-load request SENT after it.  A fault
 that disturbs nothing still shows one request's latency there: compare it with the p50.
 """
@@ -186,17 +186,18 @@ class Fault:
     end: float
 
 
-def recovery(stream: Stream, fault: Fault) -> tuple[float | None, Counter[str]]:
+def recovery(stream: Stream, fault: Fault) -> float | None:
     """Seconds from the fault's end to the first success of a request sent after it (None:
-    never), and the requests that failed from the fault's start until then, by type."""
+    never).  A request sent before the fault's end does not count, whenever it succeeded."""
     assert stream.records is not None
     after = [d for s, d, o in stream.records if o == "ok" and s >= fault.end]
-    recovered = min(after) if after else None
-    failed = Counter(
-        o for s, d, o in stream.records
-        if o != "ok" and d >= fault.start and (recovered is None or d < recovered)
-    )  # fmt: skip
-    return (recovered - fault.end if recovered is not None else None), failed
+    return min(after) - fault.end if after else None
+
+
+def failures(stream: Stream, start: float, end: float) -> Counter[str]:
+    """The requests that failed with an answer or without one in [start, end), by type."""
+    assert stream.records is not None
+    return Counter(o for _, d, o in stream.records if o != "ok" and start <= d < end)
 
 
 def _counts(counter: Counter[str]) -> str:
@@ -303,16 +304,21 @@ async def main_async(phase: float) -> int:
     )
     print()
     steady = latencies(good, *baseline)
-    print(f"| fault | steady-load requests failed from its start to recovery | recovery: its "
-          f"end to the first success of a request sent after it (steady p50 "
-          f"{_p(steady, 50):.0f} ms) |")  # fmt: skip
+    print(
+        f"| phase | steady-load requests that failed in it | recovery: the fault's end to "
+        f"the first success of a request sent after it (steady p50 {_p(steady, 50):.0f} ms) |"
+    )
     print("|---|---|---|")
+    print(f"| baseline | {_counts(failures(good, *baseline))} | - |")
     recovered_all = True
-    for fault in faults:
-        seconds, failed = recovery(good, fault)
+    ends = [f.start for f in faults[1:]] + [float("inf")]
+    for fault, phase_end in zip(faults, ends, strict=True):
+        seconds = recovery(good, fault)
         recovered_all &= seconds is not None
         shown = f"{seconds * 1000:.0f} ms" if seconds is not None else "never"
-        print(f"| {fault.name} | {_counts(failed)} | {shown} |")
+        until = "the next fault" if phase_end != float("inf") else "the end"
+        print(f"| {fault.name}, until {until} | "
+              f"{_counts(failures(good, fault.start, phase_end))} | {shown} |")  # fmt: skip
     print()
     heavy_fault = next(f for f in faults if f.name == "10x load")
     during = latencies(good, heavy_fault.start, heavy_fault.end)
@@ -324,7 +330,7 @@ async def main_async(phase: float) -> int:
     lost = sum(sum(s.lost.values()) for s in streams)
     if lost:
         print(f"LOST requests by stream: { {s.name: dict(s.lost) for s in streams if s.lost} }")
-    sigkill = recovery(good, faults[-1])[0]
+    sigkill = recovery(good, faults[-1])
     print(
         f"Reading: {sum(s.sent for s in valid)} valid requests ({invalid.sent} invalid ones "
         f"apart), {lost} lost; the steady load recovered "
