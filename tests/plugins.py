@@ -201,7 +201,7 @@ class TorchScale(ModelPlugin):
         if self.poison is not None and (x[:, 0] == self.poison).any():
             os.abort()
         time.sleep(self.seconds)
-        y = self.torch.from_numpy(np.ascontiguousarray(x)) * self.factor
+        y = self.torch.from_numpy(np.array(x)) * self.factor  # a writable copy
         return {"y": y.numpy().astype(np.float32)}
 
 
