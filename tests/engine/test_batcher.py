@@ -8,7 +8,7 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 
-from engine.batcher import Batcher, Padding
+from engine.batcher import Batcher, Padding, batch_deadline
 from model_plugins.errors import DeadlineExceeded, InferenceError, InvalidRequest, Overloaded
 
 
@@ -340,3 +340,31 @@ async def test_max_queue_delay_refuses_what_would_wait_too_long():
         await model.finish(len(model.calls) - 1)
     await asyncio.gather(*accepted)
     assert batcher.statistics().rejected == 1
+
+
+async def test_the_call_sees_the_latest_deadline_of_its_batch():
+    seen: list[tuple[int, float | None]] = []
+    release = asyncio.Event()
+
+    async def call(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        seen.append((len(batch["x"]), batch_deadline()))  # what the worker pool bounds retries by
+        await release.wait()
+        return {"y": batch["x"]}
+
+    clock = FakeClock()
+    batcher = Batcher(call, max_batch_size=4, max_queue=100, clock=clock, name="m")
+    now = clock.now
+    first = asyncio.create_task(batcher.submit(items(0)))  # holds the only instance
+    await settle()
+    pair = [
+        asyncio.create_task(batcher.submit(items(1), deadline=now + 1)),
+        asyncio.create_task(batcher.submit(items(2), deadline=now + 3)),
+    ]
+    await settle()
+    release.set()
+    await asyncio.gather(first, *pair)
+    await batcher.submit(items(3), deadline=now + 1)
+    await batcher.submit(items(4))
+    # the pair's batch lives as long as its last request; alone, a request's own; none: None
+    assert seen == [(1, None), (2, now + 3), (1, now + 1), (1, None)]
+    assert batch_deadline() is None  # set only inside each batch's own task

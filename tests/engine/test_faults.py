@@ -214,6 +214,15 @@ def test_a_crashing_model_fails_only_its_own_requests_and_is_quarantined_after_t
         crashes = {"worker": "torch@cpu", "model": "neighbours/poison"}
         assert sample("dagserve_worker_crashes_total", crashes) == 3
 
+        # Lifting the quarantine (what the admin API will call) loads it into the worker again.
+        assert server.run(workers.lift_quarantine("neighbours/poison"))
+        with Client("127.0.0.1", server.port, timeout_s=60) as client:
+            good = np.array([[1, 2]], np.float32)
+            out = client.infer("neighbours", {"x": good}, outputs=["poison"]).outputs["poison"]
+            np.testing.assert_array_equal(out, good * 2)
+            assert "quarantined.neighbours/poison" not in client.health().details
+        assert sample("dagserve_model_quarantined", {"model": "neighbours/poison"}) == 0
+
 
 @pytest.mark.timeout(120)
 def test_a_neighbour_that_declares_retry_on_worker_loss_false_fails_instead(neighbours):
