@@ -82,7 +82,7 @@ def test_adapter_serves_on_a_card(
         tmp_path,
         f"name: on_gpu\ninputs: {{x: {{dtype: float32, shape: [8]}}}}\nnodes:\n"
         f"  m:\n    plugin: {adapter}\n    model: {folder / model}\n    params: {params}\n"
-        f"    device: cuda:{card}\n    inputs: {{x: $inputs.x}}\n"
+        f"    device: cuda:{card}\n    gpu_memory_mb: 1024\n    inputs: {{x: $inputs.x}}\n"
         f"    outputs: {{y: {{dtype: float32, shape: [4]}}}}\n"
         f"outputs: {{y: m.y}}\n",
     )

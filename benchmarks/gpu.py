@@ -1,0 +1,122 @@
+"""ResNet-18 on a GPU: the model called offline against the same TorchScript file served by
+dagserve on ``cuda:0`` (torchscript adapter, dynamic batching), side by side in one run.
+
+Needs a CUDA device and torch with CUDA; run where one is (``make gpu-check`` runs the GPU
+tests, this measures)::
+
+    python -m benchmarks.gpu [--seconds 5] [--out gpu.md]
+
+Offline: the traced module on ``cuda:0`` in this process, ``torch.cuda.synchronize()`` after
+each call, with a numpy input copied to the card and the output copied back (what a served
+call does too).  Served: ``dagserve serve`` in a subprocess, loaded by ``engine.bench``'s
+closed loop over Thrift on 127.0.0.1 (concurrency 1 for latency, 64 for throughput).
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks._serving import dagserve_command, figures, free_port, measure, ratio, serving
+from benchmarks.batching import export_models
+
+SIZES = (1, 8, 32, 64)
+PIPELINE = """
+name: gpu_resnet
+inputs: {{pixels: {{dtype: float32, shape: [3, 224, 224]}}}}
+nodes:
+  net:
+    plugin: torchscript
+    model: {model}
+    params: {{input_names: [pixels], output_names: [logits]}}
+    device: cuda:0
+    gpu_memory_mb: 2048
+    batching: {{max_batch_size: {max_batch}, max_delay_ms: 2}}
+    inputs: {{pixels: $inputs.pixels}}
+    outputs: {{logits: {{dtype: float32, shape: [1000]}}}}
+outputs: {{logits: net.logits}}
+"""
+
+
+def offline(model: Path, seconds: float) -> dict[str, float]:
+    """items/s per batch size (median call) and the batch-1 latency, numpy in and out."""
+    import warnings
+
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        module = torch.jit.load(str(model), map_location="cuda:0").eval()
+    rng = np.random.default_rng(0)
+    row: dict[str, float] = {"card": 0.0}
+    with torch.inference_mode():
+        for size in SIZES:
+            x = rng.random((size, 3, 224, 224), dtype=np.float32)
+            times: list[float] = []
+            for _ in range(5):  # warm up: cuDNN picks its kernels, TorchScript profiles
+                module(torch.from_numpy(x).to("cuda:0")).cpu()
+            until = time.perf_counter() + seconds
+            while time.perf_counter() < until or len(times) < 10:
+                start = time.perf_counter()
+                module(torch.from_numpy(x).to("cuda:0")).cpu().numpy()
+                torch.cuda.synchronize()
+                times.append(time.perf_counter() - start)
+            median = float(np.median(times))
+            row[f"items/s@{size}"] = size / median
+            if size == 1:
+                row["batch1 ms"] = median * 1000
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args(argv)
+    import torch
+
+    name = torch.cuda.get_device_name(0)
+    with tempfile.TemporaryDirectory(prefix="gpu-bench-") as tmp:
+        folder = Path(tmp)
+        export_models(folder)
+        model = folder / "resnet18.pt"
+        alone = offline(model, args.seconds)
+        best_size = max(SIZES, key=lambda s: alone[f"items/s@{s}"])
+        best = alone[f"items/s@{best_size}"]
+        path = folder / "gpu.yaml"
+        path.write_text(PIPELINE.format(model=model, max_batch=max(SIZES)))
+        port = free_port()
+        sample = [{"pixels": np.random.default_rng(1).random((1, 3, 224, 224), np.float32)}]
+        with serving(dagserve_command([path], port), port, ready_timeout_s=300):
+            idle = figures(measure(port, "gpu_resnet", sample, concurrency=1,
+                                   duration_s=args.seconds, warmup_s=2))  # fmt: skip
+            loaded = figures(measure(port, "gpu_resnet", sample, concurrency=64,
+                                     duration_s=args.seconds * 2, warmup_s=2))  # fmt: skip
+    lines = [
+        f"ResNet-18 (TorchScript, fp32) on {name}, `python -m benchmarks.gpu --seconds "
+        f"{args.seconds:g}`",
+        "",
+        "| | offline | served | served / offline |",
+        "|---|---:|---:|---:|",
+        f"| batch 1 latency, p50 ms | {alone['batch1 ms']:.2f} | {idle['p50 ms']:.2f} | "
+        f"{ratio(idle['p50 ms'], alone['batch1 ms']):.2f} |",
+        f"| throughput, items/s (offline: best batch {best_size}; served: 64 clients) | "
+        f"{best:.0f} | {loaded['req/s']:.0f} | {ratio(loaded['req/s'], best):.2f} |",
+        "",
+        "Offline items/s by batch size: "
+        + ", ".join(f"{s}: {alone[f'items/s@{s}']:.0f}" for s in SIZES)
+        + f". Served at 64 clients: p99 {loaded['p99 ms']:.1f} ms, errors {loaded['errors']}.",
+    ]
+    text = "\n".join(lines)
+    print(text)
+    if args.out is not None:
+        args.out.write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
