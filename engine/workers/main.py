@@ -15,7 +15,6 @@ call table, and ``faulthandler`` dumps the faulting thread into a crash file
 from __future__ import annotations
 
 import collections
-import faulthandler
 import logging
 import os
 import signal
@@ -38,7 +37,7 @@ from engine.workers.messages import (
     Shutdown,
     Unload,
 )
-from engine.workers.postmortem import CallTable
+from engine.workers.postmortem import CallTable, CrashDump
 from model_plugins.errors import DagserveError, InferenceError
 from model_plugins.plugin import LoadContext, ModelPlugin
 from model_plugins.registry import resolve
@@ -71,12 +70,12 @@ class _Hosted:
 
 class _Worker:
     def __init__(
-        self, sock: socket.socket, name: str, calls: CallTable, crash_file: Any = None
+        self, sock: socket.socket, name: str, calls: CallTable, crash: CrashDump | None = None
     ) -> None:
         self.sock = sock
         self.name = name
         self.calls = calls
-        self.crash_file = crash_file
+        self.crash = crash
         self.send_lock = threading.Lock()
         self.models: dict[str, _Hosted] = {}
         # For loads and unloads; predicts run on each instance's own thread.
@@ -144,11 +143,10 @@ class _Worker:
         finally:
             self.calls.release(slot)
         self.models[message.model_id] = _Hosted(message.plugin, instances, list(instances))
-        if self.crash_file is not None:
+        if self.crash is not None:
             # A framework may install its own fatal-signal handlers when it is imported
-            # (Paddle does): put faulthandler's back, or the parent learns nothing of a crash.
-            faulthandler.disable()
-            faulthandler.enable(self.crash_file, all_threads=True)
+            # (Paddle does): put faulthandler's in front again, or a crash names no thread.
+            self.crash.rearm()
         first = instances[0].plugin
         # Adapters learn their specs from the model file during load: report what they know.
         inputs = dict(getattr(first, "loaded_inputs", None) or plugin_class.inputs)
@@ -221,11 +219,10 @@ def worker_entry(
     logging.basicConfig(
         level=log_level, format=f"%(asctime)s %(levelname)s [{name} pid %(process)d] %(message)s"
     )
-    # On a fatal signal, the stacks of all threads, the faulting one first; the file stays
+    # On a fatal signal, the stacks of all threads, the faulting one named; the file stays
     # open for the life of the process.
-    crash_file = open(crash_path, "w")  # noqa: SIM115
-    faulthandler.enable(crash_file, all_threads=True)
-    worker = _Worker(sock, name, CallTable(calls_path), crash_file)
+    crash = CrashDump(open(crash_path, "w"))  # noqa: SIM115
+    worker = _Worker(sock, name, CallTable(calls_path), crash)
     try:
         worker.serve()
     finally:

@@ -8,7 +8,8 @@ both in files the parent creates before it spawns the worker, survive the death:
   that runs plugin code.  A slot holds the ident of that thread and the correlation id of the
   call it runs, 0 when idle: two stores into shared memory per call, no message.
 * **the crash dump**: ``faulthandler`` writes, on SIGSEGV, SIGABRT, SIGBUS, SIGFPE or SIGILL,
-  the Python stack of every thread, starting with ``Current thread 0x...``, the faulting one.
+  the Python stack of every thread, naming the faulting one ``Current thread 0x...``
+  (:class:`CrashDump` keeps it in front of the handlers a framework installs).
 
 After the death the parent reads both (:meth:`FlightRecord.read`) and judges each call that was
 in flight (:meth:`Postmortem.is_culprit`):
@@ -22,14 +23,19 @@ in flight (:meth:`Postmortem.is_culprit`):
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import faulthandler
 import mmap
 import os
 import re
 import shutil
+import signal
 import tempfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 #: slots in the call table: threads that may run plugin code in one worker at once
 SLOTS = 1024
@@ -38,6 +44,10 @@ _SLOT_WORDS = 2
 _TABLE_BYTES = SLOTS * _SLOT_WORDS * 8
 #: how faulthandler names the thread that received the fatal signal
 _CURRENT_THREAD = re.compile(rb"^Current thread 0x([0-9a-fA-F]+)", re.MULTILINE)
+#: the signals faulthandler dumps on
+_FATAL = (signal.SIGSEGV, signal.SIGFPE, signal.SIGABRT, signal.SIGBUS, signal.SIGILL)
+#: room for a C ``struct sigaction``, handled as opaque bytes (152 bytes on x86-64 glibc)
+_SIGACTION_BYTES = 1024
 
 
 class CallTable:
@@ -81,6 +91,53 @@ class CallTable:
 
     def end(self, slot: int) -> None:
         self._words[slot * _SLOT_WORDS + 1] = 0
+
+
+class CrashDump:
+    """The worker's side of the crash dump: ``faulthandler`` on the crash file, first in line.
+
+    A framework may install fatal-signal handlers of its own when it is imported (Paddle does,
+    to print its C++ stack): call :meth:`rearm` after each model load.  It puts faulthandler
+    back in front and keeps the framework's handler behind it, so that a crash writes both.
+    """
+
+    def __init__(self, file: IO[str]) -> None:
+        self.file = file
+        faulthandler.enable(file, all_threads=True)
+        self._libc: ctypes.CDLL | None = None
+        with contextlib.suppress(OSError):
+            self._libc = ctypes.CDLL(None, use_errno=True)
+        self._ours = {sig: self._handler(sig) for sig in _FATAL}
+
+    def rearm(self) -> None:
+        """Put faulthandler in front again if a handler replaced it (chaining to that one)."""
+        replaced = {
+            sig: action
+            for sig in _FATAL
+            if (action := self._action(sig)) is None or self._handler(sig) != self._ours[sig]
+        }
+        if not replaced:
+            return
+        # disable() restores what was there before the first enable(); reinstall the
+        # framework's handlers so that enable() records them as the ones to call next.
+        faulthandler.disable()
+        for sig, action in replaced.items():
+            if action is not None and self._libc is not None:
+                self._libc.sigaction(int(sig), action, None)
+        faulthandler.enable(self.file, all_threads=True)
+
+    def _action(self, sig: int) -> ctypes.Array[ctypes.c_char] | None:
+        if self._libc is None:
+            return None
+        action = ctypes.create_string_buffer(_SIGACTION_BYTES)
+        if self._libc.sigaction(int(sig), None, action) != 0:
+            return None
+        return action
+
+    def _handler(self, sig: int) -> bytes | None:
+        # the handler's address leads a struct sigaction
+        action = self._action(sig)
+        return action.raw[: ctypes.sizeof(ctypes.c_void_p)] if action is not None else None
 
 
 @dataclass(frozen=True)
@@ -136,4 +193,4 @@ class FlightRecord:
         shutil.rmtree(self.directory, ignore_errors=True)
 
 
-__all__ = ["SLOTS", "CallTable", "FlightRecord", "Postmortem"]
+__all__ = ["SLOTS", "CallTable", "CrashDump", "FlightRecord", "Postmortem"]

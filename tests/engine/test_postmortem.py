@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 import textwrap
 import threading
+
+import pytest
 
 from engine.workers.postmortem import CallTable, FlightRecord, Postmortem
 from tests.serving import ROOT
@@ -85,3 +88,32 @@ def test_without_a_dump_every_running_call_is_a_suspect():
     assert report.is_culprit(1)
     assert report.is_culprit(2)
     assert not report.is_culprit(3)  # never started: innocent
+
+
+# A child whose "framework" replaces the fatal-signal handler after the dump was enabled.
+REPLACED = """
+import os, signal, sys, threading
+from engine.workers.postmortem import CrashDump
+crash = CrashDump(open(sys.argv[1], "w"))
+signal.signal(signal.SIGABRT, lambda *args: None)  # as Paddle does at import, in C
+if sys.argv[2] == "rearm":
+    crash.rearm()
+thread = threading.Thread(target=os.abort)
+thread.start()
+thread.join()
+"""
+
+
+@pytest.mark.parametrize("rearm", [True, False])
+def test_rearm_puts_the_dump_back_in_front_of_a_framework_handler(rearm):
+    record = FlightRecord("test")
+    try:
+        child = subprocess.run(
+            [sys.executable, "-c", textwrap.dedent(REPLACED), str(record.crash_path),
+             "rearm" if rearm else "no"],
+            cwd=ROOT, capture_output=True, text=True, timeout=30, check=False,
+        )  # fmt: skip
+        assert child.returncode == -signal.SIGABRT, child.stderr  # the handler behind it ran
+        assert (record.read().faulting_thread is not None) == rearm
+    finally:
+        record.remove()
