@@ -2,12 +2,15 @@
 
 We keep thriftpy2's ``TAsyncServer`` and ``TAsyncServerSocket`` for binding and accepting,
 but serve each connection with our own loop (:meth:`ThriftServer.handle`), because thriftpy2's
-own asyncio path has three hazards (DESIGN.md, "Known hazards"):
+own asyncio path and its decoder have four hazards (DESIGN.md, "Known hazards"):
 
 - its processor re-raises exceptions the IDL does not declare and the server then drops the
   connection (the client sees "read 0 bytes"): we answer ``TApplicationException`` instead;
 - its framed transport reads whatever size a frame header announces, so a few huge headers
   stall every client: we check the size before reading the body, and close that connection;
+- its binary decoder can loop for seconds without reading a byte on a small forged frame
+  (a container of a non-wire element type): ``engine.frame_guard`` checks every call frame
+  before it is decoded, and a refused one gets a ``TApplicationException``;
 - ``TAsyncServerSocket``'s default ``client_timeout`` of 3000 ms closes every connection
   after 3 s, busy or not: we pass None and offer an idle timeout between requests instead.
 
@@ -32,6 +35,7 @@ from thriftpy2.contrib.aio.socket import StreamHandler, TAsyncServerSocket
 from thriftpy2.thrift import TApplicationException, TException, TMessageType
 
 from engine.converters import encode_message, message_reader
+from engine.frame_guard import FrameRejected, check_call
 from idl import dagserve_thrift
 
 logger = logging.getLogger(__name__)
@@ -298,7 +302,18 @@ class ThriftServer(TAsyncServer):
             return _application_error(
                 name, seqid, TApplicationException.UNKNOWN_METHOD, f"unknown method {name!r}"
             )
-        args = getattr(self.service, f"{name}_args")()
+        args_class = getattr(self.service, f"{name}_args")
+        try:
+            # Before any decode: thriftpy2's can spin for seconds on a small forged frame
+            # (engine/frame_guard.py; DESIGN.md, Known hazards).
+            check_call(body, args_class)
+        except FrameRejected as exc:
+            logger.warning("refused a %s call from %s: %s", name, peer, exc)
+            return _application_error(
+                name, seqid, TApplicationException.PROTOCOL_ERROR,
+                f"cannot decode the arguments of {name}: {exc}",
+            )  # fmt: skip
+        args = args_class()
         try:
             protocol.read_struct(args)
         except Exception as exc:
