@@ -37,7 +37,7 @@ from engine.workers.messages import (
     Shutdown,
     Unload,
 )
-from engine.workers.postmortem import CallTable, CrashDump
+from engine.workers.postmortem import CallTable, CrashDump, discard
 from model_plugins.errors import DagserveError, InferenceError
 from model_plugins.plugin import LoadContext, ModelPlugin
 from model_plugins.registry import resolve
@@ -225,6 +225,7 @@ def worker_entry(
     worker = _Worker(sock, name, CallTable(calls_path), crash)
     try:
         worker.serve()
+        discard(calls_path, crash_path)  # an orderly end: nothing to judge
     finally:
         worker.pool.shutdown(wait=False, cancel_futures=True)
         sock.close()

@@ -193,4 +193,10 @@ class FlightRecord:
         shutil.rmtree(self.directory, ignore_errors=True)
 
 
-__all__ = ["SLOTS", "CallTable", "CrashDump", "FlightRecord", "Postmortem"]
+def discard(calls_path: str, crash_path: str) -> None:
+    """The worker's side of :meth:`FlightRecord.remove`, for an orderly end: after a shutdown,
+    or when the parent is gone (killed, it could not remove them), nobody will read them."""
+    shutil.rmtree(Path(calls_path).parent, ignore_errors=True)
+
+
+__all__ = ["SLOTS", "CallTable", "CrashDump", "FlightRecord", "Postmortem", "discard"]

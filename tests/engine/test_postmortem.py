@@ -22,11 +22,13 @@ crash = open(crash_path, "w")
 faulthandler.enable(crash, all_threads=True)
 table = CallTable(calls_path)
 started = threading.Barrier(3)
+printing = threading.Lock()
 
 def run(message_id, die):
     slot = table.claim()
     table.begin(slot, message_id)
-    print(message_id, threading.get_ident(), flush=True)
+    with printing:
+        print(message_id, threading.get_ident(), flush=True)
     started.wait()
     if die:
         time.sleep(0.1)
