@@ -88,7 +88,7 @@ class FrameRejected(ValueError):
     """A frame whose decode would not be bounded by its length, or that cannot decode.
 
     ``str()`` reads like ``list at field 1 (request) > field 2 (inputs) > map value of key
-    'x' > field 2 (shape): element type 0 is not a wire type (byte 57)``.
+    'x' > field 9: element type 0 is not a wire type (byte 55)``.
 
     Attributes:
         what: the value at fault (``list``, ``map``, ``string``, ``value``, ``message``...).
