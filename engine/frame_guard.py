@@ -127,6 +127,8 @@ def check_call(frame: bytes | bytearray | memoryview, args_class: Any) -> None:
     Raises:
         FrameRejected: the frame breaks the rule above; nothing has been decoded.
     """
+    if not isinstance(frame, bytes):
+        frame = bytes(frame)  # the fast walk keys a dict with slices of it
     end = len(frame)
     if end < 8:
         raise FrameRejected(0, "message", "the frame is shorter than a message header")
@@ -155,6 +157,8 @@ def check_struct(frame: bytes | bytearray | memoryview, offset: int, struct_clas
     Raises:
         FrameRejected: see :func:`check_call`.
     """
+    if not isinstance(frame, bytes):
+        frame = bytes(frame)
     compiled = _compiled(struct_class)
     try:
         return _fast_struct(

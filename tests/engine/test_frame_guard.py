@@ -259,6 +259,9 @@ def test_well_formed_requests_pass_and_decode_identically():
         protocol.read_struct(decoded)
         again = encode_message("infer", TMessageType.CALL, 3, decoded)
         assert again == body, name
+    check_call(bytearray(body), ARGS)
+    check_call(memoryview(body), ARGS)
+    refusal(bytearray(call(field(LIST, 9, list_of(0, HUGE)))))
     for method in ("list_pipelines", "health"):
         body = header(method.encode()) + b"\0"
         check_call(body, getattr(dagserve_thrift.InferenceService, f"{method}_args"))
