@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from engine.bench import BenchResult, BenchSpec, run_bench
-from engine.client import Client
+from engine.tools.bench import BenchResult, BenchSpec, run_bench
+from engine.transport.client import Client
 
 ROOT = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"

@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.loadgen import LoadResult, LoadSpec, render_table, run_load
-from engine.client import Client
+from engine.transport.client import Client
 
 ROOT = Path(__file__).resolve().parent.parent
 BATCH_SIZES = (1, 8, 16, 32, 64)

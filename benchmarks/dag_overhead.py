@@ -3,7 +3,7 @@
     .venv/bin/python -m benchmarks.dag_overhead [--quick] [--duration S]
 
 Six pipelines, served together by ONE ``dagserve serve`` subprocess and loaded in turn, side
-by side in one run, by ``engine.bench.run_bench`` (closed loop, concurrency 8), each with a
+by side in one run, by ``engine.tools.bench.run_bench`` (closed loop, concurrency 8), each with a
 float32 [8] input:
 
 - **chain N** (N = 1, 4, 16): ``n0 -> n1 -> ... -> n{N-1}``, each an ``identity`` node;
@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks._serving import dagserve_command, figures, free_port, measure, serving
-from engine.bench import render_table
+from engine.tools.bench import render_table
 
 SIZES = (1, 4, 16)
 CONCURRENCY = 8

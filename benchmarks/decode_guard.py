@@ -1,4 +1,4 @@
-"""What the frame guard adds to the decode of one request (``engine.frame_guard``).
+"""What the frame guard adds to the decode of one request (``engine.transport.frame_guard``).
 
     .venv/bin/python -m benchmarks.decode_guard [--quick]
 
@@ -25,9 +25,9 @@ from collections.abc import Callable
 import numpy as np
 from thriftpy2.thrift import TMessageType
 
-from engine.client import _infer_args
-from engine.converters import encode_message, message_reader
-from engine.frame_guard import check_call
+from engine.transport.client import _infer_args
+from engine.transport.codec import encode_message, message_reader
+from engine.transport.frame_guard import check_call
 from idl import dagserve_thrift
 
 ARGS = dagserve_thrift.InferenceService.infer_args
@@ -54,7 +54,7 @@ def bodies() -> dict[str, bytes]:
 
 
 def decode(body: bytes) -> object:
-    """The server's decode of one call body (``engine.server.ThriftServer._process``)."""
+    """The server's decode of one call body (``engine.transport.thrift.ThriftServer._process``)."""
     protocol = message_reader(body)
     protocol.read_message_begin()
     args = ARGS()

@@ -8,7 +8,7 @@ tests, this measures)::
 
 Offline: the traced module on ``cuda:0`` in this process, ``torch.cuda.synchronize()`` after
 each call, with a numpy input copied to the card and the output copied back (what a served
-call does too).  Served: ``dagserve serve`` in a subprocess, loaded by ``engine.bench``'s
+call does too).  Served: ``dagserve serve`` in a subprocess, loaded by ``engine.tools.bench``'s
 closed loop over Thrift on 127.0.0.1 (concurrency 1 for latency, 64 for throughput).
 """
 

@@ -1,5 +1,5 @@
-"""A closed-loop load generator over :class:`engine.client.AsyncClient`, for the batching
-and Ray Serve scenarios (``dagserve bench`` / :mod:`engine.bench` is the general one).
+"""A closed-loop load generator over :class:`engine.transport.client.AsyncClient`, for the batching
+and Ray Serve scenarios (``dagserve bench`` / :mod:`engine.tools.bench` is the general one).
 
     from benchmarks.loadgen import LoadSpec, run_load
     result = await run_load(LoadSpec(host, port, "heavy", {"pixels": x}, concurrency=64,
@@ -34,8 +34,8 @@ from typing import Any
 
 import numpy as np
 
-from engine.bench import render_table
-from engine.client import AsyncClient
+from engine.tools.bench import render_table
+from engine.transport.client import AsyncClient
 
 
 @dataclass(frozen=True)

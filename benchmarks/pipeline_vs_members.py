@@ -8,7 +8,7 @@
 model file, params and batching, whose inputs are the node's inputs and whose outputs are every
 output of the node the example uses.  All are served by ONE ``dagserve serve`` subprocess (a
 member names the same model as the example's node, so they share its loaded model and worker)
-and loaded in turn, side by side in one run, by ``engine.bench.run_bench``, closed loop,
+and loaded in turn, side by side in one run, by ``engine.tools.bench.run_bench``, closed loop,
 concurrency 8.
 
 The load is the example's posts that have an image AND a text (``client.load_posts``).  A
@@ -44,8 +44,8 @@ from benchmarks._serving import (
     ratio,
     serving,
 )
-from engine.bench import BenchResult, render_table
-from engine.client import Client
+from engine.tools.bench import BenchResult, render_table
+from engine.transport.client import Client
 
 EXAMPLE = ROOT / "examples" / "post_understanding"
 PIPELINE_FILE = EXAMPLE / "pipeline.yaml"

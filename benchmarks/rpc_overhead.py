@@ -3,7 +3,7 @@
     .venv/bin/python -m benchmarks.rpc_overhead [--quick] [--duration S]
 
 Three servers, each a SUBPROCESS on uvloop, all up at once and loaded in turn, side by side in
-one run, by the same closed loop (``engine.bench.run_bench``: ``AsyncClient``, framed binary
+one run, by the same closed loop (``engine.tools.bench.run_bench``: ``AsyncClient``, framed binary
 Thrift, on asyncio's loop in this process):
 
 - **dagserve**: ``dagserve serve`` with two pipelines of one ``identity`` node (``x`` in, ``x``
@@ -43,7 +43,7 @@ from benchmarks._serving import (
     ratio,
     serving,
 )
-from engine.bench import BenchResult, render_table
+from engine.tools.bench import BenchResult, render_table
 
 PAYLOADS: dict[str, tuple[int, ...]] = {"tiny 1x4": (4,), "image 3x224x224": (3, 224, 224)}
 CONCURRENCIES = (1, 16)
@@ -66,7 +66,7 @@ class EchoHandler:
 
 
 def _serve_same_stack(port: int) -> None:
-    from engine.server import ThriftServer
+    from engine.transport.thrift import ThriftServer
 
     ThriftServer(EchoHandler(), HOST, port).serve()
 

@@ -38,10 +38,10 @@ from typing import Any
 
 import numpy as np
 
-from engine.bench import BenchResult, BenchSpec, run_bench
-from engine.client import AsyncClient, Client
 from engine.errors import ClientConnectionError
-from engine.workers.pool import resident_mb
+from engine.runtime.workers.pool import resident_mb
+from engine.tools.bench import BenchResult, BenchSpec, run_bench
+from engine.transport.client import AsyncClient, Client
 from model_plugins.errors import DagserveError
 
 ROOT = Path(__file__).resolve().parent.parent

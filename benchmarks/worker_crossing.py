@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable
 
 import numpy as np
 
-from engine.workers.pool import WorkerKey, WorkerPool
+from engine.runtime.workers.pool import WorkerKey, WorkerPool
 from model_plugins.builtins.identity import Identity
 from model_plugins.plugin import LoadContext
 

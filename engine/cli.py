@@ -23,8 +23,8 @@ import numpy as np
 
 from dag.errors import PipelineError
 from engine.config import ServerConfig, is_server_config, load_config
-from engine.loading import load_for_serving as load_pipelines
-from engine.logs import configure as configure_logging
+from engine.observability.logs import configure as configure_logging
+from engine.runtime.loading import load_for_serving as load_pipelines
 from model_plugins.errors import DagserveError
 from model_plugins.specs import NUMPY_DTYPES, TensorSpec
 
@@ -150,7 +150,7 @@ def _graph(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     import asyncio
 
-    from engine.bench import (
+    from engine.tools.bench import (
         BenchSpec,
         generated_samples,
         progress_bar,
@@ -158,7 +158,7 @@ def _bench(args: argparse.Namespace) -> int:
         run_bench,
         samples_from_file,
     )
-    from engine.client import Client
+    from engine.transport.client import Client
 
     if args.samples is not None:
         samples = samples_from_file(args.samples)
@@ -195,7 +195,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _new_plugin(args: argparse.Namespace) -> int:
-    from engine.scaffold import new_plugin
+    from engine.tools.scaffold import new_plugin
 
     try:
         folder = new_plugin(args.name, args.dir)
@@ -208,8 +208,8 @@ def _new_plugin(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from engine.app import Server
-    from engine.server import run
+    from engine.server import Server
+    from engine.transport.thrift import run
 
     config = ServerConfig()
     pipeline_files: list[Path] = []
@@ -276,7 +276,7 @@ def parse_input(text: str, spec: TensorSpec | None) -> tuple[str, np.ndarray]:
 
 
 def _infer(args: argparse.Namespace) -> int:
-    from engine.client import Client
+    from engine.transport.client import Client
 
     with Client(args.host, args.port) as client:
         info = client.describe(args.pipeline)

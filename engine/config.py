@@ -17,8 +17,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from engine.devices import GpuConfig
 from engine.errors import ConfigError
+from engine.runtime.devices import GpuConfig
 
 #: 64 MiB: a 32-image batch of 3x224x224 float32 is 19 MiB
 DEFAULT_MAX_FRAME_BYTES = 64 * 1024 * 1024

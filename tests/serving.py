@@ -9,16 +9,16 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from engine.app import Server
 from engine.config import ServerConfig
-from engine.loading import load_for_serving
+from engine.runtime.loading import load_for_serving
+from engine.server import Server
 
 ROOT = Path(__file__).resolve().parent.parent
 PIPELINES = Path(__file__).resolve().parent / "pipelines"
 
 
 class ServerThread:
-    """``engine.app.Server`` on 127.0.0.1, port 0, in another thread (sync clients block)."""
+    """``engine.server.Server`` on 127.0.0.1, port 0, in another thread (sync clients block)."""
 
     def __init__(self, server: Server) -> None:
         self.server = server
@@ -68,7 +68,7 @@ def occupy(
     """Start one request that keeps ``model_id``'s only instance busy; return once it is."""
     import time
 
-    from engine.client import Client
+    from engine.transport.client import Client
 
     shared = next(m for m in thread.engine.models.values() if m.model_id == model_id)
 

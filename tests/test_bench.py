@@ -11,9 +11,9 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from engine.bench import BenchSpec, generated_samples, run_bench, samples_from_file
-from engine.client import Client
-from engine.metrics import STATUSES
+from engine.observability.metrics import STATUSES
+from engine.tools.bench import BenchSpec, generated_samples, run_bench, samples_from_file
+from engine.transport.client import Client
 from tests.engine.test_metrics import scrape
 from tests.serving import PIPELINES, serving
 from tests.test_cli import dagserve

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks import run_all, soak
-from engine.bench import BenchResult
+from engine.tools.bench import BenchResult
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -40,11 +40,11 @@ def test_the_code_version_names_the_commit_and_a_dirty_tree(monkeypatch):
     monkeypatch.setattr(run_all, "_git", fake_git("abc123", f" M {run_all.RESULTS}\n"))
     assert run_all.code_version() == "commit abc123, clean tree"
     monkeypatch.setattr(
-        run_all, "_git", fake_git("abc123", " M engine/batcher.py\n?? benchmarks/new.py\n")
+        run_all, "_git", fake_git("abc123", " M engine/runtime/batcher.py\n?? benchmarks/new.py\n")
     )
     version = run_all.code_version()
     assert version.startswith("commit abc123 with uncommitted changes (dirty tree) in 2 file(s)")
-    assert "engine/batcher.py" in version
+    assert "engine/runtime/batcher.py" in version
     assert "benchmarks/new.py" in version
 
 

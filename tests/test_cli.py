@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from engine.client import Client
+from engine.transport.client import Client
 from tests.serving import PIPELINES, ROOT, wait_until
 
 CASES = ROOT / "tests" / "dag" / "cases"

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from engine.client import Client
+from engine.transport.client import Client
 from tests.serving import serving
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "post_understanding"
@@ -30,7 +30,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.e2e, pytest.mark.timeout(300)]
 
 
 def _load_client_module() -> ModuleType:
-    """The example's client.py (it imports numpy, Pillow and engine.client only)."""
+    """The example's client.py (it imports numpy, Pillow and engine.transport.client only)."""
     spec = importlib.util.spec_from_file_location(
         "post_understanding_client", EXAMPLE / "client.py"
     )

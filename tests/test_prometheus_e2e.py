@@ -32,7 +32,7 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from engine.client import Client
+from engine.transport.client import Client
 from model_plugins.errors import InferenceError
 from tests.serving import PIPELINES, serving
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from engine.client import AsyncClient, Client
+from engine.transport.client import AsyncClient, Client
 from model_plugins.errors import InferenceError, InvalidRequest, PipelineNotFound
 from tests.serving import PIPELINES, ROOT, serving
 

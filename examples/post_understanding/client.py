@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from engine.client import Client
+from engine.transport.client import Client
 
 HERE = Path(__file__).resolve().parent
 POSTS = HERE / "data" / "posts.json"

@@ -17,7 +17,7 @@ from pathlib import Path
 from build_models import build
 from client import PIPELINE, analyse, load_posts, load_topics, paraphrase_margin, report
 
-from engine.client import Client
+from engine.transport.client import Client
 
 HERE = Path(__file__).resolve().parent
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from engine.client import Client
+from engine.transport.client import Client
 
 HERE = Path(__file__).resolve().parent
 

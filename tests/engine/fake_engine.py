@@ -12,15 +12,15 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from engine.server import ThriftServer
-from engine.service import InferenceHandler
-from engine.types import (
+from engine.runtime.types import (
     EdgeDescription,
     HealthReport,
     InferenceRequest,
     InferenceResult,
     PipelineDescription,
 )
+from engine.transport.handler import InferenceHandler
+from engine.transport.thrift import ThriftServer
 from model_plugins.errors import (
     BatchContractError,
     DeadlineExceeded,
@@ -55,7 +55,7 @@ ECHO = PipelineDescription(
 
 
 class FakeEngine:
-    """Implements ``engine.service.EngineLike``; records the requests it gets."""
+    """Implements ``engine.transport.handler.EngineLike``; records the requests it gets."""
 
     def __init__(self) -> None:
         self.requests: list[InferenceRequest] = []

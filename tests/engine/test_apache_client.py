@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from engine.client import Client
+from engine.transport.client import Client
 from idl import IDL_PATH
 from tests.engine.fake_engine import ServerThread, serving
 

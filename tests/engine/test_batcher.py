@@ -8,7 +8,7 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 
-from engine.batcher import Batcher, Padding, batch_deadline
+from engine.runtime.batcher import Batcher, Padding, batch_deadline
 from model_plugins.errors import DeadlineExceeded, InferenceError, InvalidRequest, Overloaded
 
 

@@ -7,7 +7,7 @@ import concurrent.futures
 import numpy as np
 import pytest
 
-from engine.client import Client
+from engine.transport.client import Client
 from model_plugins.errors import InvalidRequest, Overloaded
 from tests.serving import PIPELINES, occupy, serving
 

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from thriftpy2.thrift import TMessageType
 
-from engine.converters import (
+from engine.runtime.types import HealthReport
+from engine.transport.codec import (
     decode_tensor,
     encode_message,
     encode_tensor,
@@ -19,7 +20,6 @@ from engine.converters import (
     pipeline_from_wire,
     pipeline_to_wire,
 )
-from engine.types import HealthReport
 from idl import dagserve_thrift as t
 from model_plugins.errors import InvalidRequest
 from model_plugins.specs import NUMPY_DTYPES

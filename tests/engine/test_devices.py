@@ -1,4 +1,4 @@
-"""engine/devices.py: the inventory read through a fake NVML, from config, and CPU only."""
+"""engine/runtime/devices.py: the inventory read through a fake NVML, from config, and CPU only."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from engine.devices import CpuInfo, DeviceInventory, GpuConfig, GpuInfo
 from engine.errors import ConfigError
+from engine.runtime.devices import CpuInfo, DeviceInventory, GpuConfig, GpuInfo
 
 MIB = 1024 * 1024
 CPU = CpuInfo(cores=8, memory_total_mb=32000)
@@ -126,7 +126,7 @@ def test_from_nvml_visible_keeps_only_those_cards() -> None:
 def test_nvml_init_failure_is_cpu_only(caplog: pytest.LogCaptureFixture) -> None:
     nvml = two_gpus()
     nvml.init_error = NVMLError("Driver Not Loaded")
-    with caplog.at_level(logging.INFO, logger="engine.devices"):
+    with caplog.at_level(logging.INFO, logger="engine.runtime.devices"):
         inventory = DeviceInventory.from_nvml(nvml, cpu=CPU)
 
     assert inventory.gpus == ()
@@ -149,7 +149,7 @@ def test_without_pynvml_is_cpu_only(
 
     monkeypatch.delitem(sys.modules, "pynvml", raising=False)
     monkeypatch.setattr(builtins, "__import__", no_pynvml)
-    with caplog.at_level(logging.INFO, logger="engine.devices"):
+    with caplog.at_level(logging.INFO, logger="engine.runtime.devices"):
         inventory = DeviceInventory.from_nvml(cpu=CPU)
 
     assert inventory.gpus == ()

@@ -19,8 +19,8 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
-from engine.client import Client
-from engine.workers.pool import WorkerDied
+from engine.runtime.workers.pool import WorkerDied
+from engine.transport.client import Client
 from model_plugins.errors import InferenceError
 from tests.serving import PIPELINES, serving
 

@@ -1,7 +1,7 @@
-"""engine.frame_guard: no frame's decode may cost more than its length allows.
+"""engine.transport.frame_guard: no frame's decode may cost more than its length allows.
 
 thriftpy2 0.7.1 skips a container of a non-wire element type by looping ``size`` times
-without reading (engine/frame_guard.py); these tests never hand such a frame to an
+without reading (engine/transport/frame_guard.py); these tests never hand such a frame to an
 unguarded decoder with a large size, since that is the stall itself.
 """
 
@@ -24,10 +24,10 @@ from thriftpy2.protocol.binary import TBinaryProtocol
 from thriftpy2.thrift import TApplicationException, TMessageType
 from thriftpy2.transport.memory import TMemoryBuffer
 
-from engine import frame_guard
-from engine.client import Client, _infer_args
-from engine.converters import encode_message, message_reader
-from engine.frame_guard import MAX_DEPTH, MAX_SKIPPED_VALUES, FrameRejected, check_call
+from engine.transport import frame_guard
+from engine.transport.client import Client, _infer_args
+from engine.transport.codec import encode_message, message_reader
+from engine.transport.frame_guard import MAX_DEPTH, MAX_SKIPPED_VALUES, FrameRejected, check_call
 from idl import dagserve_thrift
 from tests.engine.fake_engine import serving as serving_fake
 from tests.serving import PIPELINES, serving
@@ -437,7 +437,7 @@ def _fuzz_connection(port: int, frames: list[tuple[int, bytes]], closed: list[in
 def test_100k_forged_infer_frames_are_all_answered_while_a_good_client_is_served(
     app_server, caplog
 ):
-    caplog.set_level(logging.ERROR, logger="engine.server")  # 100k "refused" warnings
+    caplog.set_level(logging.ERROR, logger="engine.transport.thrift")  # 100k "refused" warnings
     rng = random.Random(1007)
     frames = [
         (seqid, header(seqid=seqid) + rng.randbytes(rng.randint(1, 600)))

@@ -11,8 +11,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from engine.client import Client, _infer_args
-from engine.converters import decode_tensor, encode_message
+from engine.transport.client import Client, _infer_args
+from engine.transport.codec import decode_tensor, encode_message
 from idl import dagserve_thrift
 from model_plugins.errors import InvalidRequest
 from tests.serving import PIPELINES, serving

@@ -9,8 +9,8 @@ import textwrap
 import numpy as np
 import pytest
 
-from engine.client import Client
-from engine.inspector import inspect_plugins
+from engine.runtime.inspector import inspect_plugins
+from engine.transport.client import Client
 from model_plugins.errors import PluginNotFound
 from tests.serving import PIPELINES, ROOT, serving
 
@@ -54,7 +54,7 @@ def test_loading_for_serving_imports_no_framework_in_the_front_process():
     script = textwrap.dedent(
         f"""
         import sys
-        from engine.loading import load_for_serving
+        from engine.runtime.loading import load_for_serving
         pipelines, errors = load_for_serving([{str(PIPELINES / "tf_then_paddle.yaml")!r}])
         assert not errors, errors
         assert pipelines[0].plugin_classes["tf_double"].framework == "tensorflow"

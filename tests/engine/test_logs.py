@@ -8,8 +8,8 @@ import logging
 import numpy as np
 import pytest
 
-from engine.client import Client
-from engine.logs import JsonFormatter, _RequestContext
+from engine.observability.logs import JsonFormatter, _RequestContext
+from engine.transport.client import Client
 from model_plugins.errors import InferenceError
 from tests.serving import PIPELINES, serving
 

@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from engine.app import Server
-from engine.client import Client
 from engine.config import ServerConfig
-from engine.devices import DeviceInventory
-from engine.loading import load_for_serving
+from engine.runtime.devices import DeviceInventory
+from engine.runtime.loading import load_for_serving
+from engine.server import Server
+from engine.transport.client import Client
 from model_plugins.errors import (
     DeadlineExceeded,
     InferenceError,

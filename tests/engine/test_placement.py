@@ -1,4 +1,5 @@
-"""engine/placement.py: packing by memory AND share, refusals, shared models, determinism."""
+"""engine/runtime/placement.py: packing by memory AND share, refusals, shared models,
+determinism."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from engine.devices import CpuInfo, DeviceInventory
-from engine.placement import (
+from engine.runtime.devices import CpuInfo, DeviceInventory
+from engine.runtime.placement import (
     DeviceBudget,
     PlacementError,
     PlacementRequest,

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engine.client import Client
-from engine.placement import PlacementError
+from engine.runtime.placement import PlacementError
+from engine.transport.client import Client
 from tests.serving import serving
 
 pytestmark = pytest.mark.e2e
@@ -31,9 +31,7 @@ def pipeline(tmp_path: Path, nodes: dict[str, str]) -> Path:
             f"    params: {{tag: {name}}}\n"  # distinct models (the same ones would be shared)
             f"    inputs: {{x: $inputs.x}}\n    {extra}\n"
         )
-    text += "outputs:\n" + "".join(
-        f"  {n}: {n}.visible\n  {n}_device: {n}.device\n" for n in nodes
-    )
+    text += "outputs:\n" + "".join(f"  {n}: {n}.visible\n  {n}_device: {n}.device\n" for n in nodes)
     path = tmp_path / "gpu.yaml"
     path.write_text(text)
     return path

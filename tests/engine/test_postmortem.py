@@ -10,13 +10,13 @@ import threading
 
 import pytest
 
-from engine.workers.postmortem import CallTable, FlightRecord, Postmortem
+from model_plugins._host.postmortem import CallTable, FlightRecord, Postmortem
 from tests.serving import ROOT
 
 # A child that runs call 1 on one thread and call 2 on another, then dies as told.
 CHILD = """
 import faulthandler, os, signal, sys, threading, time
-from engine.workers.postmortem import CallTable
+from model_plugins._host.postmortem import CallTable
 calls_path, crash_path, how = sys.argv[1:]
 crash = open(crash_path, "w")
 faulthandler.enable(crash, all_threads=True)
@@ -95,7 +95,7 @@ def test_without_a_dump_every_running_call_is_a_suspect():
 # A child whose "framework" replaces the fatal-signal handler after the dump was enabled.
 REPLACED = """
 import os, signal, sys, threading
-from engine.workers.postmortem import CrashDump
+from model_plugins._host.postmortem import CrashDump
 crash = CrashDump(open(sys.argv[1], "w"))
 signal.signal(signal.SIGABRT, lambda *args: None)  # as Paddle does at import, in C
 if sys.argv[2] == "rearm":

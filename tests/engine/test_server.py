@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 from thriftpy2.thrift import TApplicationException, TMessageType
 
-from engine.client import AsyncClient, Client
-from engine.converters import encode_message, message_reader
 from engine.errors import ApplicationError, ClientConnectionError, ClientTimeout
-from engine.server import ThriftServer, run
-from engine.service import InferenceHandler
+from engine.transport.client import AsyncClient, Client
+from engine.transport.codec import encode_message, message_reader
+from engine.transport.handler import InferenceHandler
+from engine.transport.thrift import ThriftServer, run
 from idl import dagserve_thrift as t
 from model_plugins.errors import (
     BatchContractError,
@@ -317,14 +317,14 @@ def test_oversized_frame_closes_only_that_connection(
     with serving(max_frame_bytes=1024) as server, Client("127.0.0.1", server.port) as good:
         assert good.health().ready
         with (
-            caplog.at_level(logging.WARNING, logger="engine.server"),
+            caplog.at_level(logging.WARNING, logger="engine.transport.thrift"),
             raw_connection(server.port) as bad,
         ):
             bad.sendall(struct.pack(">i", header))
             assert good.health().ready  # served while the bad one is still open
             assert_closed_by_server(bad)
         assert good.health().ready
-        warnings = [r for r in caplog.records if r.name == "engine.server"]
+        warnings = [r for r in caplog.records if r.name == "engine.transport.thrift"]
         assert len(warnings) == 1
         assert f"frame of {header} bytes" in warnings[0].getMessage()
         assert warnings[0].exc_info is None
@@ -338,12 +338,12 @@ def test_garbage_frame_closes_the_connection(
     server: ServerThread, caplog: pytest.LogCaptureFixture
 ) -> None:
     with (
-        caplog.at_level(logging.WARNING, logger="engine.server"),
+        caplog.at_level(logging.WARNING, logger="engine.transport.thrift"),
         raw_connection(server.port) as sock,
     ):
         send_frame(sock, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
         assert_closed_by_server(sock)
-    (record,) = [r for r in caplog.records if r.name == "engine.server"]
+    (record,) = [r for r in caplog.records if r.name == "engine.transport.thrift"]
     assert "undecodable frame" in record.getMessage()
     assert record.exc_info is None
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engine.client import AsyncClient, Client, tls_context
 from engine.config import TlsConfig
+from engine.transport.client import AsyncClient, Client, tls_context
 from tests.serving import PIPELINES, serving
 
 pytestmark = [

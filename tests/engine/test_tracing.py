@@ -1,4 +1,4 @@
-"""W3C traceparent parsing and the optional OpenTelemetry bridge (engine.tracing)."""
+"""W3C traceparent parsing and the optional OpenTelemetry bridge (engine.observability.tracing)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from engine import tracing
-from engine.tracing import (
+from engine.observability import tracing
+from engine.observability.tracing import (
     TraceContext,
     format_traceparent,
     parse_traceparent,
@@ -149,7 +149,7 @@ def test_without_opentelemetry_spans_are_noops_and_nothing_is_imported():
                 return None
 
         sys.meta_path.insert(0, NoOtel())
-        from engine.tracing import start_node_span, start_request_span
+        from engine.observability.tracing import start_node_span, start_request_span
 
         with start_request_span("calc", {{"traceparent": "{VALID}"}}) as ctx:
             with start_node_span("calc", "double"):
@@ -177,7 +177,7 @@ def test_importing_the_module_does_not_import_opentelemetry():
     result = _run_python(
         """
         import sys
-        import engine.tracing
+        import engine.observability.tracing
         print(any(m.split(".")[0] == "opentelemetry" for m in sys.modules))
         """
     )
@@ -207,7 +207,8 @@ def test_with_the_api_alone_no_span_is_made_but_the_context_is_a_child_of_the_ca
 
 @pytest.fixture
 def exporter():
-    """An SDK tracer provider exporting to memory, used by engine.tracing for one test."""
+    """An SDK tracer provider exporting to memory, used by engine.observability.tracing for one
+    test."""
     if not HAS_OTEL_SDK:
         pytest.skip("opentelemetry-sdk is not installed (pip install 'dagserve[otel]')")
     from opentelemetry.sdk.trace import TracerProvider
@@ -305,7 +306,7 @@ def test_request_span_records_the_error(exporter):
 def test_a_served_request_continues_the_callers_trace_with_a_span_per_node(exporter):
     import numpy as np
 
-    from engine.client import Client
+    from engine.transport.client import Client
     from tests.serving import PIPELINES, serving
 
     traceparent = f"00-{TRACE_ID}-{SPAN_ID}-01"

@@ -12,8 +12,8 @@ import time
 import numpy as np
 import pytest
 
-from engine.client import Client
-from engine.types import InferenceRequest
+from engine.runtime.types import InferenceRequest
+from engine.transport.client import Client
 from model_plugins.errors import BatchContractError, InferenceError
 from tests.serving import PIPELINES, occupy, serving, wait_until
 
@@ -163,8 +163,8 @@ def test_a_client_that_hangs_up_does_not_keep_its_work_queued(server):
 
     from thriftpy2.thrift import TMessageType
 
-    from engine.client import _infer_args
-    from engine.converters import encode_message
+    from engine.transport.client import _infer_args
+    from engine.transport.codec import encode_message
 
     shared = next(m for m in server.engine.models.values() if m.model_id == "workers/slow_a")
     before = shared.batcher.statistics()

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engine.client import Client
+from engine.transport.client import Client
 from tests.frameworks.conftest import Builds
 from tests.frameworks.models import BATCHES, SEQ_SHAPES, Case, load_cases
 from tests.serving import ServerThread, serving

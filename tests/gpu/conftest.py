@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.devices import DeviceInventory
+from engine.runtime.devices import DeviceInventory
 from tests.frameworks.conftest import Builds
 
 REPO = Path(__file__).resolve().parents[2]

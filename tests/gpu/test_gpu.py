@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from engine.client import Client
+from engine.transport.client import Client
 from tests.frameworks.conftest import Builds
 from tests.frameworks.models import load_cases
 from tests.gpu.conftest import INVENTORY, SKIP, framework_sees, installed

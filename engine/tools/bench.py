@@ -35,8 +35,8 @@ from typing import Any
 
 import numpy as np
 
-from engine.client import AsyncClient
 from engine.errors import ClientConnectionError
+from engine.transport.client import AsyncClient
 from model_plugins.errors import DagserveError
 from model_plugins.specs import NUMPY_DTYPES, TensorSpec
 

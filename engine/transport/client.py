@@ -1,7 +1,7 @@
 """Python clients of a dagserve server: :class:`Client` (threads) and :class:`AsyncClient`.
 
 Both speak framed binary Thrift over pooled TCP connections (TCP_NODELAY), encode and decode
-with thriftpy2's Cython codec (``engine.converters``), and raise OUR errors:
+with thriftpy2's Cython codec (``engine.transport.codec``), and raise OUR errors:
 
 - the IDL exceptions come back as ``model_plugins.errors`` classes (``InvalidRequest`` with
   its ``field``, ``Overloaded`` with ``retry_after_ms``, ...);
@@ -32,7 +32,9 @@ from typing import Any
 import numpy as np
 from thriftpy2.thrift import TApplicationException, TMessageType
 
-from engine.converters import (
+from engine.errors import ApplicationError, ClientConnectionError, ClientTimeout, from_wire
+from engine.runtime.types import HealthReport, PipelineDescription
+from engine.transport.codec import (
     decode_tensors,
     encode_message,
     encode_tensor,
@@ -40,8 +42,6 @@ from engine.converters import (
     message_reader,
     pipeline_from_wire,
 )
-from engine.errors import ApplicationError, ClientConnectionError, ClientTimeout, from_wire
-from engine.types import HealthReport, PipelineDescription
 from idl import dagserve_thrift
 from model_plugins.errors import DagserveError, InvalidRequest
 

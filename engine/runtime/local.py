@@ -13,7 +13,7 @@ from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
 
-from engine.tracing import start_node_span
+from engine.observability.tracing import start_node_span
 from model_plugins.contract import check_outputs
 from model_plugins.errors import DagserveError, InferenceError, InvalidRequest
 from model_plugins.plugin import Batch, LoadContext, ModelPlugin

@@ -16,19 +16,19 @@ import numpy as np
 from dag.executor import NodeTiming, _Plan, plan
 from dag.pipeline import Pipeline
 from dag.schema import NodeSpec, parse_ref
-from engine.batcher import Batcher, Padding, batch_deadline
-from engine.devices import DeviceInventory
-from engine.metrics import Metrics, error_type
-from engine.placement import Placement, PlacementRequest, place
-from engine.runners.batched import BatchedNode, SharedModel
-from engine.runners.local import InlineRunner, LocalRunner, NodeBinding, ThreadPoolRunner
-from engine.runners.worker import WorkerRunner
-from engine.types import (
+from engine.observability.metrics import Metrics, error_type
+from engine.runtime.batcher import Batcher, Padding, batch_deadline
+from engine.runtime.devices import DeviceInventory
+from engine.runtime.local import InlineRunner, LocalRunner, NodeBinding, ThreadPoolRunner
+from engine.runtime.model import BatchedNode, SharedModel
+from engine.runtime.placement import Placement, PlacementRequest, place
+from engine.runtime.types import (
     EdgeDescription,
     InferenceRequest,
     PipelineDescription,
 )
-from engine.workers.pool import WorkerPool, worker_key
+from engine.runtime.worker_runner import WorkerRunner
+from engine.runtime.workers.pool import WorkerPool, worker_key
 from model_plugins.contract import check_inputs
 from model_plugins.errors import (
     InvalidRequest,

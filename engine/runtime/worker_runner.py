@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
-from engine.runners.local import NodeBinding
-from engine.workers.pool import WorkerKey, WorkerPool
+from engine.runtime.local import NodeBinding
+from engine.runtime.workers.pool import WorkerKey, WorkerPool
 from model_plugins.contract import check_outputs
 from model_plugins.errors import PluginLoadError
 from model_plugins.plugin import Batch

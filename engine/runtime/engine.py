@@ -1,6 +1,7 @@
 """The transport-neutral engine: served pipelines, their runners, and ``infer``.
 
-The Thrift adapter (``engine.service``) calls :class:`Engine`; so do tests, without a socket.
+The Thrift adapter (``engine.transport.handler``) calls :class:`Engine`; so do tests, without
+a socket.
 """
 
 from __future__ import annotations
@@ -15,27 +16,27 @@ from typing import Any
 
 from dag.executor import Execution, execute
 from dag.pipeline import Pipeline
-from engine import logs
-from engine.assembly import (
+from engine.observability import logs
+from engine.observability.metrics import Metrics, status_of
+from engine.observability.tracing import start_request_span
+from engine.runtime.assembly import (
     Runner,
     ServedPipeline,
     check_request,
     plan_placement,
     serve_pipeline,
 )
-from engine.devices import DeviceInventory
-from engine.metrics import Metrics, status_of
-from engine.placement import Placement
-from engine.runners.batched import BatchedNode, SharedModel
-from engine.runners.local import LocalRunner
-from engine.tracing import start_request_span
-from engine.types import (
+from engine.runtime.devices import DeviceInventory
+from engine.runtime.local import LocalRunner
+from engine.runtime.model import BatchedNode, SharedModel
+from engine.runtime.placement import Placement
+from engine.runtime.types import (
     HealthReport,
     InferenceRequest,
     InferenceResult,
     PipelineDescription,
 )
-from engine.workers.pool import WorkerPool
+from engine.runtime.workers.pool import WorkerPool
 from model_plugins.errors import (
     DagserveError,
     InferenceError,

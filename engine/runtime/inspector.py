@@ -156,7 +156,7 @@ def proxy_class(description: PluginDescription) -> type[ModelPlugin]:
         "ragged": description.ragged,
         "retry_on_worker_loss": description.retry_on_worker_loss,
         "__doc__": description.doc,
-        "__module__": "engine.inspector.inspected",
+        "__module__": "engine.runtime.inspector.inspected",
     }
     return type(name, (ModelPlugin,), attributes)
 

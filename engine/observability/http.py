@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from engine.metrics import Metrics
+from engine.observability.metrics import Metrics
 
 logger = logging.getLogger(__name__)
 

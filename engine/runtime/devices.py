@@ -1,7 +1,7 @@
 """The device inventory: the GPUs (read through NVML, or given explicitly) and the CPU.
 
-Placement (:mod:`engine.placement`) packs models onto what this module reports; monitoring calls
-:meth:`DeviceInventory.sample` for live metrics.  Three ways to build one::
+Placement (:mod:`engine.runtime.placement`) packs models onto what this module reports;
+monitoring calls :meth:`DeviceInventory.sample` for live metrics.  Three ways to build one::
 
     DeviceInventory.from_nvml()                          # the real cards; CPU only without NVML
     DeviceInventory.from_config([{"index": 0, "name": "A100", "memory_mb": 40960}])
@@ -303,7 +303,7 @@ class DeviceInventory:
     def refresh(self) -> tuple[GpuInfo, ...]:
         """Like :meth:`sample`, and keep the result as :attr:`gpus`.
 
-        Place models (:func:`engine.placement.place`) before loading them: after a refresh,
+        Place models (:func:`engine.runtime.placement.place`) before loading them: after a refresh,
         ``memory_used_mb`` includes what the loaded models took.
 
         Returns:

@@ -1,7 +1,7 @@
 """Model placement: which device each model node runs on, packed by GPU memory AND compute share.
 
 :func:`place` takes plain :class:`PlacementRequest` values (the engine builds them from the
-pipelines' nodes) and a :class:`~engine.devices.DeviceInventory`, and returns a
+pipelines' nodes) and a :class:`~engine.runtime.devices.DeviceInventory`, and returns a
 :class:`Placement`, or raises :class:`PlacementError` listing every node that does not fit.
 
 Rules
@@ -47,7 +47,7 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from engine.devices import DeviceInventory, GpuInfo
+from engine.runtime.devices import DeviceInventory, GpuInfo
 from model_plugins.errors import DagserveError
 
 #: tolerance on summed shares, so that 0.1 + 0.2 + 0.7 still fits a card

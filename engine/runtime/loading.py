@@ -1,7 +1,7 @@
 """Load pipeline files for serving: plugins other than built-ins are inspected, not imported.
 
 The front process never imports a ``module:Class`` plugin (it may import a framework at its
-top): :class:`~engine.inspector.InspectingResolver` reads their declarations in a spawned
+top): :class:`~engine.runtime.inspector.InspectingResolver` reads their declarations in a spawned
 process, all at once, before the pipelines are validated.
 """
 
@@ -16,7 +16,7 @@ import yaml
 
 from dag.errors import PipelineError
 from dag.pipeline import Pipeline, load_pipelines
-from engine.inspector import InspectingResolver
+from engine.runtime.inspector import InspectingResolver
 
 
 def plugin_references(paths: Iterable[Path]) -> set[str]:

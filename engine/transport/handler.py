@@ -1,6 +1,6 @@
 """The Thrift handler: a thin adapter between the wire structs and a transport-neutral engine.
 
-Each method does three things: convert the Thrift structs (``engine.converters``), call the
+Each method does three things: convert the Thrift structs (``engine.transport.codec``), call the
 engine, convert the answer back.  :func:`engine.errors.map_to_wire` wraps each body, so only
 exceptions that the IDL declares leave it (STYLE.md, guideline 6).
 """
@@ -10,20 +10,25 @@ from __future__ import annotations
 import uuid
 from typing import Any, Protocol
 
-from engine.converters import (
+from engine.errors import map_to_wire
+from engine.runtime.types import (
+    HealthReport,
+    InferenceRequest,
+    InferenceResult,
+    PipelineDescription,
+)
+from engine.transport.codec import (
     decode_tensors,
     encode_tensors,
     health_to_wire,
     pipeline_to_wire,
 )
-from engine.errors import map_to_wire
-from engine.types import HealthReport, InferenceRequest, InferenceResult, PipelineDescription
 from idl import dagserve_thrift
 from model_plugins.errors import InvalidRequest
 
 
 class EngineLike(Protocol):
-    """What the handler needs from the engine (``engine.engine.Engine`` provides it)."""
+    """What the handler needs from the engine (``engine.runtime.engine.Engine`` provides it)."""
 
     async def infer(self, request: InferenceRequest) -> InferenceResult: ...
 
@@ -70,7 +75,7 @@ def response_to_wire(result: InferenceResult) -> Any:
 
 
 class InferenceHandler:
-    """The ``InferenceService`` of ``idl/dagserve.thrift``, served by ``engine.server``."""
+    """The ``InferenceService`` of ``idl/dagserve.thrift``, served by ``transport.thrift``."""
 
     def __init__(self, engine: EngineLike) -> None:
         self.engine = engine

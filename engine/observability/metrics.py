@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from engine.workers.pool import resident_mb
+from engine.runtime.workers.pool import resident_mb
 from model_plugins.errors import (
     DagserveError,
     DeadlineExceeded,
@@ -27,7 +27,7 @@ from model_plugins.errors import (
 )
 
 if TYPE_CHECKING:
-    from engine.engine import Engine
+    from engine.runtime.engine import Engine
 
 #: 100 us .. 10 s in steps of 1, 1.5, 2, 3, 5, 7.5 per decade (neighbours at most 5/3 apart)
 LATENCY_BUCKETS = (

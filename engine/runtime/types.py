@@ -1,6 +1,6 @@
 """Transport-neutral request, result and description objects.
 
-The Thrift adapter (``engine.service``) converts the wire structs to and from these; the
+The Thrift adapter (``engine.transport.handler``) converts the wire structs to and from these; the
 engine and everything under it never see a Thrift struct.
 """
 

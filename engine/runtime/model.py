@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from engine.batcher import Batcher
-from engine.runners.worker import WorkerRunner
-from engine.tracing import start_node_span
-from engine.workers.pool import WorkerKey
+from engine.observability.tracing import start_node_span
+from engine.runtime.batcher import Batcher
+from engine.runtime.worker_runner import WorkerRunner
+from engine.runtime.workers.pool import WorkerKey
 from model_plugins.errors import InferenceError
 from model_plugins.plugin import Batch
 from model_plugins.specs import TensorSpec

@@ -7,7 +7,7 @@ every ``ping_interval_s``; a worker that died, or that did not answer a ping wit
 worker is being replaced wait for it, bounded by their deadline and ``restart_wait_s``.
 
 A crash fails only the call that caused it.  The other calls in flight on the dead worker
-(see ``engine.workers.postmortem`` for how they are told apart) wait for the replacement and
+(see ``model_plugins._host.postmortem`` for how they are told apart) wait for the replacement and
 are sent again, within their deadline.  A model that crashes its worker
 ``quarantine_after_crashes`` times within ``quarantine_window_s`` is quarantined: its calls
 are refused at once with :class:`ModelQuarantined`, and it is not loaded into the replacement
@@ -25,8 +25,8 @@ import contextlib
 import logging
 from dataclasses import dataclass, field
 
-from engine.workers.messages import Loaded, LoadModel, Predict
-from engine.workers.process import Death, WorkerDied, WorkerProcess
+from engine.runtime.workers.process import Death, WorkerDied, WorkerProcess
+from model_plugins._host.messages import Loaded, LoadModel, Predict
 from model_plugins.errors import DagserveError, DeadlineExceeded, InferenceError
 from model_plugins.plugin import Batch, LoadContext
 

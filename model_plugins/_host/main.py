@@ -9,7 +9,7 @@ the framework releases the GIL; replies go back under a lock as each finishes.
 So that the parent can tell, after a crash, which call killed the worker and which calls were
 only its neighbours, every thread that runs plugin code marks the call it runs in a shared
 call table, and ``faulthandler`` dumps the faulting thread into a crash file
-(``engine.workers.postmortem``).
+(``model_plugins._host.postmortem``).
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine.workers import wire
-from engine.workers.messages import (
+from model_plugins._host import wire
+from model_plugins._host.messages import (
     Loaded,
     LoadModel,
     Ping,
@@ -37,7 +37,7 @@ from engine.workers.messages import (
     Shutdown,
     Unload,
 )
-from engine.workers.postmortem import CallTable, CrashDump, discard
+from model_plugins._host.postmortem import CallTable, CrashDump, discard
 from model_plugins.errors import DagserveError, InferenceError
 from model_plugins.plugin import LoadContext, ModelPlugin
 from model_plugins.registry import resolve
@@ -207,7 +207,7 @@ def worker_entry(
     """The target of the spawned worker process.
 
     ``calls_path`` and ``crash_path`` are the call table and the crash file the parent reads
-    after a death (``engine.workers.postmortem``).
+    after a death (``model_plugins._host.postmortem``).
     """
     # Frameworks print to stdout (Paddle's oneDNN check does): send it to stderr, so that
     # nothing a plugin prints can mix with whatever owns the parent's stdout.

@@ -1,7 +1,7 @@
 """The parent's handle on one worker process: spawn it, call it, notice when it dies.
 
 When a worker dies, the calls in flight on it are judged from what it left behind
-(``engine.workers.postmortem``): the call that crashed it fails; the others fail with a
+(``model_plugins._host.postmortem``): the call that crashed it fails; the others fail with a
 *retryable* :class:`WorkerDied`, which the pool sends again to the replacement worker.
 """
 
@@ -19,10 +19,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from engine.workers import wire
-from engine.workers.main import worker_entry
-from engine.workers.messages import Ping, RemoteError, Reply, Shutdown
-from engine.workers.postmortem import FlightRecord, Postmortem
+from model_plugins._host import wire
+from model_plugins._host.main import worker_entry
+from model_plugins._host.messages import Ping, RemoteError, Reply, Shutdown
+from model_plugins._host.postmortem import FlightRecord, Postmortem
 from model_plugins.errors import DagserveError, InferenceError
 
 logger = logging.getLogger(__name__)

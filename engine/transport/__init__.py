@@ -1,0 +1,7 @@
+"""How requests reach the engine and answers leave it: Thrift over TCP.
+
+``thrift`` serves framed binary Thrift connections (frame limits, the frame guard, error
+replies), ``frame_guard`` refuses forged frames before they are decoded, ``codec`` converts
+wire structs and tensors, ``handler`` maps the IDL's methods onto the engine, and ``client``
+is the sync and asyncio client.
+"""
