@@ -28,6 +28,8 @@ FAMILIES = {
     "dagserve_worker_up": "gauge",
     "dagserve_worker_restarts_total": "counter",
     "dagserve_worker_resident_memory_bytes": "gauge",
+    "dagserve_worker_crashes_total": "counter",
+    "dagserve_model_quarantined": "gauge",
     "dagserve_gpu_utilization_ratio": "gauge",
     "dagserve_gpu_memory_used_bytes": "gauge",
     "dagserve_gpu_memory_total_bytes": "gauge",
@@ -168,3 +170,6 @@ def test_the_on_call_panels_are_there(dashboard):
         for p in dashboard["panels"]
     )
     assert has("dagserve_model_batch_size_sum", "/", "dagserve_model_batch_size_count")
+    # why did my neighbour's requests not fail, and is that model now refused?
+    assert has("dagserve_worker_crashes_total", "worker, model")
+    assert has("dagserve_model_quarantined")

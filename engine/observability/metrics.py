@@ -166,7 +166,9 @@ class _LiveCollector(Collector):
         for name, stats in self.engine.workers.statistics().items():
             up.add_metric([name], 1.0 if stats["ready"] else 0.0)
             restarts.add_metric([name], float(stats["restarts"]))  # type: ignore[arg-type]
-            for model, count in stats["crashes"].items():  # type: ignore[attr-defined]
+            # every hosted model from 0, so that a first crash shows as an increase
+            counts = dict.fromkeys(stats["models"], 0) | stats["crashes"]  # type: ignore[call-overload, operator]
+            for model, count in counts.items():
                 crashes.add_metric([name, model], float(count))
             memory = resident_mb(stats["pid"])  # type: ignore[arg-type]
             if memory is not None:
