@@ -5,6 +5,11 @@ Needs a CUDA device and torch with CUDA; run where one is (``make gpu-check`` ru
 tests, this measures)::
 
     python -m benchmarks.gpu [--seconds 5] [--out gpu.md]
+    python -m benchmarks.gpu --report benchmarks/RESULTS-gpu.md --code COMMIT
+
+``--report`` also runs the GPU tests (``pytest -m gpu tests/gpu``, what ``make gpu-check``
+runs) and writes both, under a header naming the code, the machine and the date, to the file
+that ``benchmarks.run_all`` appends to RESULTS.md as a separate run.
 
 Offline: the traced module on ``cuda:0`` in this process, ``torch.cuda.synchronize()`` after
 each call, with a numpy input copied to the card and the output copied back (what a served
@@ -15,13 +20,24 @@ closed loop over Thrift on 127.0.0.1 (concurrency 1 for latency, 64 for throughp
 from __future__ import annotations
 
 import argparse
+import datetime as dt
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-from benchmarks._serving import dagserve_command, figures, free_port, measure, ratio, serving
+from benchmarks._serving import (
+    ROOT,
+    dagserve_command,
+    figures,
+    free_port,
+    measure,
+    ratio,
+    serving,
+)
 from benchmarks.batching import export_models
 
 SIZES = (1, 8, 32, 64)
@@ -76,7 +92,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--report", type=Path, help="run the GPU tests too; write both here")
+    parser.add_argument("--code", default="unknown", help="the commit measured (for --report)")
     args = parser.parse_args(argv)
+    tests = gpu_tests() if args.report is not None else ""
     import torch
 
     name = torch.cuda.get_device_name(0)
@@ -115,7 +134,40 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     if args.out is not None:
         args.out.write_text(text + "\n")
+    if args.report is not None:
+        when = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+        head = [
+            "# GPU results",
+            "",
+            f"Code: {args.code}. Machine: {name}, torch {torch.__version__}, Python "
+            f"{sys.version.split()[0]}. Date: {when}. Command: `python -m benchmarks.gpu "
+            f"--report {args.report} --code {args.code} --seconds {args.seconds:g}`.",
+            "",
+            "## The GPU tests (`pytest -m gpu tests/gpu`, as `make gpu-check` runs them)",
+            "",
+            "```",
+            tests.strip(),
+            "```",
+            "",
+            "## Served against offline",
+            "",
+        ]
+        args.report.write_text("\n".join(head) + text + "\n")
     return 0
+
+
+def gpu_tests() -> str:
+    """Run the GPU tests; their verbose result lines and summary."""
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-v", "-rs", "-m", "gpu", "tests/gpu",
+         "-p", "no:cacheprovider", "-W", "ignore::DeprecationWarning"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    lines = [
+        line for line in done.stdout.splitlines()
+        if "::" in line or line.startswith(("SKIPPED", "FAILED", "=", "GPU"))
+    ]  # fmt: skip
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -340,7 +340,27 @@ def report(
         "in its module's docstring.",
         "",
     ]
-    return "\n".join(header_lines + [section(o) for o in outcomes])
+    return "\n".join(header_lines + [section(o) for o in outcomes] + gpu_section())
+
+
+#: written on a machine with a GPU by ``python -m benchmarks.gpu --report`` (a separate run)
+GPU_RESULTS = ROOT / "benchmarks" / "RESULTS-gpu.md"
+
+
+def gpu_section() -> list[str]:
+    """The last GPU run's report, marked as the separate run it is (none: say so)."""
+    title = "## On a GPU: a separate run (`benchmarks/RESULTS-gpu.md`)"
+    if not GPU_RESULTS.exists():
+        return [title, "", "Not run: no GPU results yet (`python -m benchmarks.gpu --report`).", ""]
+    body = GPU_RESULTS.read_text(encoding="utf-8").strip().splitlines()
+    if body and body[0].startswith("# "):
+        body = body[1:]  # its own title
+    demoted = ["#" + line if line.startswith("## ") else line for line in body]
+    note = (
+        "This machine has no GPU: the figures below come from the file's own run on another "
+        "machine, of the code its header names, and are copied here as they are."
+    )
+    return [title, "", note, *demoted, ""]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

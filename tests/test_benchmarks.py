@@ -151,3 +151,15 @@ def test_a_stream_counts_lost_requests_apart_from_typed_refusals():
     heavy = soak.Stream.of_bench("10x", bench)
     assert (heavy.sent, heavy.answered, heavy.outcomes["ok"]) == (6, 4, 3)
     assert heavy.lost == Counter({"ClientTimeout": 2})
+
+
+def test_the_gpu_section_copies_the_separate_run_and_says_so(tmp_path, monkeypatch):
+    gpu = tmp_path / "RESULTS-gpu.md"
+    monkeypatch.setattr(run_all, "GPU_RESULTS", gpu)
+    assert "Not run: no GPU results yet" in "\n".join(run_all.gpu_section())
+    gpu.write_text("# GPU results\n\nCode: abc123.\n\n## The GPU tests\n\n4 passed\n")
+    text = "\n".join(run_all.gpu_section())
+    assert text.startswith("## On a GPU: a separate run")
+    assert "a separate run" in text and "Code: abc123." in text
+    assert "### The GPU tests" in text  # its sections sit under ours
+    assert "# GPU results" not in text
