@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 from thriftpy2.thrift import TApplicationException, TMessageType
 
-from engine.errors import ApplicationError, ClientConnectionError, ClientTimeout, from_wire
+from engine.errors import ApplicationError, ClientConnectionError, ClientTimeout
 from engine.runtime.types import HealthReport, PipelineDescription
 from engine.transport.codec import (
     decode_tensors,
@@ -42,6 +42,7 @@ from engine.transport.codec import (
     message_reader,
     pipeline_from_wire,
 )
+from engine.transport.wire_errors import from_wire
 from idl import dagserve_thrift
 from model_plugins.errors import DagserveError, InvalidRequest
 

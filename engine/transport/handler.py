@@ -1,8 +1,8 @@
 """The Thrift handler: a thin adapter between the wire structs and a transport-neutral engine.
 
 Each method does three things: convert the Thrift structs (``engine.transport.codec``), call the
-engine, convert the answer back.  :func:`engine.errors.map_to_wire` wraps each body, so only
-exceptions that the IDL declares leave it (STYLE.md, guideline 6).
+engine, convert the answer back.  :func:`engine.transport.wire_errors.map_to_wire` wraps each
+body, so only exceptions that the IDL declares leave it (STYLE.md, guideline 6).
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ from __future__ import annotations
 import uuid
 from typing import Any, Protocol
 
-from engine.errors import map_to_wire
 from engine.runtime.types import (
     HealthReport,
     InferenceRequest,
@@ -23,6 +22,7 @@ from engine.transport.codec import (
     health_to_wire,
     pipeline_to_wire,
 )
+from engine.transport.wire_errors import map_to_wire
 from idl import dagserve_thrift
 from model_plugins.errors import InvalidRequest
 
