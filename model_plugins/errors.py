@@ -23,11 +23,30 @@ from __future__ import annotations
 from typing import Any
 
 
-def _rebuild(cls: type[DagserveError], message: str, fields: dict[str, Any]) -> DagserveError:
+def rebuild(cls: type[DagserveError], message: str, fields: dict[str, Any]) -> DagserveError:
+    """An error of class ``cls`` with ``message`` and ``fields``, built without its constructor.
+
+    Unpickling uses it (a subclass's constructor may compose its message from domain
+    arguments, as :class:`PipelineNotFound` does), and so does whatever rebuilds an error from
+    a message that travelled alone (the wire carries only the composed text).
+    """
     error = cls.__new__(cls)
     DagserveError.__init__(error, message)
     error.__dict__.update(fields)
     return error
+
+
+def node_label(node: str | None, plugin: str | None) -> str:
+    """How messages name a node: ``node 'x' (plugin 'y')``, or whichever of the two is known.
+
+    >>> node_label("embed", "torchscript"), node_label(None, "identity")
+    ("node 'embed' (plugin 'torchscript')", "plugin 'identity'")
+    """
+    if node and plugin:
+        return f"node {node!r} (plugin {plugin!r})"
+    if node:
+        return f"node {node!r}"
+    return f"plugin {plugin!r}"
 
 
 class DagserveError(Exception):
@@ -42,7 +61,7 @@ class DagserveError(Exception):
 
     def __reduce__(self) -> tuple[Any, ...]:
         fields = {k: v for k, v in self.__dict__.items() if k != "message"}
-        return (_rebuild, (type(self), self.message, fields))
+        return (rebuild, (type(self), self.message, fields))
 
 
 class InvalidRequest(DagserveError, ValueError):
@@ -101,10 +120,9 @@ class BatchContractError(InferenceError):
     def __init__(
         self, plugin: str, output: str, expected: int, actual: int, node: str | None = None
     ) -> None:
-        where = f"node {node!r} (plugin {plugin!r})" if node else f"plugin {plugin!r}"
         super().__init__(
-            f"{where} broke the batch contract: the batch has {expected} items but "
-            f"output {output!r} has {actual}",
+            f"{node_label(node, plugin)} broke the batch contract: the batch has {expected} "
+            f"items but output {output!r} has {actual}",
             node=node,
             plugin=plugin,
         )
@@ -135,4 +153,6 @@ __all__ = [
     "PluginError",
     "PluginLoadError",
     "PluginNotFound",
+    "node_label",
+    "rebuild",
 ]

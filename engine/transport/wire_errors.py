@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
 
 from thriftpy2.thrift import TApplicationException, TException
 
@@ -70,15 +69,6 @@ def map_to_wire(what: str = "request") -> Iterator[None]:
         ) from exc
 
 
-def _typed(cls: type[DagserveError], message: str, **fields: Any) -> DagserveError:
-    # Build without the class's own constructor: PipelineNotFound(name, ...) composes its
-    # message, but the wire only carries the composed text.
-    error = cls.__new__(cls)
-    DagserveError.__init__(error, message)
-    error.__dict__.update(fields)
-    return error
-
-
 def from_wire(exc: TException, *, pipeline: str | None = None) -> DagserveError:
     """Our error for an IDL exception (or a ``TApplicationException``) a server answered.
 
@@ -89,7 +79,9 @@ def from_wire(exc: TException, *, pipeline: str | None = None) -> DagserveError:
     if isinstance(exc, t.InvalidRequest):
         return sdk.InvalidRequest(message, field=exc.field)
     if isinstance(exc, t.PipelineNotFound):
-        return _typed(sdk.PipelineNotFound, message, pipeline=pipeline, version=None)
+        # PipelineNotFound(name, ...) composes its message; the wire carries only the text.
+        fields = {"pipeline": pipeline, "version": None}
+        return sdk.rebuild(sdk.PipelineNotFound, message, fields)
     if isinstance(exc, t.Overloaded):
         retry = exc.retry_after_ms if exc.retry_after_ms is not None else 100
         return sdk.Overloaded(message, retry_after_ms=retry)
