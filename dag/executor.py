@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
+import networkx as nx
 import numpy as np
 
+from dag.graph import OUTPUTS, build_graph
 from dag.runner import Runner
-from dag.schema import PipelineSpec, Ref, parse_ref
+from dag.schema import PipelineSpec, Ref
 from model_plugins.errors import DagserveError, DeadlineExceeded, InferenceError
 from model_plugins.plugin import Batch
 
@@ -52,61 +54,86 @@ class Execution:
 
 
 @dataclass(frozen=True)
-class _Plan:
-    """What the executor needs of a spec, computed once per pipeline."""
+class Plan:
+    """A pipeline's wiring as the executor reads it, worked out once per pipeline.
 
-    refs: dict[str, dict[str, Ref]]  # node -> input name -> reference
-    upstream: dict[str, frozenset[str]]  # node -> nodes it reads from
+    It is read off the graph (:func:`dag.graph.build_graph`), which holds every reference
+    already parsed: nothing is parsed per request.  A loaded pipeline has its own
+    (``Pipeline.plan``); :meth:`of` plans a bare spec.
+
+    Attributes:
+        spec: the pipeline as written (each node's ``join``, ``timeout_ms`` and plugin).
+        refs: node -> its input name -> the tensor it reads, in the order written.
+        upstream: node -> the nodes it reads from.
+        outputs: pipeline output -> the tensor it names.
+    """
+
+    spec: PipelineSpec
+    refs: dict[str, dict[str, Ref]]
+    upstream: dict[str, frozenset[str]]
     outputs: dict[str, Ref]
 
+    @classmethod
+    def of(cls, spec: PipelineSpec, graph: nx.DiGraph | None = None) -> Plan:
+        """The plan of ``spec``, read off ``graph`` (default: ``build_graph(spec)``).
 
-def plan(spec: PipelineSpec) -> _Plan:
-    """Pre-parse a (validated) spec's references."""
-    refs = {
-        name: {local: parse_ref(text) for local, text in node.inputs.items()}
-        for name, node in spec.nodes.items()
-    }
-    upstream = {
-        name: frozenset(r.source for r in node_refs.values() if not r.is_input)
-        for name, node_refs in refs.items()
-    }
-    outputs = {name: parse_ref(text) for name, text in spec.outputs.items()}
-    return _Plan(refs, upstream, outputs)
+        >>> spec = PipelineSpec.model_validate({
+        ...     "name": "p", "inputs": {"x": {"dtype": "float32"}},
+        ...     "nodes": {"a": {"plugin": "identity", "inputs": {"x": "$inputs.x"}}},
+        ...     "outputs": {"y": "a.x"},
+        ... })
+        >>> Plan.of(spec).outputs
+        {'y': Ref(source='a', name='x')}
+        """
+        graph = build_graph(spec) if graph is None else graph
+        wired: dict[str, dict[str, Ref]] = {}
+        for tail, head, wires in graph.edges(data="wires"):
+            for wire in wires:
+                wired.setdefault(head, {})[wire.input] = Ref(tail, wire.tensor)
+
+        def in_order(consumer: str, written: Iterable[str]) -> dict[str, Ref]:
+            found = wired.get(consumer, {})
+            return {local: found[local] for local in written if local in found}
+
+        refs = {name: in_order(name, node.inputs) for name, node in spec.nodes.items()}
+        upstream = {
+            name: frozenset(r.source for r in node_refs.values() if not r.is_input)
+            for name, node_refs in refs.items()
+        }
+        return cls(spec, refs, upstream, in_order(OUTPUTS, spec.outputs))
 
 
-def needed_nodes(execution_plan: _Plan, wanted: Collection[str]) -> set[str]:
+def needed_nodes(plan: Plan, wanted: Collection[str]) -> set[str]:
     """The nodes whose work reaches the ``wanted`` outputs (the others need not run)."""
-    todo = [r.source for name, r in execution_plan.outputs.items() if name in wanted]
+    todo = [r.source for name, r in plan.outputs.items() if name in wanted]
     needed: set[str] = set()
     while todo:
         node = todo.pop()
-        if node in needed or node not in execution_plan.upstream:
+        if node in needed or node not in plan.upstream:
             continue
         needed.add(node)
-        todo.extend(execution_plan.upstream[node])
+        todo.extend(plan.upstream[node])
     return needed
 
 
 async def execute(
-    spec: PipelineSpec,
+    plan: Plan,
     inputs: Mapping[str, np.ndarray],
     runners: Mapping[str, Runner],
     *,
     deadline: float | None = None,
     wanted: Collection[str] | None = None,
-    execution_plan: _Plan | None = None,
     clock: Callable[[], float] | None = None,
     observer: Callable[[str, NodeTiming, BaseException | None], None] | None = None,
 ) -> Execution:
-    """Run ``spec`` on one request's ``inputs``.
+    """Run a pipeline on one request's ``inputs``.
 
     Args:
-        spec: a validated pipeline.
+        plan: the pipeline's plan (``Pipeline.plan``, or ``Plan.of(spec)``).
         inputs: pipeline input name -> array; optional inputs may be absent.
         runners: node name -> the runner that executes it.
         deadline: on the loop's clock; past it, running nodes are cancelled.
         wanted: the outputs to produce (None = all); nodes that feed none of them don't run.
-        execution_plan: ``plan(spec)``, to skip re-parsing per request.
         clock: the time source for timings (default ``time.perf_counter``: uvloop's
             ``loop.time`` only has millisecond resolution).
         observer: called as each node that ran ends, with its timing and its error (or
@@ -120,9 +147,9 @@ async def execute(
         DeadlineExceeded: the deadline passed; the message names the nodes still running.
     """
     now = clock or time.perf_counter
-    the_plan = execution_plan or plan(spec)
+    spec = plan.spec
     wanted_set = set(spec.outputs) if wanted is None else set(wanted)
-    to_run = needed_nodes(the_plan, wanted_set)
+    to_run = needed_nodes(plan, wanted_set)
 
     values: dict[tuple[str, str], np.ndarray] = {("$inputs", k): v for k, v in inputs.items()}
     done = {name: asyncio.Event() for name in to_run}
@@ -130,16 +157,16 @@ async def execute(
     running: set[str] = set()
 
     async def run_node(name: str) -> None:
-        for dependency in the_plan.upstream[name]:
+        for dependency in plan.upstream[name]:
             await done[dependency].wait()
         node = spec.nodes[name]
         present: dict[str, np.ndarray] = {}
-        for local, ref in the_plan.refs[name].items():
+        for local, ref in plan.refs[name].items():
             value = values.get((ref.source, ref.name))
             if value is not None:
                 present[local] = value
-        missing = len(present) < len(the_plan.refs[name])
-        if (missing and node.join == "all") or (not present and the_plan.refs[name]):
+        missing = len(present) < len(plan.refs[name])
+        if (missing and node.join == "all") or (not present and plan.refs[name]):
             timings[name] = NodeTiming(now(), now(), "skipped")
             done[name].set()
             return
@@ -202,7 +229,7 @@ async def execute(
         raise _first_cause(group_error) from None
 
     outputs: dict[str, np.ndarray] = {}
-    for name, ref in the_plan.outputs.items():
+    for name, ref in plan.outputs.items():
         if name in wanted_set:
             value = values.get((ref.source, ref.name))
             if value is not None:
@@ -231,4 +258,4 @@ def _first_cause(group_error: BaseExceptionGroup[BaseException]) -> BaseExceptio
     return errors[0]
 
 
-__all__ = ["Execution", "NodeTiming", "execute", "needed_nodes", "plan"]
+__all__ = ["Execution", "NodeTiming", "Plan", "execute", "needed_nodes"]

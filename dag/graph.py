@@ -89,13 +89,41 @@ def build_graph(spec: PipelineSpec) -> nx.DiGraph:
     return graph
 
 
+def read_ref(spec: PipelineSpec, text: str) -> Ref:
+    """Parse a reference of ``spec`` and check that it names a declared input or a node.
+
+    The one place where dag reads references: the graph is built from what it returns, and
+    the executor's plan and the pipeline's description are read off the graph.
+
+    >>> spec = PipelineSpec.model_validate({
+    ...     "name": "p", "inputs": {"x": {"dtype": "float32"}},
+    ...     "nodes": {"a": {"plugin": "identity", "inputs": {"x": "$inputs.x"}}},
+    ...     "outputs": {"y": "a.x"},
+    ... })
+    >>> read_ref(spec, "a.x")
+    Ref(source='a', name='x')
+    >>> read_ref(spec, "b.x")
+    Traceback (most recent call last):
+    ValueError: b.x names no node 'b' (nodes: a)
+
+    Raises:
+        ValueError: the text does not parse, or names nothing; the message says which.
+    """
+    ref = parse_ref(text)
+    if ref.is_input and ref.name not in spec.inputs:
+        declared = ", ".join(spec.inputs) or "none"
+        msg = f"{ref} names no pipeline input (inputs: {declared})"
+        raise ValueError(msg)
+    if not ref.is_input and ref.source not in spec.nodes:
+        msg = f"{ref} names no node {ref.source!r} (nodes: {', '.join(spec.nodes)})"
+        raise ValueError(msg)
+    return ref
+
+
 def _wire(graph: nx.DiGraph, spec: PipelineSpec, text: str, consumer: str, local: str) -> None:
     try:
-        ref = parse_ref(text)
-    except ValueError:
-        return
-    known = ref.name in spec.inputs if ref.is_input else ref.source in spec.nodes
-    if not known:
+        ref = read_ref(spec, text)
+    except ValueError:  # reported by validate()
         return
     if not graph.has_edge(ref.source, consumer):
         graph.add_edge(ref.source, consumer, wires=[])
@@ -309,24 +337,10 @@ class _Checker:
 
     def _ref(self, text: str, loc: Loc, what: str, node: str | None) -> Ref | None:
         try:
-            ref = parse_ref(text)
+            return read_ref(self.spec, text)
         except ValueError as exc:
             self.error(loc, f"{what}: {exc}", node=node)
             return None
-        if ref.is_input and ref.name not in self.spec.inputs:
-            declared = ", ".join(self.spec.inputs) or "none"
-            self.error(
-                loc, f"{what}: {ref} names no pipeline input (inputs: {declared})", node=node
-            )
-            return None
-        if not ref.is_input and ref.source not in self.spec.nodes:
-            self.error(
-                loc,
-                f"{what}: {ref} names no node {ref.source!r} (nodes: {', '.join(self.spec.nodes)})",
-                node=node,
-            )
-            return None
-        return ref
 
     def resolve_plugins(self) -> None:
         found: dict[str, type[ModelPlugin] | str] = {}  # plugin reference -> class or problem
@@ -452,6 +466,7 @@ __all__ = [
     "analyze",
     "build_graph",
     "find_cycles",
+    "read_ref",
     "topological_order",
     "validate",
 ]

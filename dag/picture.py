@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from dag.errors import RenderError
 from dag.graph import INPUTS, OUTPUTS
 from dag.pipeline import Pipeline
-from dag.schema import parse_ref
+from dag.schema import Ref
 
 if TYPE_CHECKING:  # imported when drawing: serving never needs graphviz
     import graphviz
@@ -76,14 +76,15 @@ def maybe_absent(pipeline: Pipeline) -> set[str]:
     skipped: set[str] = set()
     for name in pipeline.order:
         node = pipeline.spec.nodes[name]
-        absent = [_maybe_absent(pipeline, text, skipped) for text in node.inputs.values()]
+        absent = [
+            _maybe_absent(pipeline, ref, skipped) for ref in pipeline.plan.refs[name].values()
+        ]
         if absent and (all(absent) if node.join == "available" else any(absent)):
             skipped.add(name)
     return skipped
 
 
-def _maybe_absent(pipeline: Pipeline, text: str, skipped: set[str]) -> bool:
-    ref = parse_ref(text)
+def _maybe_absent(pipeline: Pipeline, ref: Ref, skipped: set[str]) -> bool:
     if ref.is_input:
         return pipeline.input_specs[ref.name].optional
     return ref.source in skipped
@@ -114,23 +115,22 @@ def to_dot(pipeline: Pipeline) -> graphviz.Digraph:
         if name in skipped:
             attrs = {**attrs, **_MAYBE, "style": "rounded,dashed"}
         dot.node(_node_id(name), label, **attrs)
-        for local, text in node.inputs.items():
-            _edge(dot, pipeline, text, _node_id(name), local, skipped)
-    for output, text in pipeline.spec.outputs.items():
+        for local, ref in pipeline.plan.refs[name].items():
+            _edge(dot, pipeline, ref, _node_id(name), local, skipped)
+    for output, ref in pipeline.plan.outputs.items():
         spec = pipeline.output_specs.get(output)
         label = output + (f"\n{spec.describe()}" if spec is not None else "")
         dot.node(_output_id(output), label, shape="house")
-        _edge(dot, pipeline, text, _output_id(output), output, skipped)
+        _edge(dot, pipeline, ref, _output_id(output), output, skipped)
     return dot
 
 
 def _edge(
-    dot: graphviz.Digraph, pipeline: Pipeline, text: str, head: str, local: str, skipped: set[str]
+    dot: graphviz.Digraph, pipeline: Pipeline, ref: Ref, head: str, local: str, skipped: set[str]
 ) -> None:
-    ref = parse_ref(text)
     tail = _input_id(ref.name) if ref.is_input else _node_id(ref.source)
     label = ref.name if ref.name == local else f"{ref.name} → {local}"
-    style = _MAYBE if _maybe_absent(pipeline, text, skipped) else {}
+    style = _MAYBE if _maybe_absent(pipeline, ref, skipped) else {}
     dot.edge(tail, head, label=label, **style)
 
 

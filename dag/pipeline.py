@@ -1,4 +1,5 @@
-"""The compiled pipeline: a checked spec with its graph, plugin classes and tensor specs.
+"""The compiled pipeline: a checked spec with its graph, plugin classes and tensor specs,
+its executor plan, its description, and the checks a request passes before it runs.
 
 :func:`load_pipeline` is the one way from a YAML file to a :class:`Pipeline`; it raises
 :class:`~dag.errors.PipelineInvalid` with every problem of the file at once.
@@ -7,19 +8,47 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import networkx as nx
+import numpy as np
 
 from dag.errors import PipelineError, PipelineInvalid
-from dag.graph import Resolver, Signature, analyze, build_graph
+from dag.executor import Plan
+from dag.graph import OUTPUTS, Resolver, Signature, analyze, build_graph
 from dag.loader import SourceMap, load_spec
 from dag.schema import PipelineSpec
+from model_plugins.contract import check_inputs
+from model_plugins.errors import InvalidRequest
 from model_plugins.plugin import ModelPlugin
 from model_plugins.registry import resolve
 from model_plugins.specs import TensorSpec
+
+
+@dataclass(frozen=True)
+class EdgeDescription:
+    """One tensor along an edge of a :class:`PipelineDescription`."""
+
+    source: str  # "$inputs" or a node
+    target: str  # a node or "$outputs"
+    tensor: str  # "NAME" for pipeline inputs, "NODE.OUTPUT" otherwise
+
+
+@dataclass(frozen=True)
+class PipelineDescription:
+    """What the ``describe`` and ``list_pipelines`` calls answer about one pipeline, free of
+    any wire format (``Pipeline.description``)."""
+
+    name: str
+    version: str
+    inputs: dict[str, TensorSpec]
+    #: None where no end declares the output's spec
+    outputs: dict[str, TensorSpec | None]
+    nodes: list[str]
+    edges: list[EdgeDescription]
 
 
 @dataclass(frozen=True, eq=False)
@@ -63,6 +92,78 @@ class Pipeline:
     def line_of(self, node: str) -> int | None:
         """The line where ``node`` is written, or None (built in code, or no such node)."""
         return self.source.lines.get(("nodes", node))
+
+    @cached_property
+    def plan(self) -> Plan:
+        """What the executor runs (:func:`dag.executor.execute`), read off the graph."""
+        return Plan.of(self.spec, self.graph)
+
+    @cached_property
+    def description(self) -> PipelineDescription:
+        """The pipeline's signature and graph, as ``describe`` answers them."""
+        edges = [
+            EdgeDescription(ref.source, target, ref.name if ref.is_input else str(ref))
+            for target, refs in [*self.plan.refs.items(), (OUTPUTS, self.plan.outputs)]
+            for ref in refs.values()
+        ]
+        return PipelineDescription(
+            name=self.name,
+            version=self.version,
+            inputs=dict(self.input_specs),
+            outputs=dict(self.output_specs),
+            nodes=list(self.spec.nodes),
+            edges=edges,
+        )
+
+    @cached_property
+    def required_inputs(self) -> frozenset[str]:
+        """The inputs every request must carry."""
+        return frozenset(n for n, s in self.input_specs.items() if not s.optional)
+
+    def check_request(
+        self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None
+    ) -> None:
+        """Check one request against the pipeline's signature, before anything runs.
+
+        Args:
+            inputs: pipeline input name -> array, first dimension = items.
+            outputs: the outputs asked for; None = all.
+
+        Raises:
+            InvalidRequest: an input the pipeline does not have, a required one missing, no
+                input at all, a wrong dtype or item shape, inputs that disagree on the number
+                of items, a NaN where ``allow_nan: false``, or an unknown output; ``field``
+                names it (``inputs.NAME``, ``outputs``).
+        """
+        specs = self.input_specs
+        for name in inputs:
+            if name not in specs:
+                msg = f"pipeline {self.name!r} has no input {name!r} (inputs: {', '.join(specs)})"
+                raise InvalidRequest(msg, field=f"inputs.{name}")
+        for name in self.required_inputs - inputs.keys():
+            msg = f"required input {name!r} is missing ({specs[name].describe()} per item)"
+            raise InvalidRequest(msg, field=f"inputs.{name}")
+        if not inputs:
+            msg = "the request carries no inputs"
+            raise InvalidRequest(msg, field="inputs")
+        # dtypes, item shapes, and the same number of items in every input
+        check_inputs({n: specs[n] for n in inputs}, inputs, where="inputs")
+        for name, array in inputs.items():
+            if not self.spec.inputs[name].allow_nan and array.dtype.kind == "f":
+                bad = np.isnan(array.reshape(len(array), -1)).any(axis=1) if array.size else []
+                items = [int(i) for i in np.flatnonzero(bad)]
+                if items:
+                    msg = (
+                        f"input {name!r} holds NaN in item(s) {items[:10]}, which the pipeline "
+                        "does not allow (allow_nan: false)"
+                    )
+                    raise InvalidRequest(msg, field=f"inputs.{name}")
+        if outputs is not None:
+            unknown = [o for o in outputs if o not in self.spec.outputs]
+            if unknown:
+                known = ", ".join(self.spec.outputs)
+                msg = f"unknown outputs requested: {', '.join(unknown)} (outputs: {known})"
+                raise InvalidRequest(msg, field="outputs")
 
     @classmethod
     def from_spec(
@@ -156,4 +257,10 @@ def load_pipelines(
     return pipelines, errors
 
 
-__all__ = ["Pipeline", "load_pipeline", "load_pipelines"]
+__all__ = [
+    "EdgeDescription",
+    "Pipeline",
+    "PipelineDescription",
+    "load_pipeline",
+    "load_pipelines",
+]

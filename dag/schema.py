@@ -22,6 +22,10 @@ PIPELINE_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_.-]*$"
 #: the prefix of a reference to a pipeline input
 INPUTS_PREFIX = "$inputs"
 
+#: items that may wait for a model node before requests are Overloaded: ``max_queue``'s
+#: default, and the bound of a node without ``batching:``
+DEFAULT_MAX_QUEUE = 1024
+
 _REF = re.compile(r"^(\$inputs|[A-Za-z_][A-Za-z0-9_]*)\.([A-Za-z_][A-Za-z0-9_]*)$")
 _DEVICE = re.compile(r"^(auto|cpu|cuda:\d+)$")
 
@@ -47,13 +51,13 @@ class TensorDecl(_Strict):
 
 
 class BatchingConfig(_Strict):
-    """Dynamic batching of a model node (the batcher lands with the worker runner)."""
+    """Dynamic batching of a model node: the engine's batcher merges requests' items."""
 
     max_batch_size: int = Field(8, ge=1)
     """The most items one call of ``predict`` gets."""
     max_delay_ms: float = Field(0.0, ge=0)
     """How long the first waiting item may be held to grow a batch; 0 = never wait."""
-    max_queue: int = Field(1024, ge=1)
+    max_queue: int = Field(DEFAULT_MAX_QUEUE, ge=1)
     """Items that may wait; past it requests are answered Overloaded."""
     max_queue_delay_ms: float | None = Field(None, gt=0)
     """Refuse (Overloaded) a request expected to wait longer than this, judged from the queue
@@ -165,6 +169,7 @@ def parse_ref(text: str) -> Ref:
 
 
 __all__ = [
+    "DEFAULT_MAX_QUEUE",
     "INPUTS_PREFIX",
     "BatchingConfig",
     "NodeSpec",

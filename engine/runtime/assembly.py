@@ -1,5 +1,5 @@
 """How a validated pipeline becomes something that serves: its runners, its shared models,
-their batchers and their devices; and the checks a request passes before it runs."""
+their batchers and their devices."""
 
 from __future__ import annotations
 
@@ -7,41 +7,26 @@ import json
 import logging
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from dag.executor import NodeTiming, _Plan, plan
+from dag.executor import NodeTiming
 from dag.pipeline import Pipeline
-from dag.schema import NodeSpec, parse_ref
+from dag.schema import DEFAULT_MAX_QUEUE, NodeSpec
 from engine.observability.metrics import Metrics, error_type
 from engine.runtime.batcher import Batcher, Padding, batch_deadline
 from engine.runtime.devices import DeviceInventory
 from engine.runtime.local import InlineRunner, LocalRunner, NodeBinding, ThreadPoolRunner
 from engine.runtime.model import BatchedNode, SharedModel
 from engine.runtime.placement import Placement, PlacementRequest, place
-from engine.runtime.types import (
-    EdgeDescription,
-    InferenceRequest,
-    PipelineDescription,
-)
 from engine.runtime.worker_runner import WorkerRunner
 from engine.runtime.workers.pool import WorkerPool, worker_key
-from model_plugins.contract import check_inputs
-from model_plugins.errors import (
-    InvalidRequest,
-    PluginLoadError,
-)
+from model_plugins.errors import PluginLoadError
 from model_plugins.plugin import Batch, LoadContext, ModelPlugin
 from model_plugins.registry import BUILTINS, resolve
 
 logger = logging.getLogger(__name__)
-
-
-#: items that may wait for a model node without `batching:` before requests are Overloaded
-DEFAULT_MAX_QUEUE = 1024
 
 
 Runner = LocalRunner | BatchedNode
@@ -53,9 +38,6 @@ class ServedPipeline:
 
     pipeline: Pipeline
     runners: dict[str, Runner]
-    plan: _Plan
-    description: PipelineDescription
-    required_inputs: frozenset[str] = field(default_factory=frozenset)
     metrics: Metrics | None = None
 
     def observe_node(self, node: str, timing: NodeTiming, error: BaseException | None) -> None:
@@ -260,77 +242,12 @@ def serve_pipeline(
             runners[name] = InlineRunner(binding)
         else:
             runners[name] = ThreadPoolRunner(binding, pool)
-    required = frozenset(n for n, s in pipeline.input_specs.items() if not s.optional)
-    return ServedPipeline(
-        pipeline, runners, plan(pipeline.spec), describe(pipeline), required, metrics
-    )
-
-
-def check_request(served: ServedPipeline, request: InferenceRequest) -> None:
-    specs = served.pipeline.input_specs
-    for name in request.inputs:
-        if name not in specs:
-            msg = (
-                f"pipeline {served.pipeline.name!r} has no input {name!r} "
-                f"(inputs: {', '.join(specs)})"
-            )
-            raise InvalidRequest(msg, field=f"inputs.{name}")
-    for name in served.required_inputs - request.inputs.keys():
-        msg = f"required input {name!r} is missing ({specs[name].describe()} per item)"
-        raise InvalidRequest(msg, field=f"inputs.{name}")
-    if not request.inputs:
-        msg = "the request carries no inputs"
-        raise InvalidRequest(msg, field="inputs")
-    # dtypes, item shapes, and the same number of items in every input
-    check_inputs({n: specs[n] for n in request.inputs}, request.inputs, where="inputs")
-    for name, array in request.inputs.items():
-        declared = served.pipeline.spec.inputs[name]
-        if not declared.allow_nan and array.dtype.kind == "f":
-            bad = np.isnan(array.reshape(len(array), -1)).any(axis=1) if array.size else []
-            items = [int(i) for i in np.flatnonzero(bad)]
-            if items:
-                msg = (
-                    f"input {name!r} holds NaN in item(s) {items[:10]}, which the pipeline "
-                    "does not allow (allow_nan: false)"
-                )
-                raise InvalidRequest(msg, field=f"inputs.{name}")
-    if request.outputs is not None:
-        unknown = [o for o in request.outputs if o not in served.pipeline.spec.outputs]
-        if unknown:
-            known = ", ".join(served.pipeline.spec.outputs)
-            msg = f"unknown outputs requested: {', '.join(unknown)} (outputs: {known})"
-            raise InvalidRequest(msg, field="outputs")
-
-
-def describe(pipeline: Pipeline) -> PipelineDescription:
-    """The wire-neutral description of a pipeline (its signature and its graph)."""
-    edges: list[EdgeDescription] = []
-    for name, node in pipeline.spec.nodes.items():
-        for text in node.inputs.values():
-            ref = parse_ref(text)
-            tensor = ref.name if ref.is_input else str(ref)
-            edges.append(EdgeDescription(ref.source, name, tensor))
-    for text in pipeline.spec.outputs.values():
-        ref = parse_ref(text)
-        edges.append(
-            EdgeDescription(ref.source, "$outputs", ref.name if ref.is_input else str(ref))
-        )
-    return PipelineDescription(
-        name=pipeline.name,
-        version=pipeline.version,
-        inputs=dict(pipeline.input_specs),
-        outputs=dict(pipeline.output_specs),
-        nodes=list(pipeline.spec.nodes),
-        edges=edges,
-    )
+    return ServedPipeline(pipeline, runners, metrics)
 
 
 __all__ = [
-    "DEFAULT_MAX_QUEUE",
     "Runner",
     "ServedPipeline",
-    "check_request",
-    "describe",
     "plan_placement",
     "serve_pipeline",
 ]

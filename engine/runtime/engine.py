@@ -15,14 +15,13 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from dag.executor import Execution, execute
-from dag.pipeline import Pipeline
+from dag.pipeline import Pipeline, PipelineDescription
 from engine.observability import logs
 from engine.observability.metrics import Metrics, status_of
 from engine.observability.tracing import start_request_span
 from engine.runtime.assembly import (
     Runner,
     ServedPipeline,
-    check_request,
     plan_placement,
     serve_pipeline,
 )
@@ -34,13 +33,11 @@ from engine.runtime.types import (
     HealthReport,
     InferenceRequest,
     InferenceResult,
-    PipelineDescription,
 )
 from engine.runtime.workers.pool import WorkerPool
 from model_plugins.errors import (
     DagserveError,
     InferenceError,
-    InvalidRequest,
     Overloaded,
     PipelineNotFound,
     PluginLoadError,
@@ -235,32 +232,28 @@ class Engine:
 
     async def execute(self, served: ServedPipeline, request: InferenceRequest) -> Execution:
         """Check ``request`` against the pipeline's signature and run it."""
-        check_request(served, request)
+        served.pipeline.check_request(request.inputs, request.outputs)
         deadline = None
-        if request.timeout_ms is not None:
-            if request.timeout_ms <= 0:
-                msg = f"timeout_ms must be > 0 (got {request.timeout_ms})"
-                raise InvalidRequest(msg, field="timeout_ms")
+        if request.timeout_ms is not None:  # > 0: InferenceRequest checks it
             deadline = asyncio.get_running_loop().time() + request.timeout_ms / 1000.0
         return await execute(
-            served.pipeline.spec,
+            served.pipeline.plan,
             request.inputs,
             served.runners,
             deadline=deadline,
             wanted=request.outputs,
-            execution_plan=served.plan,
             observer=served.observe_node,
         )
 
     def list_pipelines(self) -> list[PipelineDescription]:
         return [
-            served.description
+            served.pipeline.description
             for _, versions in sorted(self._served.items())
             for _, served in sorted(versions.items(), key=lambda kv: _version_key(kv[0]))
         ]
 
     def describe(self, name: str) -> PipelineDescription:
-        return self.find(name).description
+        return self.find(name).pipeline.description
 
     def health(self) -> HealthReport:
         details = {

@@ -1,4 +1,5 @@
-"""Transport-neutral request, result and description objects.
+"""Transport-neutral request, result and health objects (a pipeline's description is
+``dag.pipeline.PipelineDescription``).
 
 The Thrift adapter (``engine.transport.handler``) converts the wire structs to and from these; the
 engine and everything under it never see a Thrift struct.
@@ -10,7 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from model_plugins.specs import TensorSpec
+from model_plugins.errors import InvalidRequest
 
 
 @dataclass
@@ -26,6 +27,12 @@ class InferenceRequest:
     outputs: list[str] | None = None
     headers: dict[str, str] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        # The one check of timeout_ms, wherever the request comes from (the wire, or code).
+        if self.timeout_ms is not None and self.timeout_ms <= 0:
+            msg = f"timeout_ms must be > 0 (got {self.timeout_ms})"
+            raise InvalidRequest(msg, field="timeout_ms")
+
 
 @dataclass
 class InferenceResult:
@@ -39,26 +46,6 @@ class InferenceResult:
 
 
 @dataclass(frozen=True)
-class EdgeDescription:
-    source: str  # "$inputs" or a node
-    target: str  # a node or "$outputs"
-    tensor: str  # "NAME" for pipeline inputs, "NODE.OUTPUT" otherwise
-
-
-@dataclass(frozen=True)
-class PipelineDescription:
-    """What ``describe`` and ``list_pipelines`` answer about one served pipeline."""
-
-    name: str
-    version: str
-    inputs: dict[str, TensorSpec]
-    #: None where no end declares the output's spec
-    outputs: dict[str, TensorSpec | None]
-    nodes: list[str]
-    edges: list[EdgeDescription]
-
-
-@dataclass(frozen=True)
 class HealthReport:
     live: bool
     ready: bool
@@ -66,9 +53,7 @@ class HealthReport:
 
 
 __all__ = [
-    "EdgeDescription",
     "HealthReport",
     "InferenceRequest",
     "InferenceResult",
-    "PipelineDescription",
 ]

@@ -32,8 +32,9 @@ from typing import Any
 import numpy as np
 from thriftpy2.thrift import TApplicationException, TMessageType
 
+from dag.pipeline import PipelineDescription
 from engine.errors import ApplicationError, ClientConnectionError, ClientTimeout
-from engine.runtime.types import HealthReport, PipelineDescription
+from engine.runtime.types import HealthReport
 from engine.transport.codec import (
     decode_tensors,
     encode_message,

@@ -28,7 +28,8 @@ from thriftpy2.thrift import TPayload
 from thriftpy2.transport.buffered import TCyBufferedTransport  # type: ignore[attr-defined]
 from thriftpy2.transport.memory import TCyMemoryBuffer  # type: ignore[attr-defined]
 
-from engine.runtime.types import EdgeDescription, HealthReport, PipelineDescription
+from dag.pipeline import EdgeDescription, PipelineDescription
+from engine.runtime.types import HealthReport
 from idl import dagserve_thrift
 from model_plugins.errors import InvalidRequest
 from model_plugins.specs import DTYPES, NUMPY_DTYPES, OBJECT_DTYPES, DType, TensorSpec, dtype_of

@@ -10,12 +10,8 @@ from __future__ import annotations
 import uuid
 from typing import Any, Protocol
 
-from engine.runtime.types import (
-    HealthReport,
-    InferenceRequest,
-    InferenceResult,
-    PipelineDescription,
-)
+from dag.pipeline import PipelineDescription
+from engine.runtime.types import HealthReport, InferenceRequest, InferenceResult
 from engine.transport.codec import (
     decode_tensors,
     encode_tensors,
@@ -49,9 +45,6 @@ def request_from_wire(request: Any) -> InferenceRequest:
     if not request.pipeline:
         msg = "pipeline is missing"
         raise InvalidRequest(msg, field="pipeline")
-    if request.timeout_ms is not None and request.timeout_ms <= 0:
-        msg = f"timeout_ms must be > 0 (got {request.timeout_ms})"
-        raise InvalidRequest(msg, field="timeout_ms")
     return InferenceRequest(
         pipeline=request.pipeline,
         inputs=decode_tensors(request.inputs, "inputs"),

@@ -7,7 +7,7 @@ import asyncio
 import numpy as np
 import pytest
 
-from dag.executor import execute
+from dag.executor import Plan, execute
 from dag.schema import PipelineSpec
 from model_plugins.errors import DeadlineExceeded, InferenceError
 
@@ -44,8 +44,8 @@ class Recorder:
         return {"out": first + 1 if first.dtype != object else first}
 
 
-def spec(text: dict) -> PipelineSpec:
-    return PipelineSpec.model_validate(text)
+def plan(text: dict) -> Plan:
+    return Plan.of(PipelineSpec.model_validate(text))
 
 
 DIAMOND = {
@@ -80,7 +80,7 @@ async def test_independent_branches_overlap():
         "fuse": Recorder("fuse", log),
     }
     x = np.ones((1, 2), np.float32)
-    result = await asyncio.wait_for(execute(spec(DIAMOND), {"x": x}, runners), 5)
+    result = await asyncio.wait_for(execute(plan(DIAMOND), {"x": x}, runners), 5)
     assert log.index("start b") < log.index("end a")
     assert log.index("start a") < log.index("end b")
     t = result.timings
@@ -93,7 +93,7 @@ async def test_independent_branches_overlap():
 async def test_missing_optional_input_skips_its_branch():
     log: list[str] = []
     runners = {n: Recorder(n, log) for n in ("a", "b", "c", "fuse")}
-    result = await execute(spec(DIAMOND), {"x": np.zeros((3, 2), np.float32)}, runners)
+    result = await execute(plan(DIAMOND), {"x": np.zeros((3, 2), np.float32)}, runners)
     assert result.timings["c"].status == "skipped"
     assert "start c" not in log
     assert set(runners["fuse"].seen) == {"a", "b"}  # join: available ran on what arrived
@@ -111,7 +111,7 @@ async def test_join_all_skips_when_an_input_is_absent():
         },
     )
     runners = {n: Recorder(n, []) for n in ("a", "b", "c", "fuse")}
-    result = await execute(spec(s), {"x": np.zeros((1, 2), np.float32)}, runners)
+    result = await execute(plan(s), {"x": np.zeros((1, 2), np.float32)}, runners)
     assert result.timings["fuse"].status == "skipped"
     assert result.outputs == {}
 
@@ -120,7 +120,7 @@ async def test_wanted_outputs_prune_nodes():
     log: list[str] = []
     runners = {n: Recorder(n, log) for n in ("a", "b", "c", "fuse")}
     inputs = {"x": np.zeros((1, 2), np.float32), "opt": np.zeros((1, 2), np.float32)}
-    result = await execute(spec(DIAMOND), inputs, runners, wanted=["c"])
+    result = await execute(plan(DIAMOND), inputs, runners, wanted=["c"])
     assert set(result.outputs) == {"c"}
     assert log == ["start c", "end c"]
 
@@ -135,7 +135,7 @@ async def test_failure_names_the_node_and_cancels_the_rest():
     }
     with pytest.raises(InferenceError) as info:
         await asyncio.wait_for(
-            execute(spec(DIAMOND), {"x": np.zeros((1, 2), np.float32)}, runners), 5
+            execute(plan(DIAMOND), {"x": np.zeros((1, 2), np.float32)}, runners), 5
         )
     assert info.value.node == "a"
     assert "ValueError: boom" in str(info.value)
@@ -152,7 +152,7 @@ async def test_deadline_names_the_running_nodes():
     }
     with pytest.raises(DeadlineExceeded, match="running nodes: a"):
         await execute(
-            spec(DIAMOND), {"x": np.zeros((1, 2), np.float32)}, runners, deadline=loop.time() + 0.05
+            plan(DIAMOND), {"x": np.zeros((1, 2), np.float32)}, runners, deadline=loop.time() + 0.05
         )
 
 
@@ -173,5 +173,5 @@ async def test_a_node_past_its_timeout_fails_alone_with_its_name():
     with pytest.raises(
         InferenceError, match=r"node 'b' did not finish within its timeout_ms \(20 ms\)"
     ) as info:
-        await asyncio.wait_for(execute(spec(s), {"x": np.zeros((1, 2), np.float32)}, runners), 5)
+        await asyncio.wait_for(execute(plan(s), {"x": np.zeros((1, 2), np.float32)}, runners), 5)
     assert info.value.node == "b"

@@ -12,13 +12,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from engine.runtime.types import (
-    EdgeDescription,
-    HealthReport,
-    InferenceRequest,
-    InferenceResult,
-    PipelineDescription,
-)
+from dag.pipeline import EdgeDescription, PipelineDescription
+from engine.runtime.types import HealthReport, InferenceRequest, InferenceResult
 from engine.transport.handler import InferenceHandler
 from engine.transport.thrift import ThriftServer
 from model_plugins.errors import (
