@@ -1,7 +1,7 @@
 """The runner interface: how the executor hands a node its inputs.
 
 ``dag`` knows no transport and no process.  It drives each node through a :class:`Runner`,
-which ``engine`` implements: inline in the event loop, in a thread pool, or (later) through a
+which ``engine`` implements: inline in the event loop, in a thread pool, or through a model's
 batcher to a worker process.
 """
 

@@ -24,7 +24,7 @@ import numpy as np
 from dag.errors import PipelineError
 from engine.config import ServerConfig, is_server_config, load_config
 from engine.observability.logs import configure as configure_logging
-from engine.runtime.loading import load_for_serving as load_pipelines
+from engine.runtime.loading import load_for_serving
 from model_plugins.errors import DagserveError
 from model_plugins.specs import NUMPY_DTYPES, TensorSpec
 
@@ -115,7 +115,7 @@ def _print_errors(errors: Sequence[PipelineError]) -> None:
 
 
 def _validate(args: argparse.Namespace) -> int:
-    pipelines, errors = load_pipelines(args.files)
+    pipelines, errors = load_for_serving(args.files)
     for pipeline in pipelines:
         for warning in pipeline.warnings:
             print(warning, file=sys.stderr)
@@ -134,7 +134,7 @@ def _validate(args: argparse.Namespace) -> int:
 def _graph(args: argparse.Namespace) -> int:
     from dag.picture import render
 
-    pipelines, errors = load_pipelines([args.file])
+    pipelines, errors = load_for_serving([args.file])
     if errors:
         _print_errors(errors)
         return 1
@@ -237,7 +237,7 @@ def _serve(args: argparse.Namespace) -> int:
     if not pipeline_files:
         print("dagserve serve: no pipeline files given", file=sys.stderr)
         return 2
-    pipelines, errors = load_pipelines(pipeline_files)
+    pipelines, errors = load_for_serving(pipeline_files)
     if errors:
         _print_errors(errors)
         return 1

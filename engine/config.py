@@ -67,7 +67,7 @@ class ServerConfig(BaseModel):
     port: int = Field(9090, ge=0, le=65535)
     """Thrift port; 0 picks a free one (logged at startup)."""
     metrics_port: int | None = Field(None, ge=0, le=65535)
-    """Prometheus ``/metrics`` port (observability lands in a later issue)."""
+    """Prometheus ``/metrics`` port (with ``/healthz`` and ``/readyz``); None = not served."""
     pipelines: list[Path] = Field(default_factory=list)
     """Pipeline YAML files, relative to the config file."""
     max_frame_bytes: int = Field(DEFAULT_MAX_FRAME_BYTES, ge=1024)

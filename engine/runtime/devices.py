@@ -319,7 +319,7 @@ class DeviceInventory:
             logger.warning("cannot sample %s: %s", previous.device, exc)
             return _unknown(previous)
 
-    def describe(self) -> list[str]:
+    def log_lines(self) -> list[str]:
         """Lines for the startup log: one per card, then the CPU."""
         lines = [
             f"{gpu.device}: {gpu.name}, {gpu.memory_total_mb} MB ({gpu.memory_used_mb} MB in use)"

@@ -101,7 +101,7 @@ class Engine:
         self.placement, model_ids = plan_placement(
             self._pending, self.inventory, reserve_mb=self.gpu_reserve_mb
         )
-        for line in self.placement.describe():
+        for line in self.placement.log_lines():
             logger.info("placement: %s", line)
         try:
             for pipeline in self._pending:

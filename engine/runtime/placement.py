@@ -192,7 +192,7 @@ class Placement:
         """
         return self.models[model_id]
 
-    def describe(self) -> list[str]:
+    def log_lines(self) -> list[str]:
         """Lines for the startup log: one per device, then one per model placed there."""
         lines: list[str] = []
         for budget in self.budgets.values():

@@ -16,7 +16,7 @@ from model_plugins.errors import InvalidRequest
 
 @dataclass
 class InferenceRequest:
-    """One call of ``infer``, decoded."""
+    """One call of ``infer``, decoded (the IDL's ``InferRequest``; the one name inside)."""
 
     pipeline: str
     inputs: dict[str, np.ndarray]
@@ -36,7 +36,8 @@ class InferenceRequest:
 
 @dataclass
 class InferenceResult:
-    """The answer to one :class:`InferenceRequest`."""
+    """The answer to one :class:`InferenceRequest` (the IDL's ``InferResponse``): what
+    ``Engine.infer`` returns, and what the clients of ``engine.transport.client`` return."""
 
     request_id: str
     outputs: dict[str, np.ndarray]

@@ -25,7 +25,6 @@ import socket
 import ssl
 import threading
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
@@ -34,7 +33,7 @@ from thriftpy2.thrift import TApplicationException, TMessageType
 
 from dag.pipeline import PipelineDescription
 from engine.errors import ApplicationError, ClientConnectionError, ClientTimeout
-from engine.runtime.types import HealthReport
+from engine.runtime.types import HealthReport, InferenceResult
 from engine.transport.codec import (
     decode_tensors,
     encode_message,
@@ -54,18 +53,6 @@ MAX_REPLY_BYTES = 1024 * 1024 * 1024
 _JOIN_BELOW = 64 * 1024
 
 _SERVICE = dagserve_thrift.InferenceService
-
-
-@dataclass(frozen=True)
-class InferResult:
-    """The answer to one ``infer`` call."""
-
-    #: output name -> array (fixed-width arrays are read-only views on the reply)
-    outputs: dict[str, np.ndarray]
-    request_id: str
-    version: str | None
-    #: wall time of each node that ran, in microseconds
-    node_latency_us: dict[str, int] = field(default_factory=dict)
 
 
 class _BadReply(Exception):
@@ -111,11 +98,13 @@ def _infer_args(
     return _SERVICE.infer_args(request=request)
 
 
-def _infer_result(response: Any) -> InferResult:
-    return InferResult(
-        outputs=decode_tensors(response.outputs, "outputs"),
+def _infer_result(response: Any) -> InferenceResult:
+    # The engine's own result type: fixed-width outputs are read-only views on the reply, and
+    # ``version`` is "" from a server that does not say which version answered.
+    return InferenceResult(
         request_id=response.request_id,
-        version=response.version,
+        outputs=decode_tensors(response.outputs, "outputs"),
+        version=response.version or "",
         node_latency_us=dict(response.node_latency_us or {}),
     )
 
@@ -304,8 +293,12 @@ class Client(_Endpoint):
         outputs: Sequence[str] | None = None,
         request_id: str | None = None,
         headers: Mapping[str, str] | None = None,
-    ) -> InferResult:
-        """Run ``pipeline`` on ``inputs`` (arrays, or lists that ``np.asarray`` takes)."""
+    ) -> InferenceResult:
+        """Run ``pipeline`` on ``inputs`` (arrays, or lists that ``np.asarray`` takes).
+
+        Returns the engine's :class:`~engine.runtime.types.InferenceResult`; its fixed-width
+        outputs are read-only views on the reply.
+        """
         args = _infer_args(
             pipeline, inputs, version=version, timeout_ms=timeout_ms, outputs=outputs,
             request_id=request_id, headers=headers,
@@ -460,8 +453,12 @@ class AsyncClient(_Endpoint):
         outputs: Sequence[str] | None = None,
         request_id: str | None = None,
         headers: Mapping[str, str] | None = None,
-    ) -> InferResult:
-        """Run ``pipeline`` on ``inputs`` (arrays, or lists that ``np.asarray`` takes)."""
+    ) -> InferenceResult:
+        """Run ``pipeline`` on ``inputs`` (arrays, or lists that ``np.asarray`` takes).
+
+        Returns the engine's :class:`~engine.runtime.types.InferenceResult`; its fixed-width
+        outputs are read-only views on the reply.
+        """
         args = _infer_args(
             pipeline, inputs, version=version, timeout_ms=timeout_ms, outputs=outputs,
             request_id=request_id, headers=headers,
@@ -530,4 +527,4 @@ class AsyncClient(_Endpoint):
         return value
 
 
-__all__ = ["AsyncClient", "Client", "InferResult", "MAX_REPLY_BYTES"]
+__all__ = ["AsyncClient", "Client", "MAX_REPLY_BYTES"]

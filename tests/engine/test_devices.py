@@ -244,11 +244,11 @@ def test_from_config_rejects(
     assert message in str(info.value)
 
 
-def test_cpu_only_and_describe() -> None:
+def test_cpu_only_and_log_lines() -> None:
     inventory = DeviceInventory.cpu_only(CPU)
-    assert inventory.describe() == ["no GPU: CPU only", "cpu: 8 cores, 32000 MB"]
+    assert inventory.log_lines() == ["no GPU: CPU only", "cpu: 8 cores, 32000 MB"]
     gpu = DeviceInventory.from_config([{"index": 0, "name": "A100", "memory_mb": 40960}], cpu=CPU)
-    assert gpu.describe()[0] == "cuda:0: A100, 40960 MB (0 MB in use)"
+    assert gpu.log_lines()[0] == "cuda:0: A100, 40960 MB (0 MB in use)"
 
 
 def test_cpu_detect(tmp_path: Path) -> None:

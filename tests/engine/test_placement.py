@@ -88,7 +88,7 @@ def test_packs_by_best_fit_and_reports_budgets() -> None:
         "placement.cuda:1": "models=1 memory=9000/10000MB share=0.00/1.00",
         "placement.cpu": "models=1",
     }
-    assert placement.describe() == [
+    assert placement.log_lines() == [
         "cuda:0 (GPU0): 2 models, memory 9000/16000 MB, share 0.75/1.00",
         "  a (pipeline 'p' node 'a')",
         "  b (pipeline 'p' node 'b')",
