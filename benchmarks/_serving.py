@@ -7,11 +7,9 @@ import asyncio
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -19,17 +17,10 @@ from typing import Any
 import numpy as np
 
 from engine.tools.bench import BenchResult, BenchSpec, run_bench
-from engine.transport.client import Client
+from engine.tools.ports import wait_ready
 
 ROOT = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
-
-
-def free_port() -> int:
-    """A TCP port that was free a moment ago on ``HOST``."""
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
 
 
 def dagserve_command(pipelines: Sequence[Path], port: int) -> list[str]:
@@ -43,23 +34,6 @@ def dagserve_command(pipelines: Sequence[Path], port: int) -> list[str]:
 def _log_tail(path: Path, lines: int = 30) -> str:
     text = path.read_text(encoding="utf-8", errors="replace") if path.exists() else ""
     return "\n".join(text.splitlines()[-lines:])
-
-
-def _wait_ready(process: subprocess.Popen[bytes], port: int, log: Path, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    with Client(HOST, port, timeout_s=2.0, pool_size=1) as client:
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                msg = f"server exited with {process.returncode}:\n{_log_tail(log)}"
-                raise RuntimeError(msg)
-            try:
-                if client.health().ready:
-                    return
-            except Exception:  # not listening yet, or not ready
-                pass
-            time.sleep(0.2)
-    msg = f"server not ready after {timeout_s:.0f} s:\n{_log_tail(log)}"
-    raise RuntimeError(msg)
 
 
 def _stop(process: subprocess.Popen[bytes], grace_s: float = 20.0) -> None:
@@ -95,7 +69,14 @@ def serving(
             list(command), cwd=ROOT, env=full_env, stdout=out, stderr=subprocess.STDOUT
         )
     try:
-        _wait_ready(process, port, log, ready_timeout_s)
+        wait_ready(
+            port,
+            process,
+            host=HOST,
+            timeout_s=ready_timeout_s,
+            poll_s=0.2,
+            output=lambda: _log_tail(log),
+        )
         yield process
     finally:
         _stop(process)

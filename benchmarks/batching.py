@@ -27,7 +27,6 @@ import asyncio
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import tempfile
@@ -36,7 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.loadgen import LoadResult, LoadSpec, render_table, run_load
+from engine.tools.bench import BenchResult, BenchSpec, render_table, run_bench
+from engine.tools.ports import free_port, wait_ready
 from engine.transport.client import Client
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -166,35 +166,20 @@ def write_pipelines(folder: Path, max_batch: int) -> list[Path]:
     return paths
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def start_server(paths: list[Path], log: Path) -> tuple[subprocess.Popen[bytes], int]:
-    port = _free_port()
+    port = free_port()
     with log.open("wb") as sink:
         process = subprocess.Popen(
             [sys.executable, "-m", "engine.cli", "serve", *map(str, paths),
              "--port", str(port), "--log-level", "warning"],
             cwd=ROOT, stdout=sink, stderr=subprocess.STDOUT,
         )  # fmt: skip
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            msg = f"the server exited with {process.returncode}:\n{log.read_text()[-3000:]}"
-            raise RuntimeError(msg)
-        try:
-            with Client("127.0.0.1", port, timeout_s=2) as client:
-                if client.health().ready:
-                    return process, port
-        except Exception:
-            pass
-        time.sleep(0.3)
-    process.terminate()
-    msg = f"the server was not ready in 180 s:\n{log.read_text()[-3000:]}"
-    raise RuntimeError(msg)
+    try:
+        wait_ready(port, process, timeout_s=180, poll_s=0.3, output=lambda: log.read_text()[-3000:])
+    except BaseException:
+        process.terminate()
+        raise
+    return process, port
 
 
 def cpu_seconds(pid: int) -> float:
@@ -235,25 +220,27 @@ PIDS: dict[str, int] = {}
 CPU: dict[str, dict[str, float]] = {}
 
 
+def load_spec(
+    port: int, pipeline: str, concurrency: int, duration_s: float, warmup_s: float
+) -> BenchSpec:
+    """Closed-loop load of one-item requests (fixed seed) on one model's pipeline."""
+    spec = MODELS[pipeline.split("_")[0]]
+    x = np.random.default_rng(1).random((1, *spec["shape"]), dtype=np.float32)
+    return BenchSpec(
+        "127.0.0.1", port, pipeline, [{spec["input"]: x}], concurrency=concurrency,
+        duration_s=duration_s, warmup_s=warmup_s, timeout_ms=60_000,
+    )  # fmt: skip
+
+
 async def served(
     port: int, pipeline: str, concurrency: int, duration: float, warmup: float
-) -> tuple[LoadResult, float, int]:
+) -> tuple[BenchResult, float, int]:
     """Run the load; also the mean batch size and batches over the window (from health)."""
-    key = pipeline.split("_")[0]
-    spec = MODELS[key]
-    x = np.random.default_rng(1).random((1, *spec["shape"]), dtype=np.float32)
-    load = LoadSpec(
-        "127.0.0.1", port, pipeline, {spec["input"]: x}, concurrency=concurrency,
-        duration_s=duration, warmup_s=0.0, timeout_ms=60_000,
-    )  # fmt: skip
-    if warmup > 0:
-        await run_load(
-            LoadSpec("127.0.0.1", port, pipeline, load.inputs, concurrency=concurrency,
-                     duration_s=warmup, warmup_s=0.0, timeout_ms=60_000)
-        )  # fmt: skip
+    if warmup > 0:  # a run of its own: the batch counters then cover the window alone
+        await run_bench(load_spec(port, pipeline, concurrency, warmup, 0.0))
     b0, i0 = batch_counters(port, pipeline)
     c0 = {name: cpu_seconds(pid) for name, pid in PIDS.items()}
-    result = await run_load(load)
+    result = await run_bench(load_spec(port, pipeline, concurrency, duration, 0.0))
     c1 = {name: cpu_seconds(pid) for name, pid in PIDS.items()}
     b1, i1 = batch_counters(port, pipeline)
     CPU[f"{pipeline} c{concurrency}"] = {name: c1[name] - c0[name] for name in c0}
@@ -262,11 +249,20 @@ async def served(
     return result, mean, batches
 
 
-def _row(result: LoadResult, mean_batch: float, batches: int) -> dict[str, object]:
-    row = result.summary()
-    row["mean batch"] = mean_batch
-    row["batches"] = batches
-    return row
+def _row(result: BenchResult, mean_batch: float, batches: int) -> dict[str, object]:
+    # the columns the batching tables have always had (run_bench's summary has others)
+    return {
+        "pipeline": result.pipeline,
+        "concurrency": result.concurrency,
+        "requests": result.ok,
+        "items/s": result.throughput_items_s,
+        "p50 ms": result.latency_ms(50),
+        "p95 ms": result.latency_ms(95),
+        "p99 ms": result.latency_ms(99),
+        "errors": ", ".join(f"{k}={v}" for k, v in sorted(result.errors.items())) or "0",
+        "mean batch": mean_batch,
+        "batches": batches,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -320,8 +316,8 @@ def main(argv: list[str] | None = None) -> int:
         figures["workers"] = workers
         PIDS.update(server_pids(port, process.pid))
 
-        async def scenarios() -> dict[str, tuple[LoadResult, float, int]]:
-            out: dict[str, tuple[LoadResult, float, int]] = {}
+        async def scenarios() -> dict[str, tuple[BenchResult, float, int]]:
+            out: dict[str, tuple[BenchResult, float, int]] = {}
             plan = [
                 ("s1 heavy c64", "heavy", 64, heavy_d, heavy_w),
                 ("s2 light c64", "light", 64, light_d, light_w),

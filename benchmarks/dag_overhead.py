@@ -27,8 +27,9 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks._serving import dagserve_command, figures, free_port, measure, serving
+from benchmarks._serving import dagserve_command, figures, measure, serving
 from engine.tools.bench import render_table
+from engine.tools.ports import free_port
 
 SIZES = (1, 4, 16)
 CONCURRENCY = 8

@@ -33,12 +33,12 @@ from benchmarks._serving import (
     ROOT,
     dagserve_command,
     figures,
-    free_port,
     measure,
     ratio,
     serving,
 )
 from benchmarks.batching import export_models
+from engine.tools.ports import free_port
 
 SIZES = (1, 8, 32, 64)
 PIPELINE = """

@@ -39,12 +39,12 @@ from benchmarks._serving import (
     ROOT,
     dagserve_command,
     figures,
-    free_port,
     measure,
     ratio,
     serving,
 )
 from engine.tools.bench import BenchResult, render_table
+from engine.tools.ports import free_port
 from engine.transport.client import Client
 
 EXAMPLE = ROOT / "examples" / "post_understanding"

@@ -7,7 +7,7 @@ The models are those of ``benchmarks.batching`` (TorchScript ResNet-18 "heavy", 
 1: idle latency) the same closed loop runs against
 
 - dagserve: ``dagserve serve`` in a subprocess (``max_batch_size: 32, max_delay_ms: 0``),
-  called over Thrift with ``benchmarks.loadgen``;
+  called over Thrift with the closed loop of ``engine.tools.bench``;
 - Ray Serve, HTTP: one replica, ``@serve.batch(max_batch_size=32, batch_wait_timeout_s=0)``
   (matched to ``max_delay_ms: 0``), ``max_ongoing_requests`` = the concurrency, called over
   HTTP/1.1 keep-alive on 127.0.0.1 (one connection per task, raw float32 body): the fair
@@ -290,7 +290,7 @@ def run_ours(plan: list[dict[str, object]]) -> list[dict[str, object]]:
     import numpy as np
 
     from benchmarks.batching import batch_counters, start_server, write_pipelines
-    from benchmarks.loadgen import LoadSpec, run_load
+    from engine.tools.bench import BenchSpec, run_bench
 
     paths = [p for p in write_pipelines(MODELS_DIR, max_batch=32) if "nobatch" not in p.name]
     process, port = start_server(paths, MODELS_DIR / "server-ray-compare.log")
@@ -300,18 +300,18 @@ def run_ours(plan: list[dict[str, object]]) -> list[dict[str, object]]:
             key = str(step["model"])
             spec = MODELS[key]
             x = np.random.default_rng(1).random((1, *spec["shape"]), dtype=np.float32)
-            load = LoadSpec(
-                "127.0.0.1", port, key, {spec["input"]: x},
+            load = BenchSpec(
+                "127.0.0.1", port, key, [{spec["input"]: x}],
                 concurrency=int(step["concurrency"]), duration_s=float(step["duration"]),
                 warmup_s=float(step["warmup"]), timeout_ms=60_000,
             )  # fmt: skip
             b0, i0 = batch_counters(port, key)
-            result = asyncio.run(run_load(load))
+            result = asyncio.run(run_bench(load))
             b1, i1 = batch_counters(port, key)
             row = {
-                **step, "requests": result.requests, "items/s": result.throughput_items_s,
+                **step, "requests": result.ok, "items/s": result.throughput_items_s,
                 "p50 ms": result.latency_ms(50), "p95 ms": result.latency_ms(95),
-                "p99 ms": result.latency_ms(99), "errors": result.errors,
+                "p99 ms": result.latency_ms(99), "errors": dict(result.errors),
                 "error_examples": result.error_examples,
                 "mean batch (whole run)": (i1 - i0) / (b1 - b0) if b1 > b0 else math.nan,
             }  # fmt: skip
@@ -376,7 +376,7 @@ def main() -> int:
         return 1
     ray = json.loads(proc.stdout.strip().splitlines()[-1])
 
-    from benchmarks.loadgen import render_table
+    from engine.tools.bench import render_table
 
     def cells(row: dict[str, object], who: str) -> dict[str, object]:
         return {

@@ -2,6 +2,8 @@
 
 The architecture of He et al. (2015), 11.7 M parameters, random weights from a fixed seed:
 what matters for the benchmarks is the cost of the forward pass, not what it recognises.
+``examples/post_understanding/build_models.py`` writes the same trunk out again: an example
+stands alone.
 """
 
 from __future__ import annotations

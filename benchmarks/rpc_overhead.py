@@ -38,12 +38,12 @@ from benchmarks._serving import (
     HOST,
     dagserve_command,
     figures,
-    free_port,
     measure,
     ratio,
     serving,
 )
 from engine.tools.bench import BenchResult, render_table
+from engine.tools.ports import free_port
 
 PAYLOADS: dict[str, tuple[int, ...]] = {"tiny 1x4": (4,), "image 3x224x224": (3, 224, 224)}
 CONCURRENCIES = (1, 16)

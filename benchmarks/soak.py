@@ -41,6 +41,7 @@ import numpy as np
 from engine.errors import ClientConnectionError
 from engine.runtime.workers.pool import resident_mb
 from engine.tools.bench import BenchResult, BenchSpec, run_bench
+from engine.tools.ports import ServerNotReady, free_port, wait_ready
 from engine.transport.client import AsyncClient, Client
 from model_plugins.errors import DagserveError
 
@@ -111,12 +112,6 @@ class Stream:
 def _is_answer(error: BaseException) -> bool:
     """A typed error is the server's answer; a broken connection or a timeout is none."""
     return isinstance(error, DagserveError) and not isinstance(error, ClientConnectionError)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def good_load(port: int, until: float, stream: Stream) -> None:
@@ -205,25 +200,18 @@ def _counts(counter: Counter[str]) -> str:
 
 
 async def main_async(phase: float) -> int:
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen(  # noqa: ASYNC220 - started once, before any load
         [sys.executable, "-m", "engine.cli", "serve", *map(str, PIPELINES), "--port", str(port),
          "--log-level", "error"],
         cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )  # fmt: skip
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                with Client("127.0.0.1", port, timeout_s=2) as c:
-                    if c.health().ready:
-                        break
-            except ConnectionError:
-                pass
-            if time.monotonic() > deadline:
-                print("server not ready", file=sys.stderr)
-                return 1
-            await asyncio.sleep(0.2)
+        try:  # blocks the loop, which runs nothing yet
+            wait_ready(port, server, timeout_s=60, poll_s=0.2)
+        except ServerNotReady as exc:
+            print(exc, file=sys.stderr)
+            return 1
         good = Stream("steady load (valid, 1 item)", records=[])
         invalid = Stream("invalid tensors (deliberately)")
         burst = Stream(f"overload burst (valid, {BURST_ITEMS} items)")

@@ -213,12 +213,23 @@ class Pipeline:
         )
 
 
+def add_folder_to_path(path: str | Path) -> None:
+    """Put the folder of the pipeline file ``path`` at the front of ``sys.path`` (once).
+
+    Then ``plugin: my_plugins:Encoder`` finds ``my_plugins.py`` next to the YAML.  It stays
+    there: the plugins' modules are imported from it again when the pipeline is served (and
+    processes started later inherit it).
+    """
+    folder = str(Path(path).resolve().parent)
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+
+
 def load_pipeline(path: str | Path, *, resolver: Resolver = resolve) -> Pipeline:
     """Load, check and compile a pipeline file.
 
-    The file's folder is put at the front of ``sys.path`` (once) BEFORE plugins resolve, so
-    that ``plugin: my_plugins:Encoder`` finds ``my_plugins.py`` next to the YAML.  It stays
-    there: the plugins' modules are imported from it again when the pipeline is served.
+    The file's folder is put on ``sys.path`` (:func:`add_folder_to_path`) BEFORE plugins
+    resolve.
 
     Args:
         path: the YAML file.
@@ -232,9 +243,7 @@ def load_pipeline(path: str | Path, *, resolver: Resolver = resolve) -> Pipeline
     """
     path = Path(path)
     spec, source = load_spec(path)
-    folder = str(path.resolve().parent)
-    if folder not in sys.path:
-        sys.path.insert(0, folder)
+    add_folder_to_path(path)
     return Pipeline.from_spec(spec, resolver=resolver, path=path, source=source)
 
 
@@ -261,6 +270,7 @@ __all__ = [
     "EdgeDescription",
     "Pipeline",
     "PipelineDescription",
+    "add_folder_to_path",
     "load_pipeline",
     "load_pipelines",
 ]

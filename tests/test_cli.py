@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -16,6 +15,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from engine.tools.ports import free_port, wait_ready
 from engine.transport.client import Client
 from tests.serving import PIPELINES, ROOT, wait_until
 
@@ -82,12 +82,6 @@ def test_graph_refuses_an_unknown_format(tmp_path: Path):
     assert ".gif" in result.stderr
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.mark.e2e
 def test_serve_then_infer_then_sigterm(tmp_path: Path):
     server = ServerProcess(str(PIPELINES / "calc.yaml"))
@@ -142,7 +136,7 @@ class ServerProcess:
     it comes, so a test can wait for a log line, and its metrics port for a gauge."""
 
     def __init__(self, *args: str) -> None:
-        self.port, self.metrics_port = _free_port(), _free_port()
+        self.port, self.metrics_port = free_port(), free_port()
         self.process = subprocess.Popen(
             [sys.executable, "-m", "engine.cli", "serve", *args, "--port", str(self.port),
              "--metrics-port", str(self.metrics_port)],
@@ -153,7 +147,7 @@ class ServerProcess:
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
         try:
-            wait_until(self._ready, "the server answers health() with ready", timeout_s=60)
+            wait_ready(self.port, self.process, timeout_s=60, output=lambda: self.output)
         except BaseException:
             self.kill()
             raise
@@ -162,14 +156,6 @@ class ServerProcess:
         assert self.process.stdout is not None
         for line in self.process.stdout:
             self.lines.append(line)
-
-    def _ready(self) -> bool:
-        assert self.process.poll() is None, f"the server exited:\n{self.output}"
-        try:
-            with Client("127.0.0.1", self.port, timeout_s=5) as client:
-                return client.health().ready
-        except ConnectionError:
-            return False
 
     @property
     def output(self) -> str:

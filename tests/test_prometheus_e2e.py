@@ -16,7 +16,6 @@ import math
 import os
 import re
 import shutil
-import socket
 import subprocess
 import threading
 import time
@@ -32,6 +31,7 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from engine.tools.ports import free_port
 from engine.transport.client import Client
 from model_plugins.errors import InferenceError
 from tests.serving import PIPELINES, serving
@@ -45,12 +45,6 @@ DASHBOARD = (
 POLL_S = 30.0
 REQUESTS = 5
 _NAME = re.compile(r"\bdagserve_[a-zA-Z0-9_]+")
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _get_json(url: str) -> Any:
@@ -99,7 +93,7 @@ def _prometheus(tmp_path: Path, target_port: int) -> Iterator[tuple[str, Path]]:
         f"      - targets: ['127.0.0.1:{target_port}']\n"
     )
     log = tmp_path / "prometheus.log"
-    port = _free_port()
+    port = free_port()
     with log.open("wb") as out:
         process = subprocess.Popen(
             [

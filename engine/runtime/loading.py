@@ -7,7 +7,6 @@ process, all at once, before the pipelines are validated.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,7 @@ from typing import Any
 import yaml
 
 from dag.errors import PipelineError
-from dag.pipeline import Pipeline, load_pipelines
+from dag.pipeline import Pipeline, add_folder_to_path, load_pipelines
 from engine.runtime.inspector import InspectingResolver
 
 
@@ -40,9 +39,8 @@ def load_for_serving(paths: Iterable[Path]) -> tuple[list[Pipeline], list[Pipeli
     paths = [Path(p) for p in paths]
     # The loader puts each pipeline's folder on sys.path for `module:Class` beside the YAML;
     # the inspector's process inherits sys.path, so put them there before it starts.
-    for folder in {str(p.resolve().parent) for p in paths}:
-        if folder not in sys.path:
-            sys.path.insert(0, folder)
+    for path in paths:
+        add_folder_to_path(path)
     resolver = InspectingResolver()
     resolver.prefetch(plugin_references(paths))
     return load_pipelines(paths, resolver=resolver)

@@ -72,6 +72,8 @@ class BenchResult:
     pipeline: str
     mode: str
     window_s: float
+    #: the closed loop's tasks, or the most requests the open loop keeps in flight
+    concurrency: int = 0
     ok: int = 0
     items: int = 0
     errors: Counter[str] = field(default_factory=Counter)
@@ -148,7 +150,7 @@ async def run_bench(
         msg = "no samples to send"
         raise ValueError(msg)
     mode = f"closed x{spec.concurrency}" if spec.rate is None else f"open {spec.rate:g}/s"
-    result = BenchResult(spec.pipeline, mode, spec.duration_s)
+    result = BenchResult(spec.pipeline, mode, spec.duration_s, spec.concurrency)
     # perf_counter, not loop.time(): uvloop's clock ticks once a millisecond
     now = time.perf_counter
     window_start = now() + spec.warmup_s

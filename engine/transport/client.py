@@ -44,13 +44,11 @@ from engine.transport.codec import (
 )
 from engine.transport.wire_errors import from_wire
 from idl import dagserve_thrift
+from model_plugins._host.wire import JOIN_BELOW
 from model_plugins.errors import DagserveError, InvalidRequest
 
 #: largest reply frame a client accepts (replies carry whole batches of outputs)
 MAX_REPLY_BYTES = 1024 * 1024 * 1024
-#: payloads below this go out in one send with their header (one packet under TCP_NODELAY);
-#: larger ones are sent after it rather than copied behind it
-_JOIN_BELOW = 64 * 1024
 
 _SERVICE = dagserve_thrift.InferenceService
 
@@ -209,7 +207,9 @@ class _SyncConnection:
 
     def roundtrip(self, payload: bytes) -> bytearray:
         header = len(payload).to_bytes(4, "big")
-        if len(payload) < _JOIN_BELOW:
+        # Small payloads go out in one send with their header (one packet under TCP_NODELAY);
+        # larger ones are sent after it rather than copied behind it.
+        if len(payload) < JOIN_BELOW:
             self.sock.sendall(header + payload)
         else:
             self.sock.sendall(header)

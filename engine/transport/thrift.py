@@ -34,6 +34,7 @@ from thriftpy2.contrib.aio.server import TAsyncServer
 from thriftpy2.contrib.aio.socket import StreamHandler, TAsyncServerSocket
 from thriftpy2.thrift import TApplicationException, TException, TMessageType
 
+from engine.config import DEFAULT_MAX_FRAME_BYTES
 from engine.transport.codec import encode_message, message_reader
 from engine.transport.frame_guard import FrameRejected, check_call
 from idl import dagserve_thrift
@@ -42,8 +43,6 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-#: 64 MiB: a 32-image batch of 3x224x224 float32 is 19 MiB
-DEFAULT_MAX_FRAME_BYTES = 64 * 1024 * 1024
 #: StreamReader buffer limit; asyncio's 64 KiB default pauses and resumes the socket many
 #: times while one 600 KB tensor arrives
 STREAM_LIMIT = 1024 * 1024
@@ -381,4 +380,4 @@ def run(main: Coroutine[Any, Any, T]) -> T:
     return uvloop.run(main)
 
 
-__all__ = ["DEFAULT_MAX_FRAME_BYTES", "ThriftServer", "run"]
+__all__ = ["ThriftServer", "run"]

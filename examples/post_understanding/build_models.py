@@ -106,7 +106,9 @@ def _load_training_set(out: Path) -> dict[str, Any]:
 def build_image_encoder(seed: int = SEED) -> Any:
     """ResNet-18 (He et al., 2015) in plain PyTorch, random weights from ``seed``, no classifier.
 
-    The same network as ``benchmarks/resnet18.py``; ``forward(pixels)`` takes float32
+    The same network as ``benchmarks/resnet18.py``, written out again on purpose: an example
+    stands alone (it is copied and read as a whole), and ``benchmarks/`` is not part of the
+    installed package.  ``forward(pixels)`` takes float32
     [N, 3, H, W] and returns the 512-d globally average-pooled features [N, 512] minus the
     buffer ``center`` (zeros here; :func:`step_torch` sets it).  Pooled ReLU features of a
     random network all point the same way (every image is ~0.9 cosine-similar to every

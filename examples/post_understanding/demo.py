@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,30 +16,10 @@ from pathlib import Path
 from build_models import build
 from client import PIPELINE, analyse, load_posts, load_topics, paraphrase_margin, report
 
+from engine.tools.ports import ServerNotReady, free_port, wait_ready
 from engine.transport.client import Client
 
 HERE = Path(__file__).resolve().parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_ready(client: Client, server: subprocess.Popen[bytes], timeout_s: float = 180) -> None:
-    """Wait until the server reports ready (its three workers have loaded their models)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            sys.exit(f"the server exited early with code {server.returncode}")
-        try:
-            if client.health().ready:
-                return
-        except ConnectionError:
-            pass
-        time.sleep(0.2)
-    sys.exit(f"the server was not ready after {timeout_s} s")
 
 
 def main() -> int:
@@ -68,7 +47,10 @@ def main() -> int:
         )
         try:
             with Client("127.0.0.1", port) as client:
-                wait_ready(client, server)
+                try:  # ready: its three workers have loaded their models
+                    wait_ready(port, server, timeout_s=180, poll_s=0.2)
+                except ServerNotReady as exc:
+                    sys.exit(f"{exc} (server log: {log_path})")
                 print(f"ready in {time.perf_counter() - started:.1f} s (server log: {log_path})")
                 info = client.describe(PIPELINE)
                 print(f"pipeline {info.name} v{info.version}: nodes {', '.join(info.nodes)}\n")

@@ -9,15 +9,14 @@ from __future__ import annotations
 import io
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from engine.tools.ports import ServerNotReady, free_port, wait_ready
 from engine.transport.client import Client
 
 HERE = Path(__file__).resolve().parent
@@ -47,26 +46,6 @@ def _fmt(values: np.ndarray) -> str:
     return np.array2string(values, precision=2, floatmode="fixed", suppress_small=True)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_ready(client: Client, server: subprocess.Popen[bytes], timeout_s: float = 60) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            sys.exit(f"the server exited early with code {server.returncode}")
-        try:
-            if client.health().ready:
-                return
-        except ConnectionError:
-            pass
-        time.sleep(0.1)
-    sys.exit(f"the server was not ready after {timeout_s} s")
-
-
 def main() -> int:
     port = free_port()
     command = [
@@ -82,7 +61,10 @@ def main() -> int:
     server = subprocess.Popen(command, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
         with Client("127.0.0.1", port) as client:
-            wait_ready(client, server)
+            try:
+                wait_ready(port, server, timeout_s=60)
+            except ServerNotReady as exc:
+                sys.exit(str(exc))
             info = client.describe("quickstart")
             print(f"\npipeline {info.name} v{info.version}: nodes {', '.join(info.nodes)}")
             print(

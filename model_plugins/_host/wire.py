@@ -70,8 +70,9 @@ def recv(sock: socket.socket) -> Any:
     return pickle.loads(header, buffers=buffers)
 
 
-#: frames below this are sent as one joined buffer (one syscall beats several small ones)
-_JOIN_BELOW = 64 * 1024
+#: frames below this are sent as one joined buffer (one syscall beats several small ones);
+#: the Thrift clients (``engine.transport.client``) join their frames below it too
+JOIN_BELOW = 64 * 1024
 #: how much a reader asks the kernel for at once when it needs a few bytes
 _CHUNK = 64 * 1024
 
@@ -134,11 +135,11 @@ class FrameReader:
 async def write(loop: asyncio.AbstractEventLoop, sock: socket.socket, message: Any) -> None:
     """Send one frame on a non-blocking socket (the caller serialises concurrent writers)."""
     pieces = encode(message)
-    if sum(memoryview(p).nbytes for p in pieces) < _JOIN_BELOW:
+    if sum(memoryview(p).nbytes for p in pieces) < JOIN_BELOW:
         await loop.sock_sendall(sock, b"".join(pieces))
         return
     for piece in pieces:
         await loop.sock_sendall(sock, piece)
 
 
-__all__ = ["FrameReader", "encode", "recv", "send", "write"]
+__all__ = ["JOIN_BELOW", "FrameReader", "encode", "recv", "send", "write"]
