@@ -4,12 +4,14 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 # reinstall when setup.py changes
 STAMP  := $(VENV)/.installed-$(shell cksum setup.py | cut -d' ' -f1)
+# the fast lane installs only the package and its dev tools (no framework extras)
+FAST_STAMP := $(VENV)/.installed-dev-$(shell cksum setup.py | cut -d' ' -f1)
 # Debian packages the suite and the CLI use: the Apache Thrift compiler (the test that
 # generates an official client), graphviz (`dagserve graph`) and prometheus (the test that
 # scrapes a real server); see system-deps.
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: all test gpu-check demo bench lint check system-deps clean
+.PHONY: all test test-fast gpu-check demo bench lint check system-deps clean
 
 all: test
 
@@ -32,6 +34,17 @@ $(STAMP): setup.py
 
 test: system-deps $(STAMP)
 	$(PY) -m pytest -q
+
+$(FAST_STAMP): setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+# The fast lane, for changes to dag/, the SDK and the front: no torch, TensorFlow or Paddle
+# to install, and no server started (tests marked `frameworks` or `e2e` are left out).
+test-fast: $(FAST_STAMP)
+	$(PY) -m pytest -q -m "not frameworks and not e2e"
 
 # the GPU tests (tests/gpu): every adapter on each card, placement over real NVML; they skip,
 # saying why, where no CUDA device is visible

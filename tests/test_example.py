@@ -26,7 +26,7 @@ EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "post_understand
 PIPELINE = "post_understanding"
 FRAMEWORKS = ("torch", "tensorflow", "paddle")
 
-pytestmark = [pytest.mark.slow, pytest.mark.e2e, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.slow, pytest.mark.e2e, pytest.mark.frameworks, pytest.mark.timeout(300)]
 
 
 def _load_client_module() -> ModuleType:

@@ -154,6 +154,7 @@ def crash_with_poison(server, client: Client) -> None:
 
 
 @pytest.mark.timeout(240)
+@pytest.mark.frameworks  # neighbours.yaml: TorchScale models in the torch worker
 def test_a_crashing_model_fails_only_its_own_requests_and_is_quarantined_after_three():
     with serving([NEIGHBOURS], worker_ping_interval_s=0.2) as server:
         workers = server.engine.workers
@@ -225,6 +226,7 @@ def test_a_crashing_model_fails_only_its_own_requests_and_is_quarantined_after_t
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.frameworks  # neighbours.yaml: TorchScale models in the torch worker
 def test_a_neighbour_that_declares_retry_on_worker_loss_false_fails_instead(neighbours):
     # `slow` and `once` are both running (1 s calls) when `poison` aborts the worker.
     x_slow, x_once = np.array([[1, 2]], np.float32), np.array([[3, 4]], np.float32)
@@ -259,6 +261,7 @@ def test_a_neighbour_that_declares_retry_on_worker_loss_false_fails_instead(neig
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.frameworks  # neighbours.yaml: TorchScale models in the torch worker
 def test_after_a_sigkill_the_running_call_fails_and_the_queued_ones_go_again(neighbours):
     # No crash dump after SIGKILL: the call that was running is a suspect and fails; the two
     # queued behind it in the worker (`slow` has one instance) never started, and go again.
@@ -291,6 +294,7 @@ def test_after_a_sigkill_the_running_call_fails_and_the_queued_ones_go_again(nei
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.frameworks  # neighbours.yaml: TorchScale models in the torch worker
 def test_a_call_past_its_timeout_fails_and_its_neighbours_in_flight_go_again(neighbours):
     workers = neighbours.engine.workers
     old = workers.statistics()["torch@cpu"]["pid"]

@@ -27,6 +27,7 @@ def test_inspector_reads_declarations_of_a_plugin_in_another_process():
 
 
 @pytest.mark.slow
+@pytest.mark.frameworks
 def test_tensorflow_then_paddle_plugins_serve_in_one_server():
     # The single inspector process that imports both modules crashes (SIGSEGV); the inspector
     # then reads each module in its own process. Each model runs in its framework's worker.
@@ -41,6 +42,7 @@ def test_tensorflow_then_paddle_plugins_serve_in_one_server():
 
 
 @pytest.mark.slow
+@pytest.mark.frameworks
 def test_a_crashing_combination_is_inspected_one_plugin_at_a_time(caplog):
     tf, paddle = "tests.fwplugins.tf_top:TfDouble", "tests.fwplugins.paddle_top:PaddleTriple"
     found = inspect_plugins([tf, paddle])  # this order segfaults in one process
@@ -50,6 +52,7 @@ def test_a_crashing_combination_is_inspected_one_plugin_at_a_time(caplog):
 
 
 @pytest.mark.slow
+@pytest.mark.frameworks
 def test_loading_for_serving_imports_no_framework_in_the_front_process():
     script = textwrap.dedent(
         f"""

@@ -33,6 +33,8 @@ from model_plugins.registry import resolve
 from tests.frameworks.conftest import Builds
 from tests.frameworks.models import BATCHES, SEQ_SHAPES, Case, load_cases
 
+pytestmark = pytest.mark.frameworks
+
 REPO = Path(__file__).resolve().parents[2]
 FRAMEWORKS = ("torch", "tensorflow", "paddle")
 #: the largest difference allowed from the framework's own float32 outputs

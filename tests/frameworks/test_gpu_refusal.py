@@ -12,6 +12,8 @@ import pytest
 from model_plugins import PluginHarness, PluginLoadError
 from tests.frameworks.conftest import Builds
 
+pytestmark = pytest.mark.frameworks
+
 CASES = [
     ("torchscript", "torchscript", "mlp.pt", {"output_names": ["y"]}, "torch"),
     (

@@ -19,7 +19,7 @@ from tests.frameworks.conftest import Builds
 from tests.frameworks.models import BATCHES, SEQ_SHAPES, Case, load_cases
 from tests.serving import ServerThread, serving
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.frameworks]
 
 ATOL = 1e-5
 MLP_IDS = [f"B{b}" for b in BATCHES]

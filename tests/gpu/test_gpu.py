@@ -24,6 +24,7 @@ from tests.serving import serving
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.e2e,
+    pytest.mark.frameworks,
     pytest.mark.skipif(SKIP is not None, reason=SKIP or ""),
 ]
 
