@@ -24,6 +24,7 @@ from model_plugins.errors import (
     PluginNotFound,
 )
 from model_plugins.harness import PluginHarness
+from model_plugins.partial import Partial
 from model_plugins.plugin import LoadContext, ModelPlugin
 from model_plugins.specs import TensorSpec
 
@@ -32,6 +33,7 @@ __all__ = [
     "ModelPlugin",
     "TensorSpec",
     "LoadContext",
+    "Partial",
     # testing it
     "PluginHarness",
     # the errors, root first (tree in model_plugins.errors)

@@ -23,7 +23,14 @@ from typing import Any
 
 import numpy as np
 
-from model_plugins.errors import BatchContractError, InferenceError, InvalidRequest
+from model_plugins.errors import (
+    BatchContractError,
+    DagserveError,
+    InferenceError,
+    InvalidRequest,
+    node_label,
+)
+from model_plugins.partial import Partial
 from model_plugins.plugin import Batch
 from model_plugins.specs import OBJECT_DTYPES, TensorSpec, dtype_of
 
@@ -191,4 +198,49 @@ def check_outputs(
     return result
 
 
-__all__ = ["check_inputs", "check_outputs"]
+def check_result(
+    specs: Mapping[str, TensorSpec],
+    result: object,
+    n_items: int | None,
+    *,
+    plugin: str,
+    node: str | None = None,
+) -> Batch | Partial:
+    """:func:`check_outputs` for anything ``predict`` may return, a :class:`Partial` included.
+
+    A ``Partial`` still holds a row for every item, and each of its errors must be a
+    :class:`DagserveError` for an item in ``range(n_items)``.
+
+    Returns:
+        ``result`` checked: a dict, or a ``Partial`` whose errors are keyed by ``int``.
+
+    Raises:
+        BatchContractError, InferenceError: as :func:`check_outputs`, or a ``Partial``'s
+            errors are not a mapping of item indices to ``DagserveError``.
+    """
+    if not isinstance(result, Partial):
+        return check_outputs(specs, result, n_items, plugin=plugin, node=node)
+    outputs = check_outputs(specs, result.outputs, n_items, plugin=plugin, node=node)
+    where = node_label(node, plugin)
+    if not isinstance(result.errors, Mapping):
+        msg = f"{where}: Partial.errors must be a dict (got {type(result.errors).__name__})"
+        raise InferenceError(msg, node=node, plugin=plugin)
+    errors: dict[int, DagserveError] = {}
+    for index, error in result.errors.items():
+        if isinstance(index, bool) or not isinstance(index, int | np.integer):
+            msg = f"{where}: Partial.errors must be keyed by item index (got {index!r})"
+            raise InferenceError(msg, node=node, plugin=plugin)
+        if index < 0 or (n_items is not None and index >= n_items):
+            msg = f"{where}: Partial.errors names item {index}, but the batch has {n_items} items"
+            raise InferenceError(msg, node=node, plugin=plugin)
+        if not isinstance(error, DagserveError):
+            msg = (
+                f"{where}: the error of item {index} must be a DagserveError such as "
+                f"InvalidRequest or InferenceError (got {type(error).__name__}: {error})"
+            )
+            raise InferenceError(msg, node=node, plugin=plugin)
+        errors[int(index)] = error
+    return Partial(outputs, errors)
+
+
+__all__ = ["check_inputs", "check_outputs", "check_result"]

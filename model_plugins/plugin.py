@@ -19,6 +19,7 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 
+from model_plugins.partial import Partial
 from model_plugins.specs import TensorSpec
 
 Framework = Literal["torch", "tensorflow", "paddle"]
@@ -120,13 +121,20 @@ class ModelPlugin:
         ``context.device``.  Raise on failure (any exception); do not return a flag.
         """
 
-    def predict(self, batch: Batch) -> Batch:
+    def predict(self, batch: Batch) -> Batch | Partial:
         """Run the model on one batch.
 
         **Override this.**  ``batch`` maps each input name to an array whose first dimension
         is the item dimension (N items, possibly from several requests).  Return a dict of
         every declared output, each with the same N along the first dimension, in the same
         item order.  Optional inputs that are absent are missing from ``batch``.
+
+        When some items fail on their own (a bad value), return
+        ``Partial(outputs, errors={index: InvalidRequest("...")})``: ``outputs`` still holds a
+        row for every item (those of failed items are ignored), and each error fails only the
+        request that owns that item, naming its index within the request; the batch's other
+        requests get their results and nothing runs again.  Raise when the whole batch fails
+        (then the batch is split by request and run again to find the requests that fail).
         """
         msg = f"{type(self).__name__} does not implement predict()"
         raise NotImplementedError(msg)

@@ -8,7 +8,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from model_plugins import ModelPlugin, TensorSpec
+from model_plugins import InvalidRequest, ModelPlugin, Partial, TensorSpec
 
 
 class Scale(ModelPlugin):
@@ -34,6 +34,41 @@ class FailOnNegative(ModelPlugin):
         if (batch["x"][:, 0] < 0).any():
             raise ValueError("negative input is not allowed")
         return {"y": batch["x"]}
+
+
+class PartialNegative(ModelPlugin):
+    """Fails alone each item whose first element is negative (a Partial); y = 2 x for the rest.
+
+    Every item also learns its batch's size, how many items of its batch failed, and which
+    call of its instance ran it (counted from 1).  params.seconds (default 0) sleeps per call.
+    """
+
+    inputs: ClassVar = {"x": TensorSpec("float32", [-1])}
+    outputs: ClassVar = {
+        "y": TensorSpec("float32", [-1]),
+        "batch": TensorSpec("int64", []),
+        "failed": TensorSpec("int64", []),
+        "call": TensorSpec("int64", []),
+    }
+
+    def load(self, context):
+        self.seconds = float(context.params.get("seconds", 0.0))
+        self.calls = 0
+
+    def predict(self, batch):
+        self.calls += 1
+        time.sleep(self.seconds)
+        x = batch["x"]
+        n = len(x)
+        bad = np.flatnonzero(x[:, 0] < 0)
+        errors = {int(i): InvalidRequest(f"x[0] is {x[i, 0]:g}, must be >= 0") for i in bad}
+        outputs = {
+            "y": x * 2,
+            "batch": np.full(n, n, np.int64),
+            "failed": np.full(n, len(bad), np.int64),
+            "call": np.full(n, self.calls, np.int64),
+        }
+        return Partial(outputs, errors=errors)
 
 
 class WrongCount(ModelPlugin):

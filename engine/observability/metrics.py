@@ -143,9 +143,9 @@ class _LiveCollector(Collector):
             labels=["model"],
         )
         refused = self.engine.workers.quarantined()
-        for shared in self.engine.models.values():
-            queue.add_metric([shared.model_id], shared.batcher.statistics().queued_items)
-            quarantined.add_metric([shared.model_id], 1.0 if shared.model_id in refused else 0.0)
+        for model in self.engine.models.values():
+            queue.add_metric([model.model_id], model.statistics().queued_items)
+            quarantined.add_metric([model.model_id], 1.0 if model.model_id in refused else 0.0)
         yield queue
         yield quarantined
 
@@ -167,7 +167,7 @@ class _LiveCollector(Collector):
             up.add_metric([name], 1.0 if stats["ready"] else 0.0)
             restarts.add_metric([name], float(stats["restarts"]))  # type: ignore[arg-type]
             # every hosted model from 0, so that a first crash shows as an increase
-            counts = dict.fromkeys(stats["models"], 0) | stats["crashes"]  # type: ignore[call-overload, operator]
+            counts = dict.fromkeys(stats["models"], 0) | stats["crashes"]  # type: ignore[call-overload]
             for model, count in counts.items():
                 crashes.add_metric([name, model], float(count))
             memory = resident_mb(stats["pid"])  # type: ignore[arg-type]

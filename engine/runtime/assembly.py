@@ -13,23 +13,22 @@ from typing import Any
 
 from dag.executor import NodeTiming
 from dag.pipeline import Pipeline
-from dag.schema import DEFAULT_MAX_QUEUE, NodeSpec
+from dag.schema import NodeSpec
 from engine.observability.metrics import Metrics, error_type
-from engine.runtime.batcher import Batcher, Padding, batch_deadline
 from engine.runtime.devices import DeviceInventory
 from engine.runtime.local import InlineRunner, LocalRunner, NodeBinding, ThreadPoolRunner
-from engine.runtime.model import BatchedNode, SharedModel
+from engine.runtime.model import Model, ModelRunner
 from engine.runtime.placement import Placement, PlacementRequest, place
-from engine.runtime.worker_runner import WorkerRunner
 from engine.runtime.workers.pool import WorkerPool, worker_key
 from model_plugins.errors import PluginLoadError
-from model_plugins.plugin import Batch, LoadContext, ModelPlugin
+from model_plugins.plugin import LoadContext, ModelPlugin
 from model_plugins.registry import BUILTINS, resolve
 
 logger = logging.getLogger(__name__)
 
 
-Runner = LocalRunner | BatchedNode
+#: the engine's runners of a node (each implements ``dag.runner.Runner``)
+NodeRunner = LocalRunner | ModelRunner
 
 
 @dataclass
@@ -37,7 +36,7 @@ class ServedPipeline:
     """A pipeline with its runners, ready to execute requests."""
 
     pipeline: Pipeline
-    runners: dict[str, Runner]
+    runners: dict[str, NodeRunner]
     metrics: Metrics | None = None
 
     def observe_node(self, node: str, timing: NodeTiming, error: BaseException | None) -> None:
@@ -86,37 +85,17 @@ def _in_process_class(
 def model_identity(
     node: NodeSpec, model_path: Path | None, device: str, framework: str | None
 ) -> tuple[Any, ...]:
-    """Nodes whose model is the same thing: loaded once, batched once."""
+    """Nodes whose model is the same thing: loaded once, batched once.
+
+    Everything the :class:`Model` takes from its first user is in it: a node with another
+    ``timeout_ms`` (the worker-kill timeout of its calls) gets a model of its own.
+    """
     batching = node.batching.model_dump_json() if node.batching else None
     params = json.dumps(node.params, sort_keys=True, default=str)
-    return (node.plugin, str(model_path), params, device, framework, node.instances, batching)
-
-
-def _batcher(
-    node: NodeSpec, plugin_class: type[ModelPlugin], runner: WorkerRunner, name: str
-) -> Batcher:
-    async def call(batch: Batch) -> Batch:
-        return await runner.run(batch, deadline=batch_deadline())
-
-    padding = Padding(dict(plugin_class.padding), dict(plugin_class.padded_outputs))
-    if node.batching is None:  # no merging of requests; still bounded and deadline-aware
-        return Batcher(
-            call, max_batch_size=None, max_queue=DEFAULT_MAX_QUEUE, instances=node.instances,
-            name=name,
-        )  # fmt: skip
-    return Batcher(
-        call,
-        max_batch_size=node.batching.max_batch_size,
-        max_delay_s=node.batching.max_delay_s,
-        max_queue=node.batching.max_queue,
-        max_queue_delay_s=(
-            node.batching.max_queue_delay_ms / 1000 if node.batching.max_queue_delay_ms else None
-        ),
-        instances=node.instances,
-        padding=padding,
-        ragged=plugin_class.ragged,
-        name=name,
-    )
+    return (
+        node.plugin, str(model_path), params, device, framework, node.instances, batching,
+        node.timeout_ms,
+    )  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -156,9 +135,9 @@ def plan_placement(
 ) -> tuple[Placement, dict[tuple[Any, ...], str]]:
     """Place every model of ``pipelines``; return the placement and each model's id.
 
-    Nodes that name the same model (plugin, model file, params, device request, batching) are
-    one model: placed once, loaded once, batched once.  Its id is ``pipeline/node`` of its
-    first user.
+    Nodes that name the same model (plugin, model file, params, device request, instances,
+    batching, timeout_ms: :func:`model_identity`) are one model: placed once, loaded once,
+    batched once.  Its id is ``pipeline/node`` of its first user.
 
     Raises:
         PlacementError: a model does not fit; the message says what each device has left.
@@ -186,12 +165,12 @@ def serve_pipeline(
     pipeline: Pipeline,
     pool: ThreadPoolExecutor,
     workers: WorkerPool,
-    models: dict[tuple[Any, ...], SharedModel],
+    models: dict[tuple[Any, ...], Model],
     placement: Placement,
     model_ids: dict[tuple[Any, ...], str],
     metrics: Metrics,
 ) -> ServedPipeline:
-    runners: dict[str, Runner] = {}
+    runners: dict[str, NodeRunner] = {}
     base = _base(pipeline)
     model_nodes = {m.name: m for m in _model_nodes(pipeline)}
     for name, node in pipeline.spec.nodes.items():
@@ -228,16 +207,14 @@ def serve_pipeline(
         )
         if model_node is not None:
             identity = model_node.identity
-            shared = models.get(identity)
-            if shared is None:
+            model = models.get(identity)
+            if model is None:
                 model_id = model_ids[identity]
-                timeout_s = node.timeout_ms / 1000 if node.timeout_ms else None
-                worker = WorkerRunner(binding, workers, key, timeout_s)
-                batcher = _batcher(node, plugin_class, worker, f"model {model_id!r}")
-                batcher.on_batch = metrics.batch_observer(model_id)
-                shared = models[identity] = SharedModel(model_id, worker, batcher, [])
-            shared.nodes.append(f"{pipeline.name}/{name}")
-            runners[name] = BatchedNode(shared, pipeline.name, name, node.plugin)
+                model = models[identity] = Model(
+                    model_id, binding, node, workers, key,
+                    on_batch=metrics.batch_observer(model_id),
+                )  # fmt: skip
+            runners[name] = model.runner(pipeline.name, name)
         elif runner_kind(node, plugin_class) == "inline":
             runners[name] = InlineRunner(binding)
         else:
@@ -246,7 +223,7 @@ def serve_pipeline(
 
 
 __all__ = [
-    "Runner",
+    "NodeRunner",
     "ServedPipeline",
     "plan_placement",
     "serve_pipeline",

@@ -7,9 +7,14 @@ busy, items accumulate, and the next batch takes up to ``max_batch_size`` of the
 
 It is bounded (``max_queue`` items; past it ``submit`` raises ``Overloaded`` at once), deadline
 aware (an item whose deadline has passed is answered ``DeadlineExceeded`` before it costs
-compute; a request whose caller gave up is dropped), and isolates failures: when a batch
-raises, it is split by request and each half is run again, so that only the requests that
-fail on their own are answered with the error.
+compute; a request whose caller gave up is dropped), and isolates failures.  A model that
+fails some items alone returns a :class:`~model_plugins.partial.Partial`: each error goes to
+the request that owns the item, the others get their rows, and nothing runs again.  When a
+batch raises instead, it is split by request and each half is run again, so that only the
+requests that fail on their own are answered with the error.
+
+It is the one place that bounds a model's concurrency: at most ``instances`` batches run at
+once, and each call is told which instance (0 .. ``instances`` - 1) is free to take it.
 
 Items are concatenated along the first dimension and the results split back.  Items whose
 other dimensions differ are batched only with items of the same shape (shape buckets), unless
@@ -21,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextvars
 import itertools
 import logging
 import math
@@ -31,6 +35,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from engine.runtime.naming import item_error
 from model_plugins.errors import (
     DagserveError,
     DeadlineExceeded,
@@ -38,20 +43,29 @@ from model_plugins.errors import (
     InvalidRequest,
     Overloaded,
 )
+from model_plugins.partial import Partial
 from model_plugins.plugin import Batch
 
 logger = logging.getLogger(__name__)
 
-#: while the model runs a batch: when its last request gives up (None: one never does)
-_batch_deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar(
-    "dagserve_batch_deadline", default=None
-)
 
+class BatchCall(Protocol):
+    """Runs the model on one batch, the batcher's callee.
 
-def batch_deadline() -> float | None:
-    """Inside a batcher's ``call``: the latest deadline of the batch's requests, on the loop's
-    clock, or None when one of them has none.  Past it, nobody waits for the batch."""
-    return _batch_deadline.get()
+    Args:
+        inputs: input name -> array (or list, for a ragged model); first dimension = items.
+        instance: which loaded copy of the model is free for this call.
+        deadline: on the loop's clock, the latest deadline of the batch's requests, or None
+            when one of them has none: past it, nobody waits for the batch.
+
+    Returns:
+        A row per item, checked against the batch contract; or a :class:`Partial` whose
+        ``errors`` fail some items alone.
+    """
+
+    def __call__(
+        self, inputs: Batch, *, instance: int, deadline: float | None
+    ) -> Awaitable[Batch | Partial]: ...
 
 
 class Clock(Protocol):
@@ -101,7 +115,7 @@ class BatcherStatistics:
     rejected: int
     """Requests answered Overloaded because the queue was full."""
     failed_requests: int
-    """Requests answered with the model's error (after isolation)."""
+    """Requests answered with the model's error (after isolation, or for an item of theirs)."""
 
     @property
     def mean_batch_size(self) -> float:
@@ -140,12 +154,13 @@ class Batcher:
     """Batches the items of concurrent requests for one model.
 
     Args:
-        call: runs the model on one batch (a dict of arrays, first dimension = items).
+        call: runs the model on one batch (see :class:`BatchCall`); it checks the batch
+            contract of what it returns.
         max_batch_size: the most items per call.  None: never merge requests (each call
             gets exactly one request's items, however many).
         max_delay_s: how long the first waiting item may be held to grow a batch.
         max_queue: the most items that may wait; more is ``Overloaded``.
-        instances: how many calls may run at once.
+        instances: how many calls may run at once, one per loaded copy of the model.
         padding: how items of different shapes may share a batch (else: shape buckets).
         ragged: hand the model lists of per-item arrays instead of stacked arrays.
         clock: ``time()`` and ``call_at()``; default: the running loop.
@@ -159,7 +174,7 @@ class Batcher:
 
     def __init__(
         self,
-        call: Callable[[Batch], Awaitable[Batch]],
+        call: BatchCall,
         *,
         max_batch_size: int | None,
         max_delay_s: float = 0.0,
@@ -196,7 +211,8 @@ class Batcher:
         self.max_queue_delay_s = max_queue_delay_s
         self._queue: collections.deque[_Request] = collections.deque()
         self._queued_items = 0
-        self._busy = 0
+        #: the instances no batch runs on now
+        self._free = list(range(instances - 1, -1, -1))
         self._tasks: set[asyncio.Task[None]] = set()
         self._delay_timer: asyncio.TimerHandle | None = None
         self._closed = False
@@ -244,7 +260,9 @@ class Batcher:
             )
             raise Overloaded(msg, retry_after_ms=self._retry_after_ms())
         if n == 0:
-            return await self._call(inputs)
+            # Nothing to batch or to hold an instance for: the worker queues it on instance 0.
+            result = await self._call(inputs, instance=0, deadline=deadline)
+            return result.outputs if isinstance(result, Partial) else result
         if self.max_queue_delay_s is not None and self._batch_seconds:
             expected = self._expected_wait_s(n)
             if expected > self.max_queue_delay_s:
@@ -294,9 +312,13 @@ class Batcher:
 
     # -- forming batches -----------------------------------------------------------------
 
+    @property
+    def _busy(self) -> int:
+        return self.instances - len(self._free)
+
     def _dispatch(self) -> None:
         """Start as many batches as there are idle instances (called on every change)."""
-        while self._busy < self.instances and self._queue:
+        while self._free and self._queue:
             self._drop_dead_heads()
             if not self._queue:
                 return
@@ -305,8 +327,7 @@ class Batcher:
             batch = self._take_batch()
             if not batch:
                 continue
-            self._busy += 1
-            task = asyncio.get_running_loop().create_task(self._run(batch))
+            task = asyncio.get_running_loop().create_task(self._run(batch, self._free.pop()))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
@@ -410,19 +431,19 @@ class Batcher:
 
     # -- running batches -----------------------------------------------------------------
 
-    async def _run(self, batch: list[_Slice]) -> None:
+    async def _run(self, batch: list[_Slice], instance: int) -> None:
         started = self._now()
         try:
-            await self._run_isolating(batch)
+            await self._run_isolating(batch, instance)
             if self.on_batch is not None:
                 waits = [started - s.request.enqueued for s in batch for _ in range(s.size)]
                 self.on_batch(len(waits), waits, self._now() - started)
         finally:
-            self._busy -= 1
+            self._free.append(instance)
             if not self._closed:
                 self._dispatch()
 
-    async def _run_isolating(self, batch: list[_Slice]) -> None:
+    async def _run_isolating(self, batch: list[_Slice], instance: int) -> None:
         live = [s for s in batch if not s.request.future.done()]
         if not live:
             return
@@ -433,19 +454,18 @@ class Batcher:
         loop = asyncio.get_running_loop()
         started = loop.time()
         deadlines = [s.request.deadline for s in live if s.request.deadline is not None]
-        # Each batch runs in a task of its own: the value is seen by this call only.
-        _batch_deadline.set(max(deadlines) if len(deadlines) == len(live) else None)
+        deadline = max(deadlines) if len(deadlines) == len(live) else None
         try:
             inputs, lengths = self._merge(live)
-            outputs = await self._call(inputs)
+            result = await self._call(inputs, instance=instance, deadline=deadline)
         except (InferenceError, InvalidRequest, ValueError, TypeError) as exc:
             requests = list(dict.fromkeys(s.request for s in live))
             if len(requests) > 1 and _isolatable(exc):
                 # Split by request and run each half again: only the requests that fail on
                 # their own get the error.
                 half = _split_index(live)
-                await self._run_isolating(live[:half])
-                await self._run_isolating(live[half:])
+                await self._run_isolating(live[:half], instance)
+                await self._run_isolating(live[half:], instance)
                 return
             for request in requests:
                 self._fail(request, exc)
@@ -458,8 +478,11 @@ class Batcher:
         self._batch_seconds = (
             elapsed if not self._batch_seconds else 0.8 * self._batch_seconds + 0.2 * elapsed
         )
+        outputs, errors = (
+            (result.outputs, result.errors) if isinstance(result, Partial) else (result, {})
+        )
         try:
-            self._split(live, outputs, size, lengths)
+            self._split(live, outputs, errors, lengths)
         except DagserveError as exc:
             for request in dict.fromkeys(s.request for s in live):
                 self._fail(request, exc)
@@ -490,19 +513,19 @@ class Batcher:
         self,
         batch: list[_Slice],
         outputs: Batch,
-        size: int,
+        errors: Mapping[int, DagserveError],
         lengths: dict[str, list[tuple[int, ...]]],
     ) -> None:
-        for name, value in outputs.items():
-            got = len(value)
-            if got != size:
-                msg = (
-                    f"{self.name} broke the batch contract: the batch has {size} items but "
-                    f"output {name!r} has {got}"
-                )
-                raise InferenceError(msg)
+        """Hand each slice its rows (the call checked that there is one per item), or, when
+        one of its items failed alone, fail the slice's request with that item's error."""
         offset = 0
         for s in batch:
+            failed = min((i for i in errors if offset <= i < offset + s.size), default=None)
+            if failed is not None:
+                # the item's index within its own request, not within the batch
+                self._fail(s.request, item_error(errors[failed], s.start + failed - offset))
+                offset += s.size
+                continue
             part: Batch = {}
             for name, value in outputs.items():
                 piece = value[offset : offset + s.size]
@@ -602,4 +625,4 @@ def _concat_padded(pieces: list[np.ndarray]) -> np.ndarray:
     return out
 
 
-__all__ = ["Batcher", "BatcherStatistics", "Clock", "Padding", "batch_deadline"]
+__all__ = ["BatchCall", "Batcher", "BatcherStatistics", "Clock", "Padding"]

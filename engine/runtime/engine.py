@@ -20,14 +20,14 @@ from engine.observability import logs
 from engine.observability.metrics import Metrics, status_of
 from engine.observability.tracing import start_request_span
 from engine.runtime.assembly import (
-    Runner,
+    NodeRunner,
     ServedPipeline,
     plan_placement,
     serve_pipeline,
 )
 from engine.runtime.devices import DeviceInventory
 from engine.runtime.local import LocalRunner
-from engine.runtime.model import BatchedNode, SharedModel
+from engine.runtime.model import Model, ModelRunner
 from engine.runtime.placement import Placement
 from engine.runtime.types import (
     HealthReport,
@@ -89,8 +89,8 @@ class Engine:
         self.max_inflight = max_inflight
         self.inflight = 0
         self.placement: Placement | None = None
-        #: identity of a loaded model -> the model and its batcher, shared by every node using it
-        self.models: dict[tuple[Any, ...], SharedModel] = {}
+        #: identity of a loaded model -> the model (and its batcher), shared by every node using it
+        self.models: dict[tuple[Any, ...], Model] = {}
         self.ready = False
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -113,11 +113,11 @@ class Engine:
                 # Register before loading, so that aclose() unloads a half-started pipeline.
                 self._served[pipeline.name][pipeline.version] = served
                 for name, runner in served.runners.items():
-                    if not isinstance(runner, BatchedNode):  # shared models start below, once
+                    if not isinstance(runner, ModelRunner):  # models start below, once
                         await _start_runner(pipeline, name, runner)
-                for key, shared in self.models.items():
+                for key, model in self.models.items():
                     if key not in known:
-                        await _start_model(pipeline, shared)
+                        await _start_model(model)
                 logger.info(
                     "serving pipeline %s version %s: %s",
                     pipeline.name,
@@ -136,8 +136,8 @@ class Engine:
             for served in versions.values():
                 for runner in served.runners.values():
                     await runner.aclose()
-        for shared in self.models.values():
-            await shared.aclose()
+        for model in self.models.values():
+            await model.aclose()
         await self.workers.aclose()
         self._pool.shutdown(wait=False, cancel_futures=True)
 
@@ -264,10 +264,10 @@ class Engine:
         details["pipelines"] = str(sum(len(v) for v in self._served.values()))
         if self.placement is not None:
             details.update(self.placement.details())
-        for shared in self.models.values():
-            batching = shared.batcher.statistics()
-            details[f"model.{shared.model_id}"] = (
-                f"nodes={','.join(shared.nodes)} queued={batching.queued_items} "
+        for model in self.models.values():
+            batching = model.statistics()
+            details[f"model.{model.model_id}"] = (
+                f"nodes={','.join(model.nodes)} queued={batching.queued_items} "
                 f"batches={batching.batches} mean_batch={batching.mean_batch_size:.2f} "
                 f"deadline_dropped={batching.deadline_dropped} rejected={batching.rejected}"
             )
@@ -293,12 +293,12 @@ async def _start_runner(pipeline: Pipeline, name: str, runner: LocalRunner) -> N
         raise _load_failed(pipeline.name, name, node.plugin, "", exc) from exc
 
 
-async def _start_model(pipeline: Pipeline, shared: SharedModel) -> None:
-    b = shared.runner.binding
+async def _start_model(model: Model) -> None:
+    b = model.binding
     try:
-        await shared.start()
+        await model.start()
     except Exception as exc:
-        where = f" in worker {shared.runner.key.name}"
+        where = f" in worker {model.key.name}"
         raise _load_failed(b.pipeline, b.node, b.plugin, where, exc) from exc
 
 
@@ -308,10 +308,9 @@ def _load_failed(pipeline: str, node: str, plugin: str, where: str, exc: Excepti
     return PluginLoadError(msg)
 
 
-def _where(runner: Runner) -> str:
-    if isinstance(runner, BatchedNode):
-        shared = runner.shared
-        return f"worker {runner.key.name}, model {shared.model_id}"
+def _where(runner: NodeRunner) -> str:
+    if isinstance(runner, ModelRunner):
+        return f"worker {runner.model.key.name}, model {runner.model.model_id}"
     return runner.kind
 
 

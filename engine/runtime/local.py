@@ -2,7 +2,8 @@
 
 Both keep ``instances`` loaded copies of the plugin and hand each call one free copy, so a
 node never runs more than ``instances`` calls at once.  They check the batch contract on
-every call and turn a plugin's exception into an ``InferenceError`` naming the node.
+every call and turn a plugin's exception into an ``InferenceError`` naming the node; a
+``Partial`` that fails items fails the request with the error of its first failed item.
 """
 
 from __future__ import annotations
@@ -14,8 +15,10 @@ from concurrent.futures import Executor
 from dataclasses import dataclass
 
 from engine.observability.tracing import start_node_span
-from model_plugins.contract import check_outputs
-from model_plugins.errors import DagserveError, InferenceError, InvalidRequest
+from engine.runtime.naming import item_error, node_error
+from model_plugins.contract import check_result
+from model_plugins.errors import DagserveError, InferenceError
+from model_plugins.partial import Partial
 from model_plugins.plugin import Batch, LoadContext, ModelPlugin
 from model_plugins.specs import TensorSpec
 
@@ -70,7 +73,10 @@ class LocalRunner:
             with start_node_span(self.binding.pipeline, self.binding.node):
                 outputs = await self._call(plugin.predict, inputs)
         except DagserveError as exc:
-            raise self._named(exc) from exc
+            named = node_error(exc, self.binding.node, self.binding.plugin)
+            if named is exc:
+                raise
+            raise named from exc
         except Exception as exc:
             b = self.binding
             cause = f"{type(exc).__module__}.{type(exc).__qualname__}"
@@ -79,27 +85,19 @@ class LocalRunner:
             raise InferenceError(msg, node=b.node, plugin=b.plugin, cause=cause) from exc
         finally:
             self._idle.put_nowait(plugin)
-        n_items = len(next(iter(inputs.values()))) if inputs else None
-        return check_outputs(
-            self.binding.outputs,
-            outputs,
-            n_items,
-            plugin=self.binding.plugin,
-            node=self.binding.node,
-        )
-
-    def _named(self, exc: DagserveError) -> DagserveError:
-        """Say which node raised, for errors a plugin raises on purpose."""
         b = self.binding
-        if isinstance(exc, InferenceError):
-            if exc.node is None:
-                exc.node, exc.plugin = b.node, b.plugin
-            return exc
-        if isinstance(exc, InvalidRequest):
-            return InvalidRequest(f"node {b.node!r}: {exc.message}", field=exc.field or b.node)
-        return exc
+        n_items = len(next(iter(inputs.values()))) if inputs else None
+        result = check_result(b.outputs, outputs, n_items, plugin=b.plugin, node=b.node)
+        if not isinstance(result, Partial):
+            return result
+        if result.errors:  # the batch is this request's items alone
+            first = min(result.errors)
+            raise node_error(item_error(result.errors[first], first), b.node, b.plugin)
+        return result.outputs
 
-    async def _call(self, predict: Callable[[Batch], Batch], inputs: Batch) -> Batch:
+    async def _call(
+        self, predict: Callable[[Batch], Batch | Partial], inputs: Batch
+    ) -> Batch | Partial:
         raise NotImplementedError
 
 
@@ -108,7 +106,9 @@ class InlineRunner(LocalRunner):
 
     kind = "inline"
 
-    async def _call(self, predict: Callable[[Batch], Batch], inputs: Batch) -> Batch:
+    async def _call(
+        self, predict: Callable[[Batch], Batch | Partial], inputs: Batch
+    ) -> Batch | Partial:
         return predict(inputs)
 
 
@@ -117,7 +117,9 @@ class ThreadPoolRunner(LocalRunner):
 
     kind = "thread"
 
-    async def _call(self, predict: Callable[[Batch], Batch], inputs: Batch) -> Batch:
+    async def _call(
+        self, predict: Callable[[Batch], Batch | Partial], inputs: Batch
+    ) -> Batch | Partial:
         return await asyncio.get_running_loop().run_in_executor(self._pool, predict, inputs)
 
 

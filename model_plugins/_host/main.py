@@ -2,9 +2,11 @@
 
 One worker hosts every model of one framework on one device, so one CUDA context serves them
 all.  A reader thread takes messages off the socket.  Each loaded instance of a model has a
-thread of its own, which runs all its calls (a call for a busy model waits in that model's
-backlog), so different models and the instances of one model execute concurrently whenever
-the framework releases the GIL; replies go back under a lock as each finishes.
+thread of its own, which runs all its calls: a ``Predict`` names its instance (the parent's
+batcher, which bounds a model's concurrency, keeps to one call per instance; another call for
+a busy instance waits on its thread).  So different models and the instances of one model
+execute concurrently whenever the framework releases the GIL; replies go back under a lock as
+each finishes.
 
 So that the parent can tell, after a crash, which call killed the worker and which calls were
 only its neighbours, every thread that runs plugin code marks the call it runs in a shared
@@ -14,7 +16,6 @@ call table, and ``faulthandler`` dumps the faulting thread into a crash file
 
 from __future__ import annotations
 
-import collections
 import logging
 import os
 import signal
@@ -23,7 +24,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from model_plugins._host import wire
@@ -63,9 +64,6 @@ class _Instance:
 class _Hosted:
     plugin: str
     instances: list[_Instance]
-    idle: list[_Instance]
-    backlog: collections.deque[tuple[int, Predict]] = field(default_factory=collections.deque)
-    lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 class _Worker:
@@ -142,7 +140,7 @@ class _Worker:
             raise
         finally:
             self.calls.release(slot)
-        self.models[message.model_id] = _Hosted(message.plugin, instances, list(instances))
+        self.models[message.model_id] = _Hosted(message.plugin, instances)
         if self.crash is not None:
             # A framework may install its own fatal-signal handlers when it is imported
             # (Paddle does): put faulthandler's in front again, or a crash names no thread.
@@ -155,36 +153,27 @@ class _Worker:
         return Loaded(inputs, outputs, plugin_class.framework, time.perf_counter() - start)
 
     def predict(self, message_id: int, message: Predict) -> None:
-        """Run on an idle instance's thread, or wait in the model's backlog for one."""
+        """Run on the thread of the instance the message names."""
         hosted = self.models.get(message.model_id)
-        if hosted is None:
-            msg = f"model {message.model_id!r} is not loaded in worker {self.name}"
+        if hosted is None or not 0 <= message.instance < len(hosted.instances):
+            msg = (
+                f"model {message.model_id!r} has no instance {message.instance} "
+                f"loaded in worker {self.name}"
+            )
             self.reply(Reply(message_id, error=InferenceError(msg)))
             return
-        with hosted.lock:
-            if not hosted.idle:
-                hosted.backlog.append((message_id, message))
-                return
-            instance = hosted.idle.pop()
-        instance.thread.submit(self._run_instance, hosted, instance, message_id, message)
+        instance = hosted.instances[message.instance]
+        instance.thread.submit(self._run_instance, instance, message_id, message)
 
     def _load_instance(self, instance: _Instance, message_id: int, context: LoadContext) -> None:
         self.calls.begin(instance.slot, message_id)
         instance.plugin.load(context)
         self.calls.end(instance.slot)
 
-    def _run_instance(
-        self, hosted: _Hosted, instance: _Instance, message_id: int, message: Predict
-    ) -> None:
-        while True:
-            self.calls.begin(instance.slot, message_id)
-            self._guarded(message_id, instance.plugin.predict, message.inputs)
-            self.calls.end(instance.slot)
-            with hosted.lock:
-                if not hosted.backlog:
-                    hosted.idle.append(instance)
-                    return
-                message_id, message = hosted.backlog.popleft()
+    def _run_instance(self, instance: _Instance, message_id: int, message: Predict) -> None:
+        self.calls.begin(instance.slot, message_id)
+        self._guarded(message_id, instance.plugin.predict, message.inputs)
+        self.calls.end(instance.slot)
 
     def unload(self, model_id: str) -> None:
         hosted = self.models.pop(model_id, None)

@@ -37,8 +37,11 @@ class Loaded:
 
 @dataclass(frozen=True)
 class Predict:
+    """Run one batch on instance ``instance`` of the model (the parent's batcher chose it)."""
+
     model_id: str
     inputs: Batch
+    instance: int = 0
 
 
 @dataclass(frozen=True)

@@ -8,8 +8,9 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 
-from engine.runtime.batcher import Batcher, Padding, batch_deadline
+from engine.runtime.batcher import Batcher, Padding
 from model_plugins.errors import DeadlineExceeded, InferenceError, InvalidRequest, Overloaded
+from model_plugins.partial import Partial
 
 
 class FakeTimer:
@@ -55,14 +56,16 @@ class FakeModel:
     def __init__(self, auto: bool = False) -> None:
         self.auto = auto
         self.calls: list[tuple[dict[str, np.ndarray], asyncio.Future[None]]] = []
+        self.instances: list[int] = []  # the instance each call was given
 
     @property
     def sizes(self) -> list[int]:
         return [len(batch["x"]) for batch, _ in self.calls]
 
-    async def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    async def __call__(self, batch, *, instance, deadline) -> dict[str, np.ndarray]:
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.calls.append((batch, done))
+        self.instances.append(instance)
         if not self.auto:
             await done
         if (batch["x"] < 0).any():
@@ -119,8 +122,10 @@ async def test_two_instances_run_two_batches_at_once():
     tasks = [asyncio.create_task(batcher.submit(items(i))) for i in range(4)]
     await settle()
     assert model.sizes == [1, 1]
+    assert sorted(model.instances) == [0, 1]  # one call per instance
     await model.finish(0)
     assert model.sizes == [1, 1, 2]
+    assert model.instances[2] == model.instances[0]  # the instance that just became free
     await model.finish(1)
     await model.finish(2)
     await asyncio.gather(*tasks)
@@ -210,10 +215,10 @@ async def test_a_poison_request_fails_alone():
     # hold the only instance until all requests are queued
     gate = asyncio.get_running_loop().create_future()
 
-    async def call(batch):
+    async def call(batch, **call):
         if not gate.done():
             await gate
-        return await model(batch)
+        return await model(batch, **call)
 
     batcher = Batcher(call, clock=clock, max_batch_size=8, max_queue=100, name="m")
     tasks = [asyncio.create_task(batcher.submit(items(v))) for v in (1, 2, -3, 4, 5)]
@@ -265,7 +270,7 @@ async def test_requests_of_different_shapes_go_in_separate_batches():
 async def test_padding_round_trip():
     calls: list[np.ndarray] = []
 
-    async def embed(batch):
+    async def embed(batch, **call):
         ids = batch["ids"]
         calls.append(ids)
         return {"tokens": ids.astype(np.float32)[..., None] * 10, "length": (ids > 0).sum(1)}
@@ -346,8 +351,8 @@ async def test_the_call_sees_the_latest_deadline_of_its_batch():
     seen: list[tuple[int, float | None]] = []
     release = asyncio.Event()
 
-    async def call(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        seen.append((len(batch["x"]), batch_deadline()))  # what the worker pool bounds retries by
+    async def call(batch, *, instance, deadline):
+        seen.append((len(batch["x"]), deadline))  # what the worker pool bounds retries by
         await release.wait()
         return {"y": batch["x"]}
 
@@ -367,4 +372,37 @@ async def test_the_call_sees_the_latest_deadline_of_its_batch():
     await batcher.submit(items(4))
     # the pair's batch lives as long as its last request; alone, a request's own; none: None
     assert seen == [(1, None), (2, now + 3), (1, now + 1), (1, None)]
-    assert batch_deadline() is None  # set only inside each batch's own task
+
+
+async def test_a_partial_result_fails_only_the_requests_that_own_the_failed_items():
+    # One batch of three requests (one, three and one items); the model fails batch items
+    # 2 and 3 alone.  Item 3 of the batch is item 2 of the three-item request.
+    calls: list[np.ndarray] = []
+    gate = asyncio.get_running_loop().create_future()
+
+    async def call(batch, **call):
+        if not gate.done():
+            await gate
+        x = batch["x"]
+        calls.append(x)
+        bad = {int(i): InvalidRequest(f"x is {x[i, 0]:g}") for i in np.flatnonzero(x[:, 0] < 0)}
+        return Partial({"y": x * 2}, errors=bad)
+
+    batcher = Batcher(call, clock=FakeClock(), max_batch_size=8, max_queue=100, name="m")
+    first = asyncio.create_task(batcher.submit(items(0)))  # holds the only instance
+    await settle()
+    requests = [items(1), items(2, -3, -4), items(5)]
+    tasks = [asyncio.create_task(batcher.submit(r)) for r in requests]
+    await settle()
+    gate.set_result(None)
+    await first
+    good, bad, also_good = await asyncio.gather(*tasks, return_exceptions=True)
+    assert len(calls) == 2  # the gate's batch and one batch of all three: nothing ran again
+    np.testing.assert_array_equal(calls[1][:, 0], [1, 2, -3, -4, 5])
+    np.testing.assert_array_equal(good["y"], [[2]])
+    np.testing.assert_array_equal(also_good["y"], [[10]])
+    assert isinstance(bad, InvalidRequest)
+    assert str(bad) == "item 1: x is -3"  # its first failed item, counted within the request
+    stats = batcher.statistics()
+    assert stats.failed_requests == 1
+    assert stats.batch_sizes == {1: 1, 5: 1}

@@ -9,14 +9,15 @@ import pytest
 
 from engine.transport.client import Client
 from model_plugins.errors import InvalidRequest, Overloaded
-from tests.serving import PIPELINES, occupy, serving
+from tests.serving import PIPELINES, occupy, serving, wait_until
 
 pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
 def server():
-    with serving([PIPELINES / "batched_a.yaml", PIPELINES / "batched_b.yaml"]) as thread:
+    paths = [PIPELINES / f"{name}.yaml" for name in ("batched_a", "batched_b", "partial")]
+    with serving(paths) as thread:
         yield thread
 
 
@@ -88,6 +89,49 @@ def test_a_request_larger_than_the_whole_queue_is_invalid_and_names_the_limit(se
         # the whole queue's worth is served (split across batches of 16)
         out = client.infer("batched_a", {"x": np.ones((64, 2), np.float32)}).outputs
     assert out["y"].shape == (64, 2)
+
+
+def test_a_model_fails_bad_items_alone_and_answers_their_neighbours_in_the_same_batch(server):
+    model = next(m for m in server.engine.models.values() if m.model_id == "partial/check")
+    good = [np.full((1, 2), v, np.float32) for v in range(1, 9)]
+    bad = [np.full((1, 2), -1, np.float32), np.full((1, 2), -2, np.float32)]
+    mixed = [np.array([[10, 0], [-3, 0], [11, 0]], np.float32)] * 2  # its item 1 is bad
+    requests = good + bad + mixed  # 16 items: one batch of max_batch_size
+
+    def infer(x: np.ndarray) -> dict[str, np.ndarray] | InvalidRequest:
+        with Client("127.0.0.1", server.port) as client:
+            try:
+                return client.infer("partial", {"x": x}).outputs
+            except InvalidRequest as exc:
+                return exc
+
+    before = model.statistics()
+    # While one request holds the only instance (0.5 s), the 12 requests queue up together.
+    busy = occupy(server, "partial", "partial/check", {"x": np.zeros((1, 2), np.float32)}, "y")
+    with concurrent.futures.ThreadPoolExecutor(len(requests)) as pool:
+        futures = [pool.submit(infer, x) for x in requests]
+        wait_until(lambda: model.statistics().queued_items == 16, "16 items queued")
+        results = [f.result() for f in futures]
+    busy.join(10)
+
+    answered = results[: len(good)]
+    for x, out in zip(good, answered, strict=True):
+        assert isinstance(out, dict), out
+        np.testing.assert_array_equal(out["y"], x * 2)
+        assert out["batch"][0] == 16  # with every other request, bad items included
+        assert out["failed"][0] == 4
+    assert len({int(out["call"][0]) for out in answered}) == 1  # all in one predict call
+    for x, error in zip(bad, results[len(good) : len(good) + 2], strict=True):
+        assert isinstance(error, InvalidRequest)
+        assert str(error) == f"node 'check': item 0: x[0] is {x[0, 0]:g}, must be >= 0"
+    for error in results[-2:]:
+        assert isinstance(error, InvalidRequest)
+        assert str(error) == "node 'check': item 1: x[0] is -3, must be >= 0"
+    # predict ran once per batch: the busy one and the 16 items; none of them ran again
+    after = model.statistics()
+    assert after.batches - before.batches == 2
+    assert after.items - before.items == 17
+    assert after.failed_requests - before.failed_requests == 4
 
 
 def test_the_server_wide_inflight_limit_answers_overloaded_at_once():

@@ -266,7 +266,7 @@ def test_after_a_sigkill_the_running_call_fails_and_the_queued_ones_go_again(nei
     # No crash dump after SIGKILL: the call that was running is a suspect and fails; the two
     # queued behind it in the worker (`slow` has one instance) never started, and go again.
     workers = neighbours.engine.workers
-    key = shared_model(neighbours, "neighbours/slow").runner.key
+    key = shared_model(neighbours, "neighbours/slow").key
     pid = workers.statistics()["torch@cpu"]["pid"]
     xs = [np.array([[i, i]], np.float32) for i in (1, 2, 3)]
 

@@ -7,12 +7,13 @@ import sys
 from pathlib import Path
 
 import model_plugins
-from model_plugins import errors, harness, plugin, specs
+from model_plugins import errors, harness, partial, plugin, specs
 
 EXPECTED = [
     "ModelPlugin",
     "TensorSpec",
     "LoadContext",
+    "Partial",
     "PluginHarness",
     "DagserveError",
     "InvalidRequest",
@@ -37,6 +38,7 @@ def test_every_name_is_the_object_of_its_module() -> None:
     homes = {
         "ModelPlugin": plugin,
         "LoadContext": plugin,
+        "Partial": partial,
         "TensorSpec": specs,
         "PluginHarness": harness,
     }

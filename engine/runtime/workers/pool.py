@@ -152,8 +152,9 @@ class WorkerPool:
         model_id: str,
         inputs: Batch,
         *,
-        node: str,
-        plugin: str,
+        instance: int = 0,
+        node: str | None = None,
+        plugin: str | None = None,
         deadline: float | None = None,
         timeout_s: float | None = None,
         retry: bool = True,
@@ -161,6 +162,10 @@ class WorkerPool:
         """Run ``model_id`` on one batch in the worker of ``key``.
 
         Args:
+            instance: which loaded copy runs it; the caller keeps to one call per instance
+                (a second call waits in the worker until the first is done).
+            node, plugin: for the messages of errors (a shared model's caller leaves ``node``
+                out: its batch serves several nodes, which name themselves).
             deadline: on the loop's clock, when the last request of the batch gives up; waiting
                 for a replacement worker ends there.
             timeout_s: a call that runs longer has hung its instance: it fails and its worker
@@ -177,7 +182,7 @@ class WorkerPool:
             DeadlineExceeded: the deadline passed while waiting for the worker to come back.
         """
         slot = self._slots[key]
-        message = Predict(model_id, inputs)
+        message = Predict(model_id, inputs, instance)
         retries = 0
         while True:
             reason = self._quarantined.get(model_id)
@@ -205,8 +210,8 @@ class WorkerPool:
         slot: _Slot,
         process: WorkerProcess,
         message: Predict,
-        node: str,
-        plugin: str,
+        node: str | None,
+        plugin: str | None,
         timeout_s: float | None,
     ) -> Batch:
         result: Batch
@@ -221,7 +226,8 @@ class WorkerPool:
             # The call cannot be interrupted inside the worker and holds an instance: replace
             # the worker (its models are loaded again) rather than let every later call queue
             # behind a hung one.  This call is the culprit; the others in flight are not.
-            why = f"node {node!r} ran past its timeout_ms ({timeout_s * 1000:g} ms)"
+            who = f"node {node!r}" if node else f"model {message.model_id}"
+            why = f"{who} ran past its timeout_ms ({timeout_s * 1000:g} ms)"
             if process is slot.process and not process.killed and not process.exited.is_set():
                 logger.warning("replacing worker %s (pid %s): %s", slot.key.name, process.pid, why)
                 self._record_crash(slot, message.model_id)
@@ -340,7 +346,7 @@ class WorkerPool:
             logger.error("%s (worker %s)", reason, slot.key.name)
 
     async def _wait_ready(
-        self, slot: _Slot, node: str, plugin: str, deadline: float | None
+        self, slot: _Slot, node: str | None, plugin: str | None, deadline: float | None
     ) -> None:
         loop = asyncio.get_running_loop()
         limit = loop.time() + self.restart_wait_s
