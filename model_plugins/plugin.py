@@ -26,6 +26,8 @@ Framework = Literal["torch", "tensorflow", "paddle"]
 
 #: what ``predict`` takes and returns: tensor name -> array whose first dimension is the item
 Batch = dict[str, np.ndarray]
+#: what ``signature`` returns: ``(inputs, outputs)``, tensor name -> spec of one item
+Signature = tuple[dict[str, TensorSpec], dict[str, TensorSpec]]
 
 
 @dataclass(frozen=True)
@@ -57,10 +59,16 @@ class LoadContext:
 class ModelPlugin:
     """Base class of every node that a pipeline runs.
 
+    What dagserve reads from a plugin is exactly what is listed below; the names of this
+    class that start with ``_`` are dagserve's own, not for plugins to set.
+
     **Declarations** (class attributes):
 
     * ``inputs`` / ``outputs``: tensor name -> :class:`TensorSpec` of one item.  The engine
-      checks what it hands to ``predict`` and what ``predict`` returns against them.
+      checks what it hands to ``predict`` and what ``predict`` returns against them.  When the
+      specs depend on the node's ``params:`` or on what feeds it, override :meth:`signature`
+      instead: ``dagserve validate``, ``dagserve serve`` and :class:`PluginHarness` all call it
+      (the server in a separate process, so that a plugin's imports never enter its own).
     * ``framework``: ``"torch"``, ``"tensorflow"``, ``"paddle"`` or None for plain numpy.
       It decides which worker process hosts the plugin; a node's ``framework:`` overrides it.
     * Variable-length inputs under dynamic batching.  By default only items of the same
@@ -79,6 +87,12 @@ class ModelPlugin:
       call then fails with ``InferenceError``.  The call that crashed the worker is never
       sent again.
 
+    **Stated on load** (instance attributes, set in :meth:`load`): ``loaded_inputs`` /
+    ``loaded_outputs``, for a plugin that learns its specs only from the model file (the
+    framework adapters do).  Left None, the declarations above stand; set, the worker reports
+    them and the server checks them against the pipeline (and adopts output specs where the
+    pipeline declares none), as :meth:`PluginHarness.declared` shows.
+
     **Lifecycle**: the engine creates the object with no arguments, calls :meth:`load` once,
     then :meth:`predict` once per batch, possibly from several threads at once when the node
     has ``instances`` > 1 and the plugin is thread-safe, and :meth:`unload` at shutdown.
@@ -92,18 +106,23 @@ class ModelPlugin:
     padded_outputs: ClassVar[Mapping[str, tuple[str, int]]] = {}
     ragged: ClassVar[bool] = False
     retry_on_worker_loss: ClassVar[bool] = True
+    loaded_inputs: dict[str, TensorSpec] | None = None
+    loaded_outputs: dict[str, TensorSpec] | None = None
+    #: dagserve's own: a built-in cheap enough to run in the event loop under ``runner: auto``
+    _inline: ClassVar[bool] = False
 
     @classmethod
     def signature(
-        cls,
-        params: Mapping[str, Any],
-        upstream: Mapping[str, TensorSpec | None],
-    ) -> tuple[dict[str, TensorSpec], dict[str, TensorSpec]]:
+        cls, params: Mapping[str, Any], upstream: Mapping[str, TensorSpec | None]
+    ) -> Signature:
         """The node's input and output specs, before anything is loaded.
 
         **Override this** when the specs depend on ``params`` or on what feeds the node
         (``identity`` mirrors its inputs; ``concat_fusion`` sums their widths).  It runs at
-        validation time and must not load a model.
+        validation time, in a process that never loads the model: it must not load one.  Read
+        ``params`` with :class:`~model_plugins.Params`, as ``load`` does, so that a bad value is
+        refused alike at validation and at load.  The server calls it in its inspector
+        process, once per node, with the specs the pipeline wires into that node.
 
         Args:
             params: the node's ``params:``.
@@ -143,4 +162,11 @@ class ModelPlugin:
         """Free what :meth:`load` took; runs once at shutdown.  Optional."""
 
 
-__all__ = ["Batch", "Framework", "LoadContext", "ModelPlugin"]
+def overrides_signature(plugin_class: type[ModelPlugin]) -> bool:
+    """Whether the plugin works its specs out itself (``identity``, the fusions, adapters)
+    rather than declaring them as class attributes."""
+    own = getattr(plugin_class.signature, "__func__", None)
+    return own is not ModelPlugin.signature.__func__  # type: ignore[attr-defined]
+
+
+__all__ = ["Batch", "Framework", "LoadContext", "ModelPlugin", "Signature", "overrides_signature"]

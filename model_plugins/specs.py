@@ -59,6 +59,45 @@ def dtype_of(array: np.ndarray) -> DType:
     return name  # type: ignore[return-value]
 
 
+def as_array(value: object, spec: TensorSpec | None = None) -> np.ndarray:
+    """``value`` as an array of items: arrays pass through, (nested) lists become arrays.
+
+    A list of ``str`` or ``bytes`` becomes an object array (numpy's fixed-width ``S`` dtype
+    would strip trailing NULs).  With a ``spec``, numbers are cast to its dtype where nothing
+    changes kind (ints -> float32, float64 -> float32), and ints to another int dtype where
+    every value fits; a list of floats for an int tensor stays float, for the dtype check to
+    refuse.
+
+    >>> as_array([[1, 2]], TensorSpec("float32", [2])).dtype.name
+    'float32'
+    >>> as_array(["a", "b"]).dtype.name
+    'object'
+
+    Raises:
+        ValueError: the list is ragged (its rows differ in length).
+    """
+    if isinstance(value, np.ndarray):
+        return value
+    if spec is not None and spec.dtype in OBJECT_DTYPES:
+        return np.array(value, dtype=object)
+    try:
+        array = np.array(value)
+    except ValueError as exc:  # ragged nesting: numpy refuses to guess
+        msg = f"not a rectangular list: {exc}"
+        raise ValueError(msg) from exc
+    if array.dtype.kind in "US":
+        return np.array(value, dtype=object)
+    if spec is not None:
+        target = NUMPY_DTYPES[spec.dtype]
+        if np.can_cast(array.dtype, target, casting="same_kind"):
+            return array.astype(target)
+        if array.dtype.kind in "iu" and target.kind in "iu":  # ints for uint8: when all fit
+            cast = array.astype(target)
+            if np.array_equal(cast, array):
+                return cast
+    return array
+
+
 @dataclass(frozen=True)
 class TensorSpec:
     """The dtype and per-item shape of one tensor.
@@ -106,4 +145,12 @@ class TensorSpec:
         return f"{self.dtype}[{dims}]"
 
 
-__all__ = ["DTYPES", "NUMPY_DTYPES", "OBJECT_DTYPES", "DType", "TensorSpec", "dtype_of"]
+__all__ = [
+    "DTYPES",
+    "NUMPY_DTYPES",
+    "OBJECT_DTYPES",
+    "DType",
+    "TensorSpec",
+    "as_array",
+    "dtype_of",
+]

@@ -53,7 +53,7 @@ def runner_kind(node: NodeSpec, plugin_class: type[ModelPlugin]) -> str:
     if node.runner != "auto":
         return node.runner
     if node.plugin in BUILTINS and framework_of(node, plugin_class) is None:
-        return "inline" if getattr(plugin_class, "inline", False) else "thread"
+        return "inline" if plugin_class._inline else "thread"
     return "worker"
 
 

@@ -5,12 +5,13 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, ClassVar, NoReturn
+from typing import Any, ClassVar
 
 import numpy as np
 
-from model_plugins.errors import InferenceError, InvalidRequest, PluginLoadError
-from model_plugins.plugin import LoadContext, ModelPlugin
+from model_plugins.errors import InferenceError, InvalidRequest, PluginLoadError, node_label
+from model_plugins.params import Params
+from model_plugins.plugin import LoadContext, ModelPlugin, Signature
 from model_plugins.specs import NUMPY_DTYPES, TensorSpec
 
 
@@ -18,23 +19,21 @@ class Adapter(ModelPlugin):
     """A plugin whose tensor specs come from the model file, known only once it is loaded.
 
     Before load, the node's inputs mirror what is wired into them and its outputs are what the
-    node's ``outputs:`` declares.  After load, ``loaded_inputs`` / ``loaded_outputs`` hold the
-    specs the model file states, where it states them (None where it does not).
+    node's ``outputs:`` declares.  Its ``load`` sets ``loaded_inputs`` / ``loaded_outputs`` to
+    the specs the model file states, where it states them (None where it does not).
     """
 
     #: the ``params:`` keys the adapter understands; any other key is an error
     known_params: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self) -> None:
-        self.loaded_inputs: dict[str, TensorSpec] | None = None
-        self.loaded_outputs: dict[str, TensorSpec] | None = None
         self.node: str | None = None
         self.reference: str | None = None
         self.where = "adapter"
 
     def read_params(self, context: LoadContext) -> Params:
         """Check the node's params against :attr:`known_params`; remember the node for errors."""
-        params = Params(context, self.known_params)
+        params = Params.of(context, self.known_params)
         self.node, self.reference, self.where = context.node, context.plugin, params.where
         return params
 
@@ -48,78 +47,11 @@ class Adapter(ModelPlugin):
 
     @classmethod
     def signature(
-        cls,
-        params: Mapping[str, Any],
-        upstream: Mapping[str, TensorSpec | None],
-    ) -> tuple[dict[str, TensorSpec], dict[str, TensorSpec]]:
+        cls, params: Mapping[str, Any], upstream: Mapping[str, TensorSpec | None]
+    ) -> Signature:
         """Inputs mirror the wired tensors whose spec is known; outputs come from the node."""
         known = {name: spec for name, spec in upstream.items() if spec is not None}
         return known, {}
-
-
-class Params:
-    """Typed reads of a node's ``params:``; every problem is a :class:`PluginLoadError`.
-
-    Args:
-        context: the load context; its node and plugin name the errors.
-        known: the keys the adapter understands.
-    """
-
-    def __init__(self, context: LoadContext, known: Sequence[str]) -> None:
-        self.values = dict(context.params)
-        self.where = f"node {context.node!r} (plugin {context.plugin!r})"
-        unknown = sorted(set(self.values) - set(known))
-        if unknown:
-            self.fail(f"unknown params: {', '.join(unknown)} (known: {', '.join(known)})")
-
-    def fail(self, message: str) -> NoReturn:
-        """Raise a load error naming the node."""
-        text = f"{self.where}: {message}"
-        raise PluginLoadError(text)
-
-    def string(self, key: str, default: str | None = None) -> str | None:
-        value = self.values.get(key, default)
-        if value is not None and not (isinstance(value, str) and value):
-            self.fail(f"params.{key} must be a non-empty string (got {value!r})")
-        return value
-
-    def flag(self, key: str, default: bool) -> bool:
-        value = self.values.get(key, default)
-        if not isinstance(value, bool):
-            self.fail(f"params.{key} must be true or false (got {value!r})")
-        return value
-
-    def positive_int(self, key: str) -> int | None:
-        value = self.values.get(key)
-        if value is not None and not (
-            isinstance(value, int) and not isinstance(value, bool) and value > 0
-        ):
-            self.fail(f"params.{key} must be a positive integer (got {value!r})")
-        return value
-
-    def names(self, key: str) -> list[str] | None:
-        """A list of distinct, non-empty names, or None when absent."""
-        value = self.values.get(key)
-        if value is None:
-            return None
-        if not (
-            isinstance(value, list)
-            and value
-            and all(isinstance(v, str) and v for v in value)
-            and len(set(value)) == len(value)
-        ):
-            self.fail(f"params.{key} must be a list of distinct names (got {value!r})")
-        return list(value)
-
-    def mapping(self, key: str) -> dict[str, str]:
-        """A name -> name mapping, empty when absent."""
-        value = self.values.get(key, {})
-        if not (
-            isinstance(value, Mapping)
-            and all(isinstance(k, str) and isinstance(v, str) and k and v for k, v in value.items())
-        ):
-            self.fail(f"params.{key} must be a mapping of names to names (got {value!r})")
-        return dict(value)
 
 
 def model_path(context: LoadContext, what: str) -> Path:
@@ -132,7 +64,7 @@ def model_path(context: LoadContext, what: str) -> Path:
     Raises:
         PluginLoadError: ``model:`` is not set, or names nothing on disk.
     """
-    where = f"node {context.node!r} (plugin {context.plugin!r})"
+    where = node_label(context.node, context.plugin)
     if context.model_path is None:
         msg = f"{where}: model: must name {what} (got nothing)"
         raise PluginLoadError(msg)
@@ -200,4 +132,4 @@ def cast_input(
     raise InvalidRequest(msg, field=f"inputs.{name}.dtype")
 
 
-__all__ = ["Adapter", "Params", "cast_input", "cuda_index", "model_path", "no_gpu", "spec_from"]
+__all__ = ["Adapter", "cast_input", "cuda_index", "model_path", "no_gpu", "spec_from"]

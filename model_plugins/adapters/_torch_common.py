@@ -7,7 +7,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from model_plugins.adapters._base import Adapter, Params, cuda_index, no_gpu
+from model_plugins.adapters._base import Adapter, cuda_index, no_gpu
+from model_plugins.params import Params
 from model_plugins.plugin import Batch, LoadContext
 
 if TYPE_CHECKING:

@@ -11,7 +11,6 @@ import numpy as np
 
 from model_plugins.adapters._base import (
     Adapter,
-    Params,
     cast_input,
     cuda_index,
     model_path,
@@ -20,6 +19,7 @@ from model_plugins.adapters._base import (
 )
 from model_plugins.adapters._paddle_program import program_specs
 from model_plugins.errors import PluginLoadError
+from model_plugins.params import Params
 from model_plugins.plugin import Batch, LoadContext
 
 #: model file suffixes: PIR program (Paddle 3 default), then the legacy program

@@ -9,7 +9,6 @@ import numpy as np
 
 from model_plugins.adapters._base import (
     Adapter,
-    Params,
     cast_input,
     cuda_index,
     model_path,
@@ -17,6 +16,7 @@ from model_plugins.adapters._base import (
     spec_from,
 )
 from model_plugins.errors import PluginLoadError
+from model_plugins.params import Params
 from model_plugins.plugin import Batch, LoadContext
 from model_plugins.specs import TensorSpec
 

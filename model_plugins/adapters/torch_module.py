@@ -7,9 +7,10 @@ import inspect
 import pickle
 from typing import Any, ClassVar
 
-from model_plugins.adapters._base import Params, model_path
+from model_plugins.adapters._base import model_path
 from model_plugins.adapters._torch_common import TorchAdapter
 from model_plugins.errors import PluginLoadError
+from model_plugins.params import Params
 from model_plugins.plugin import LoadContext
 
 

@@ -2,8 +2,9 @@
 
 Both take any number of float32[D] inputs, under any names, and give ``embedding``.  They are
 meant for nodes with ``join: available``, where an absent optional branch is simply missing
-from the batch.  Width mismatches raise a plain ``ValueError``; the engine wraps it in an
-``InferenceError`` naming the node.
+from the batch.  Bad params raise :class:`~model_plugins.errors.PluginLoadError` (at validation
+and at load); width mismatches in a batch raise a plain ``ValueError``, which the engine wraps in
+an ``InferenceError`` naming the node.
 """
 
 from __future__ import annotations
@@ -14,26 +15,27 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from model_plugins.plugin import Batch, LoadContext, ModelPlugin
+from model_plugins.params import Params
+from model_plugins.plugin import Batch, LoadContext, ModelPlugin, Signature
 from model_plugins.specs import TensorSpec
 
 #: below this L2 norm a vector is left as it is rather than divided (all-zero rows stay zero)
 _EPSILON = 1e-12
 
 
-def _check_keys(plugin: str, params: Mapping[str, Any], known: tuple[str, ...]) -> None:
-    unknown = sorted(set(params) - set(known))
-    if unknown:
-        msg = f"{plugin}: unknown params: {', '.join(unknown)} (known: {', '.join(known)})"
-        raise ValueError(msg)
+def _positive_ints(value: object) -> bool:
+    return (
+        isinstance(value, Mapping)
+        and bool(value)
+        and all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in value.values())
+    )
 
 
-def _flag(plugin: str, params: Mapping[str, Any], name: str, default: bool) -> bool:
-    value = params.get(name, default)
-    if not isinstance(value, bool):
-        msg = f"{plugin}: {name} must be true or false (got {value!r})"
-        raise ValueError(msg)
-    return value
+def _weights(value: object) -> bool:
+    return isinstance(value, Mapping) and all(
+        isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) and w >= 0
+        for w in value.values()
+    )
 
 
 def _width(spec: TensorSpec | None) -> int | None:
@@ -100,32 +102,23 @@ class ConcatFusion(ModelPlugin):
 
     outputs: ClassVar[Mapping[str, TensorSpec]] = {"embedding": TensorSpec("float32", [-1])}
     #: cheap: the engine may run it in the event loop rather than in a thread
-    inline: ClassVar[bool] = True
+    _inline: ClassVar[bool] = True
+    #: the ``params:`` keys it reads
+    known_params: ClassVar[tuple[str, ...]] = ("dims", "normalize")
 
     dims: dict[str, int] | None
     normalize: bool
 
     @staticmethod
-    def _parse(params: Mapping[str, Any]) -> tuple[dict[str, int] | None, bool]:
-        _check_keys("concat_fusion", params, ("dims", "normalize"))
-        dims = params.get("dims")
-        if dims is not None and not (
-            isinstance(dims, Mapping)
-            and dims
-            and all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in dims.values())
-        ):
-            msg = f"concat_fusion: dims must map each input name to a positive int (got {dims!r})"
-            raise ValueError(msg)
-        return (dict(dims) if dims is not None else None), _flag(
-            "concat_fusion", params, "normalize", False
-        )
+    def _parse(params: Params) -> tuple[dict[str, int] | None, bool]:
+        must = "a mapping of each input name to a positive integer"
+        dims = params.value("dims", None, ok=_positive_ints, must=must)
+        return (dict(dims) if dims is not None else None), params.flag("normalize", False)
 
     @classmethod
     def signature(
-        cls,
-        params: Mapping[str, Any],
-        upstream: Mapping[str, TensorSpec | None],
-    ) -> tuple[dict[str, TensorSpec], dict[str, TensorSpec]]:
+        cls, params: Mapping[str, Any], upstream: Mapping[str, TensorSpec | None]
+    ) -> Signature:
         """One float32[D] input per upstream tensor; ``embedding`` of the summed width.
 
         The width is fixed when ``dims`` is given (its sum), or when every upstream spec is a
@@ -136,22 +129,21 @@ class ConcatFusion(ModelPlugin):
         'float32[8]'
 
         Raises:
-            ValueError: bad params, an input missing from ``dims``, or ``dims`` in another
-                order than the inputs.
+            PluginLoadError: bad params, an input missing from ``dims``, or ``dims`` in
+                another order than the inputs.
         """
-        dims, _ = cls._parse(params)
+        checked = Params(params, cls.known_params)
+        dims, _ = cls._parse(checked)
         if dims is not None:
             missing = [name for name in upstream if name not in dims]
             if missing:
-                msg = f"concat_fusion: dims gives no width for input(s) {', '.join(missing)}"
-                raise ValueError(msg)
+                checked.fail(f"params.dims gives no width for input(s) {', '.join(missing)}")
             order = [name for name in dims if name in upstream]
             if order != list(upstream):
-                msg = (
-                    "concat_fusion: dims must list the inputs in the order of the node's "
-                    f"inputs ({', '.join(upstream)}; dims has {', '.join(order)})"
+                checked.fail(
+                    "params.dims must list the inputs in the order of the node's inputs "
+                    f"({', '.join(upstream)}; dims has {', '.join(order)})"
                 )
-                raise ValueError(msg)
             inputs = {name: TensorSpec("float32", [dims[name]]) for name in upstream}
             return inputs, {"embedding": TensorSpec("float32", [sum(dims.values())])}
         widths = [_width(spec) for spec in upstream.values()]
@@ -167,9 +159,9 @@ class ConcatFusion(ModelPlugin):
         """Validate the node's params.
 
         Raises:
-            ValueError: bad ``dims`` or ``normalize``.
+            PluginLoadError: bad ``dims`` or ``normalize``.
         """
-        self.dims, self.normalize = self._parse(context.params)
+        self.dims, self.normalize = self._parse(Params.of(context, self.known_params))
 
     def predict(self, batch: Batch) -> Batch:
         """``embedding``: the present inputs (and zeros for absent ones, with ``dims``).
@@ -223,39 +215,24 @@ class WeightedMeanFusion(ModelPlugin):
 
     outputs: ClassVar[Mapping[str, TensorSpec]] = {"embedding": TensorSpec("float32", [-1])}
     #: cheap: the engine may run it in the event loop rather than in a thread
-    inline: ClassVar[bool] = True
+    _inline: ClassVar[bool] = True
+    #: the ``params:`` keys it reads
+    known_params: ClassVar[tuple[str, ...]] = ("weights", "normalize")
 
     weights: dict[str, float]
     normalize: bool
 
     @staticmethod
-    def _parse(params: Mapping[str, Any]) -> tuple[dict[str, float], bool]:
-        _check_keys("weighted_mean_fusion", params, ("weights", "normalize"))
-        weights = params.get("weights", {})
-        if not (
-            isinstance(weights, Mapping)
-            and all(
-                isinstance(w, (int, float))
-                and not isinstance(w, bool)
-                and math.isfinite(w)
-                and w >= 0
-                for w in weights.values()
-            )
-        ):
-            msg = (
-                "weighted_mean_fusion: weights must map input names to numbers >= 0 "
-                f"(got {weights!r})"
-            )
-            raise ValueError(msg)
-        normalize = _flag("weighted_mean_fusion", params, "normalize", True)
+    def _parse(params: Params) -> tuple[dict[str, float], bool]:
+        must = "a mapping of input names to numbers >= 0"
+        weights = params.value("weights", {}, ok=_weights, must=must)
+        normalize = params.flag("normalize", True)
         return {name: float(w) for name, w in weights.items()}, normalize
 
     @classmethod
     def signature(
-        cls,
-        params: Mapping[str, Any],
-        upstream: Mapping[str, TensorSpec | None],
-    ) -> tuple[dict[str, TensorSpec], dict[str, TensorSpec]]:
+        cls, params: Mapping[str, Any], upstream: Mapping[str, TensorSpec | None]
+    ) -> Signature:
         """float32[D] inputs of one width, ``embedding`` float32[D] (-1 while D is unknown).
 
         >>> spec = TensorSpec("float32", [4])
@@ -263,9 +240,10 @@ class WeightedMeanFusion(ModelPlugin):
         'float32[4]'
 
         Raises:
-            ValueError: bad params, or upstream specs of different widths.
+            PluginLoadError: bad params.
+            ValueError: upstream specs of different widths.
         """
-        cls._parse(params)
+        cls._parse(Params(params, cls.known_params))
         widths = {name: _width(spec) for name, spec in upstream.items()}
         known = {w for w in widths.values() if w is not None}
         if len(known) > 1:
@@ -280,9 +258,9 @@ class WeightedMeanFusion(ModelPlugin):
         """Validate the node's params.
 
         Raises:
-            ValueError: bad ``weights`` or ``normalize``.
+            PluginLoadError: bad ``weights`` or ``normalize``.
         """
-        self.weights, self.normalize = self._parse(context.params)
+        self.weights, self.normalize = self._parse(Params.of(context, self.known_params))
 
     def predict(self, batch: Batch) -> Batch:
         """``embedding``: the weighted mean of the present inputs.

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
-from model_plugins.plugin import Batch, ModelPlugin
+from model_plugins.plugin import Batch, ModelPlugin, Signature
 from model_plugins.specs import TensorSpec
 
 
@@ -21,14 +21,12 @@ class Identity(ModelPlugin):
     """
 
     #: cheap: the engine may run it in the event loop rather than in a thread
-    inline: ClassVar[bool] = True
+    _inline: ClassVar[bool] = True
 
     @classmethod
     def signature(
-        cls,
-        params: Mapping[str, Any],
-        upstream: Mapping[str, TensorSpec | None],
-    ) -> tuple[dict[str, TensorSpec], dict[str, TensorSpec]]:
+        cls, params: Mapping[str, Any], upstream: Mapping[str, TensorSpec | None]
+    ) -> Signature:
         """Inputs and outputs both mirror ``upstream``, name for name.
 
         A spec cannot be made up for an upstream tensor whose spec is unknown (None), so

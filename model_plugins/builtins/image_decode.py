@@ -11,7 +11,8 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from model_plugins.errors import InvalidRequest
-from model_plugins.plugin import Batch, LoadContext, ModelPlugin
+from model_plugins.params import Params
+from model_plugins.plugin import Batch, LoadContext, ModelPlugin, Signature
 from model_plugins.specs import TensorSpec
 
 #: output size [H, W] when ``params.size`` is not given
@@ -23,7 +24,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 #: the default ``params.max_pixels``: larger images are refused before they are decoded
 DEFAULT_MAX_PIXELS = 50_000_000
 
-_KNOWN_PARAMS = ("size", "mean", "std", "normalize", "max_pixels", "exif_transpose")
+#: the ``params:`` keys of an ``image_decode`` node
+KNOWN_PARAMS = ("size", "mean", "std", "normalize", "max_pixels", "exif_transpose")
 
 
 @dataclass(frozen=True)
@@ -44,61 +46,42 @@ class DecodeParams:
     """Turn the image upright as its EXIF orientation says (phone photos)."""
 
     @classmethod
-    def parse(cls, params: Mapping[str, Any]) -> DecodeParams:
+    def read(cls, params: Params) -> DecodeParams:
         """Validate a node's ``params:``.
 
-        >>> DecodeParams.parse({"size": [32, 48]}).size
+        >>> DecodeParams.read(Params({"size": [32, 48]}, KNOWN_PARAMS)).size
         (32, 48)
-        >>> DecodeParams.parse({"size": [0, 1]})
+        >>> DecodeParams.read(Params({"size": [0, 1]}, KNOWN_PARAMS))
         Traceback (most recent call last):
         ...
-        ValueError: size must be [H, W] of positive ints (got [0, 1])
+        model_plugins.errors.PluginLoadError: params.size must be [H, W] of ... (got [0, 1])
 
         Raises:
-            ValueError: an unknown key or a bad value, named with the value that was given.
+            PluginLoadError: an unknown key or a bad value, named with the value that was given.
         """
-        unknown = sorted(set(params) - set(_KNOWN_PARAMS))
-        if unknown:
-            msg = f"unknown params: {', '.join(unknown)} (known: {', '.join(_KNOWN_PARAMS)})"
-            raise ValueError(msg)
-        size = params.get("size", list(DEFAULT_SIZE))
-        if not (
-            isinstance(size, (list, tuple))
-            and len(size) == 2
-            and all(_is_int(d) and d > 0 for d in size)
-        ):
-            msg = f"size must be [H, W] of positive ints (got {size!r})"
-            raise ValueError(msg)
-        mean = _three_numbers("mean", params.get("mean", IMAGENET_MEAN), positive=False)
-        std = _three_numbers("std", params.get("std", IMAGENET_STD), positive=True)
-        normalize = params.get("normalize", True)
-        exif_transpose = params.get("exif_transpose", True)
-        for name, flag in (("normalize", normalize), ("exif_transpose", exif_transpose)):
-            if not isinstance(flag, bool):
-                msg = f"{name} must be true or false (got {flag!r})"
-                raise ValueError(msg)
-        max_pixels = params.get("max_pixels", DEFAULT_MAX_PIXELS)
-        if not (_is_int(max_pixels) and max_pixels > 0):
-            msg = f"max_pixels must be a positive int (got {max_pixels!r})"
-            raise ValueError(msg)
-        return cls((int(size[0]), int(size[1])), mean, std, normalize, max_pixels, exif_transpose)
+        size = params.value(
+            "size", DEFAULT_SIZE, ok=_height_width, must="[H, W] of positive integers"
+        )
+        return cls(
+            size=(int(size[0]), int(size[1])),
+            mean=_three(params.numbers("mean", IMAGENET_MEAN, count=3)),
+            std=_three(params.numbers("std", IMAGENET_STD, count=3, positive=True)),
+            normalize=params.flag("normalize", True),
+            max_pixels=params.positive_int("max_pixels", DEFAULT_MAX_PIXELS),
+            exif_transpose=params.flag("exif_transpose", True),
+        )
 
 
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _three_numbers(name: str, value: object, *, positive: bool) -> tuple[float, float, float]:
-    what = "positive numbers" if positive else "numbers"
-    if not (
+def _height_width(value: object) -> bool:
+    return (
         isinstance(value, (list, tuple))
-        and len(value) == 3
-        and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
-        and all(np.isfinite(v) and (v > 0 or not positive) for v in value)
-    ):
-        msg = f"{name} must be 3 {what}, one per RGB channel (got {value!r})"
-        raise ValueError(msg)
-    return (float(value[0]), float(value[1]), float(value[2]))
+        and len(value) == 2
+        and all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in value)
+    )
+
+
+def _three(values: tuple[float, ...]) -> tuple[float, float, float]:
+    return (values[0], values[1], values[2])
 
 
 class ImageDecode(ModelPlugin):
@@ -123,34 +106,33 @@ class ImageDecode(ModelPlugin):
         "pixels": TensorSpec("float32", [3, *DEFAULT_SIZE])
     }
     #: not inline: decoding is CPU-heavy; it runs in the thread pool (Pillow releases the GIL)
-    inline: ClassVar[bool] = False
+    _inline: ClassVar[bool] = False
 
     settings: DecodeParams
 
     @classmethod
     def signature(
-        cls,
-        params: Mapping[str, Any],
-        upstream: Mapping[str, TensorSpec | None],
-    ) -> tuple[dict[str, TensorSpec], dict[str, TensorSpec]]:
+        cls, params: Mapping[str, Any], upstream: Mapping[str, TensorSpec | None]
+    ) -> Signature:
         """``data`` bytes[] in, ``pixels`` float32[3, H, W] out, with [H, W] from ``params.size``.
 
         >>> ImageDecode.signature({"size": [32, 48]}, {})[1]["pixels"].describe()
         'float32[3, 32, 48]'
 
         Raises:
-            ValueError: the params are invalid.
+            PluginLoadError: the params are invalid.
         """
-        height, width = DecodeParams.parse(params).size
+        height, width = DecodeParams.read(Params(params, KNOWN_PARAMS)).size
         return dict(cls.inputs), {"pixels": TensorSpec("float32", [3, height, width])}
 
     def load(self, context: LoadContext) -> None:
         """Validate the node's params; there is no model to load.
 
         Raises:
-            ValueError: the params are invalid (``size must be [H, W] of positive ints ...``).
+            PluginLoadError: the params are invalid
+                (``node 'x' (plugin 'image_decode'): params.size must be [H, W] ...``).
         """
-        self.settings = DecodeParams.parse(context.params)
+        self.settings = DecodeParams.read(Params.of(context, KNOWN_PARAMS))
         std = np.asarray(self.settings.std, dtype=np.float32)
         # (x / 255 - mean) / std, folded into one multiply-add per pixel
         self._scale = 1.0 / (255.0 * std)
@@ -208,4 +190,11 @@ class ImageDecode(ModelPlugin):
             raise InvalidRequest(msg, field=field) from exc
 
 
-__all__ = ["DEFAULT_MAX_PIXELS", "DEFAULT_SIZE", "IMAGENET_MEAN", "IMAGENET_STD", "ImageDecode"]
+__all__ = [
+    "KNOWN_PARAMS",
+    "DEFAULT_MAX_PIXELS",
+    "DEFAULT_SIZE",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "ImageDecode",
+]

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from model_plugins import InvalidRequest, LoadContext, PluginHarness, TensorSpec
+from model_plugins import InvalidRequest, LoadContext, PluginHarness, PluginLoadError, TensorSpec
 from model_plugins.builtins.fusion import ConcatFusion, WeightedMeanFusion
 from model_plugins.builtins.identity import Identity
 from model_plugins.builtins.image_decode import IMAGENET_MEAN, IMAGENET_STD, ImageDecode
@@ -31,10 +31,10 @@ def test_registry_names_resolve_to_these_classes() -> None:
 
 
 def test_inline_hints() -> None:
-    assert Identity.inline
-    assert ConcatFusion.inline
-    assert WeightedMeanFusion.inline
-    assert not ImageDecode.inline
+    assert Identity._inline
+    assert ConcatFusion._inline
+    assert WeightedMeanFusion._inline
+    assert not ImageDecode._inline
 
 
 # -- identity ------------------------------------------------------------------------------
@@ -186,23 +186,25 @@ def test_pillows_own_bomb_limit_is_reported_too() -> None:
 @pytest.mark.parametrize(
     ("params", "message"),
     [
-        ({"size": [224]}, "size must be [H, W] of positive ints (got [224])"),
-        ({"size": [0, 224]}, "size must be [H, W] of positive ints (got [0, 224])"),
-        ({"size": [2.5, 3]}, "size must be [H, W] of positive ints (got [2.5, 3])"),
-        ({"size": "224"}, "size must be [H, W] of positive ints (got '224')"),
-        ({"size": [True, 3]}, "size must be [H, W] of positive ints (got [True, 3])"),
-        ({"mean": [0.5, 0.5]}, "mean must be 3 numbers, one per RGB channel (got [0.5, 0.5])"),
-        ({"std": [1, 0, 1]}, "std must be 3 positive numbers, one per RGB channel (got [1, 0, 1])"),
-        ({"normalize": "yes"}, "normalize must be true or false (got 'yes')"),
-        ({"max_pixels": 0}, "max_pixels must be a positive int (got 0)"),
+        ({"size": [224]}, "params.size must be [H, W] of positive integers (got [224])"),
+        ({"size": [0, 224]}, "params.size must be [H, W] of positive integers (got [0, 224])"),
+        ({"size": [2.5, 3]}, "params.size must be [H, W] of positive integers (got [2.5, 3])"),
+        ({"size": "224"}, "params.size must be [H, W] of positive integers (got '224')"),
+        ({"size": [True, 3]}, "params.size must be [H, W] of positive integers (got [True, 3])"),
+        ({"mean": [0.5, 0.5]}, "params.mean must be 3 numbers (got [0.5, 0.5])"),
+        ({"std": [1, 0, 1]}, "params.std must be 3 positive numbers (got [1, 0, 1])"),
+        ({"normalize": "yes"}, "params.normalize must be true or false (got 'yes')"),
+        ({"max_pixels": 0}, "params.max_pixels must be a positive integer (got 0)"),
         ({"sise": [1, 1]}, "unknown params: sise (known: size, mean, std, normalize"),
     ],
 )
 def test_params_are_validated_at_load(params: dict[str, object], message: str) -> None:
     plugin = ImageDecode()
-    with pytest.raises(ValueError, match=re.escape(message)):
+    # at load, the error names the node; at validation, the validator adds where
+    where = "node 'decode' (plugin 'image_decode'): "
+    with pytest.raises(PluginLoadError, match="^" + re.escape(where + message)):
         plugin.load(LoadContext(node="decode", plugin="image_decode", params=params))
-    with pytest.raises(ValueError, match=re.escape(message)):
+    with pytest.raises(PluginLoadError, match="^" + re.escape(message)):
         ImageDecode.signature(params, {})
 
 
@@ -268,11 +270,11 @@ def test_concat_signature() -> None:
     inputs, outputs = ConcatFusion.signature({"dims": {"a": 4, "b": 8}}, {"a": F4, "b": None})
     assert outputs["embedding"].shape == (12,)
     assert inputs["b"] == TensorSpec("float32", [8])
-    with pytest.raises(ValueError, match="in the order of the node's inputs"):
+    with pytest.raises(PluginLoadError, match="in the order of the node's inputs"):
         ConcatFusion.signature({"dims": {"b": 8, "a": 4}}, {"a": F4, "b": None})
-    with pytest.raises(ValueError, match=r"no width for input\(s\) b"):
+    with pytest.raises(PluginLoadError, match=r"^params.dims gives no width for input\(s\) b"):
         ConcatFusion.signature({"dims": {"a": 4}}, {"a": F4, "b": None})
-    with pytest.raises(ValueError, match="positive int"):
+    with pytest.raises(PluginLoadError, match=r"^params.dims must be .* positive integer"):
         ConcatFusion.signature({"dims": {"a": 0}}, {"a": F4})
 
 
@@ -299,7 +301,7 @@ def test_weighted_mean_errors() -> None:
         fuse(WeightedMeanFusion, {"a": rows([1, 2]), "b": rows([1, 2, 3])})
     with pytest.raises(ValueError, match=r"present inputs \(a\) sum to 0"):
         fuse(WeightedMeanFusion, {"a": rows([1, 2])}, weights={"a": 0})
-    with pytest.raises(ValueError, match="numbers >= 0"):
+    with pytest.raises(PluginLoadError, match=r"^node 'fuse' \(plugin 'fusion'\): params.weights"):
         fuse(WeightedMeanFusion, {"a": rows([1])}, weights={"a": -1})
     with pytest.raises(ValueError, match=r"share one width \(got a: 4, b: 2\)"):
         WeightedMeanFusion.signature({}, {"a": F4, "b": TensorSpec("float32", [2])})

@@ -7,12 +7,15 @@ import sys
 from pathlib import Path
 
 import model_plugins
-from model_plugins import errors, harness, partial, plugin, specs
+from model_plugins import errors, harness, params, partial, plugin, specs
 
 EXPECTED = [
     "ModelPlugin",
     "TensorSpec",
     "LoadContext",
+    "Batch",
+    "Signature",
+    "Params",
     "Partial",
     "PluginHarness",
     "DagserveError",
@@ -38,6 +41,9 @@ def test_every_name_is_the_object_of_its_module() -> None:
     homes = {
         "ModelPlugin": plugin,
         "LoadContext": plugin,
+        "Batch": plugin,
+        "Signature": plugin,
+        "Params": params,
         "Partial": partial,
         "TensorSpec": specs,
         "PluginHarness": harness,
