@@ -161,8 +161,8 @@ def test_variable_length_integer_inputs(
 def test_model_specs_reported_by_the_framework_are_adopted(server: ServerThread):
     served = server.engine.find("three_frameworks")
     # tf and pd declare no outputs in the YAML: the workers reported them after load
-    assert served.runners["tf"].outputs["y"].describe() == "float32[4]"
-    assert served.runners["pd"].outputs["y"].describe() == "float32[4]"
+    assert served.runners["tf"].model.outputs["y"].describe() == "float32[4]"
+    assert served.runners["pd"].model.outputs["y"].describe() == "float32[4]"
 
 
 def test_a_model_whose_outputs_contradict_the_pipeline_refuses_to_start(
