@@ -22,9 +22,10 @@ from dag.errors import PipelineError
 from dag.loader import Loc, SourceMap
 from dag.schema import INPUTS_PREFIX, NAME_PATTERN, PipelineSpec, Ref, parse_ref
 from model_plugins.errors import DagserveError
-from model_plugins.plugin import ModelPlugin
+from model_plugins.plugin import ModelPlugin, Signature, overrides_signature
 from model_plugins.registry import resolve
 from model_plugins.specs import TensorSpec
+from model_plugins.wiring import wiring_problems
 
 #: the pseudo node every pipeline input comes from
 INPUTS = INPUTS_PREFIX
@@ -33,8 +34,6 @@ OUTPUTS = "$outputs"
 
 #: turns a ``plugin:`` reference into a plugin class (``model_plugins.registry.resolve``)
 Resolver = Callable[[str], type[ModelPlugin]]
-#: a node's ``(inputs, outputs)`` specs
-Signature = tuple[dict[str, TensorSpec], dict[str, TensorSpec]]
 
 #: what a node or input name must look like (references cannot name anything else)
 _NAME = re.compile(NAME_PATTERN)
@@ -282,12 +281,6 @@ def _line(error: PipelineError) -> int:
     return error.line if error.line is not None else 0
 
 
-def _has_own_signature(plugin_cls: type[ModelPlugin]) -> bool:
-    """Whether the plugin works its specs out from what feeds it (``identity``, fusions)."""
-    own = getattr(plugin_cls.signature, "__func__", None)
-    return own is not getattr(ModelPlugin.signature, "__func__", None)
-
-
 class _Checker:
     """The state of one :func:`analyze` run: what is known so far, and what is wrong."""
 
@@ -414,36 +407,17 @@ class _Checker:
         refs: Mapping[str, Ref],
     ) -> None:
         node = self.spec.nodes[name]
-        dynamic = _has_own_signature(plugin_cls)
-        for local in node.inputs:
-            if local in declared:
-                continue
-            # A plugin that mirrors what feeds it cannot declare a tensor of unknown spec.
-            if dynamic and upstream.get(local) is None:
-                continue
-            self.error(
-                ("nodes", name, "inputs", local),
-                f"input {local!r} is not an input of plugin {node.plugin!r} "
-                f"(it declares: {', '.join(declared)})",
-                node=name,
-            )
-        for local, want in declared.items():
-            if not want.optional and local not in node.inputs:
-                self.error(
-                    ("nodes", name, "inputs"),
-                    f"missing required input {local!r} ({want.describe()}) "
-                    f"of plugin {node.plugin!r}",
-                    node=name,
-                )
-        for local, got in upstream.items():
-            want_spec = declared.get(local)
-            if got is not None and want_spec is not None and not got.compatible_with(want_spec):
-                self.error(
-                    ("nodes", name, "inputs", local),
-                    f"input {local!r} must be {want_spec.describe()} "
-                    f"(got {got.describe()} from {refs[local]})",
-                    node=name,
-                )
+        # the SDK's rules, so that PluginHarness(upstream=...) says the same
+        problems = wiring_problems(
+            declared,
+            {local: upstream.get(local) for local in node.inputs},
+            plugin=node.plugin,
+            mirrors=overrides_signature(plugin_cls),
+            sources={local: str(ref) for local, ref in refs.items()},
+        )
+        for local, message in problems:
+            loc = ("nodes", name, "inputs") if local is None else ("nodes", name, "inputs", local)
+            self.error(loc, message, node=name)
 
     def check_unused_inputs(self, refs: Mapping[str, Mapping[str, Ref]]) -> None:
         used = {ref.name for wired in refs.values() for ref in wired.values() if ref.is_input}

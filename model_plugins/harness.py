@@ -1,7 +1,8 @@
 """Test a plugin without a server: load it, feed it batches, check what it returns.
 
-With ``isolated=True`` the plugin lives in a spawned child process, as in the server's worker,
-so a plugin that imports a deep-learning framework never enters the test's process.
+With ``isolated=True`` the plugin lives in a worker process that runs the server's own worker
+code (``model_plugins._host``): a plugin that imports a deep-learning framework never enters
+the test's process, and the harness tests what the server runs.
 
 >>> import numpy as np
 >>> from model_plugins.builtins.identity import Identity
@@ -14,53 +15,48 @@ so a plugin that imports a deep-learning framework never enters the test's proce
 from __future__ import annotations
 
 import contextlib
+import itertools
+import logging
 import multiprocessing
-import os
 import signal
-import traceback
-from collections.abc import Mapping
-from multiprocessing.connection import Connection
+import socket
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal
 
 import numpy as np
 
-from model_plugins.contract import check_inputs, check_outputs
-from model_plugins.errors import DagserveError, InferenceError, InvalidRequest, PluginLoadError
-from model_plugins.plugin import Batch, LoadContext, ModelPlugin
-from model_plugins.specs import NUMPY_DTYPES, OBJECT_DTYPES, TensorSpec, dtype_of
+from model_plugins._host import wire
+from model_plugins._host.main import worker_entry
+from model_plugins._host.messages import (
+    GetSignature,
+    Loaded,
+    LoadModel,
+    Predict,
+    RemoteError,
+    Reply,
+    Shutdown,
+    Unload,
+)
+from model_plugins._host.postmortem import FlightRecord
+from model_plugins.contract import check_inputs, check_result
+from model_plugins.errors import (
+    DagserveError,
+    InferenceError,
+    InvalidRequest,
+    PluginError,
+    PluginLoadError,
+    node_label,
+    rebuild,
+)
+from model_plugins.partial import Partial
+from model_plugins.plugin import Batch, LoadContext, ModelPlugin, Signature, overrides_signature
+from model_plugins.specs import TensorSpec, as_array, dtype_of
+from model_plugins.wiring import wiring_problems
 
-
-def _to_array(name: str, value: object, spec: TensorSpec | None) -> np.ndarray:
-    """Turn a list (or tuple) into an array of the declared dtype; pass arrays through."""
-    if isinstance(value, np.ndarray):
-        return value
-    if not isinstance(value, (list, tuple)):
-        msg = f"input {name!r} must be a numpy array or a list (got {type(value).__name__})"
-        raise InvalidRequest(msg, field=f"inputs.{name}")
-    if spec is not None and spec.dtype in OBJECT_DTYPES:
-        return np.array(value, dtype=object)
-    try:
-        array = np.array(value)
-    except ValueError as exc:  # ragged nesting: numpy refuses to guess
-        msg = f"input {name!r} is not a rectangular list: {exc}"
-        raise InvalidRequest(msg, field=f"inputs.{name}") from exc
-    if array.dtype.kind in "US":
-        return np.array(value, dtype=object)
-    if spec is not None:
-        target = NUMPY_DTYPES[spec.dtype]
-        # Cast only where nothing is lost in kind (ints -> float32, float64 -> float32);
-        # a list of floats for an int input stays float and fails the dtype check.
-        if np.can_cast(array.dtype, target, casting="same_kind"):
-            return array.astype(target)
-    return array
-
-
-#: a plugin's ``(inputs, outputs)`` specs
-Specs = tuple[dict[str, TensorSpec], dict[str, TensorSpec]]
-#: what a loaded plugin stated itself (``loaded_inputs``, ``loaded_outputs``), None where nothing
-Stated = tuple[dict[str, TensorSpec] | None, dict[str, TensorSpec] | None]
+# The worker starts as the server's do: spawned, so that nothing of the caller is inherited.
+_SPAWN = multiprocessing.get_context("spawn")
 
 
 class PluginHarness:
@@ -70,22 +66,30 @@ class PluginHarness:
     to numpy, checks inputs against the plugin's input specs, calls ``predict`` and checks that
     every declared output is there with its dtype, item shape and one item per input item.
 
-    The specs come from the plugin's ``signature(params, upstream)``.  ``upstream`` is what the
-    pipeline would wire into the node; by default the harness derives it from each batch (the
-    dtype and item shape of each array it is given).  A plugin that states specs when it loads
-    (a framework adapter's ``loaded_inputs`` / ``loaded_outputs``) has its outputs checked
-    against what it stated, and list inputs converted to the stated dtypes;
-    :meth:`declared` gives what a worker would report.
+    The specs come from the plugin's ``signature(params, upstream)``, as the server's come.
+    ``upstream`` is what the pipeline would wire into the node: given, it is checked against
+    the plugin's inputs when the plugin loads, with the pipeline validator's rules and words
+    (``input 'x' must be float32[4] (got float32[3])``); not given, the harness derives it from
+    each batch (the dtype and item shape of each array).  A plugin that states specs when it
+    loads (``loaded_inputs`` / ``loaded_outputs``) has its outputs checked against what it
+    stated, and list inputs converted to the stated dtypes; :meth:`declared` gives what the
+    worker reports to the server.
 
-    **In process** (the default), exceptions that ``load`` or ``predict`` raise reach the caller
-    unchanged.  **Isolated** (``isolated=True``), the plugin is created, loaded, run and
-    unloaded in one spawned child process, as in the server's worker: a plugin that imports a
-    deep-learning framework never enters the caller's process.  Its input arrays arrive
-    read-only, as decoded requests do.  The checks still run in the caller.  Errors of dagserve's
-    own tree come back as they were raised; any other exception comes back as
-    :class:`PluginLoadError` (from ``load``) or :class:`InferenceError` (from ``predict``)
-    naming the original class, with the child's traceback as a note.  Closing the harness
-    (leaving the ``with`` block, or :meth:`close`) stops the child.
+    **Isolated** (``isolated=True``), the plugin is imported, loaded, run and unloaded in a
+    spawned worker process that runs the server's worker code, over the same messages: a plugin
+    that imports a deep-learning framework never enters the caller's process.  The checks still
+    run in the caller.  Closing the harness (leaving the ``with`` block, or :meth:`close`)
+    stops the worker.
+
+    **Errors are the server's, in both modes**: errors of dagserve's own tree (``Params``
+    raises :class:`PluginLoadError`, a plugin may raise :class:`InvalidRequest`) reach the
+    caller as they were raised.  Any other exception becomes :class:`PluginLoadError` (from
+    ``signature`` or ``load``) or :class:`InferenceError` (from ``predict``, with ``cause``
+    the original class), naming the node and the original class and message.  In process,
+    the original is the new error's ``__cause__``; isolated, the worker's traceback is a note
+    on it.  A worker that dies (a segfault) fails the call in progress the same way, with its
+    crash dump as a note.  An exception in ``unload`` reaches the caller in process; isolated,
+    it is only logged, as the server logs it.
 
     Args:
         plugin: a :class:`ModelPlugin` subclass (created with no arguments), an instance, or a
@@ -99,7 +103,7 @@ class PluginHarness:
             give them, instead of deriving them from each batch.
         join: ``all`` requires every non-optional input; ``available`` (as a node with
             ``join: available``) lets inputs be absent.
-        isolated: run the plugin in a spawned child process.
+        isolated: run the plugin in a spawned worker process.
 
     Example::
 
@@ -125,14 +129,14 @@ class PluginHarness:
     ) -> None:
         self.isolated = isolated
         self._plugin: ModelPlugin | None = None
-        self._child: _Child | None = None
+        self._worker: _Worker | None = None
         if isinstance(plugin, str):
             reference = plugin
         elif isinstance(plugin, type):
             reference = f"{plugin.__module__}:{plugin.__qualname__}"
         elif isolated:
             msg = (
-                "an isolated harness creates the plugin in its child process: give a reference "
+                "an isolated harness creates the plugin in its worker process: give a reference "
                 f"or a class (got an instance of {type(plugin).__name__})"
             )
             raise TypeError(msg)
@@ -155,21 +159,23 @@ class PluginHarness:
         self.upstream = dict(upstream) if upstream is not None else None
         self.join = join
         self.loaded = False
-        self._stated: Stated = (None, None)
-        self._declared: Specs = ({}, {})
-        self._signatures: dict[frozenset[tuple[str, TensorSpec | None]], Specs] = {}
+        self._stated: Signature = ({}, {})
+        self._signatures: dict[frozenset[tuple[str, TensorSpec | None]], Signature] = {}
 
     @property
     def plugin(self) -> ModelPlugin:
-        """The plugin object (in process only: an isolated harness's lives in its child)."""
+        """The plugin object (in process only: an isolated harness's lives in its worker)."""
         if self._plugin is None:
-            msg = "an isolated harness holds its plugin in a child process"
+            msg = "an isolated harness holds its plugin in a worker process"
             raise RuntimeError(msg)
         return self._plugin
 
-    def signature(
-        self, upstream: Mapping[str, TensorSpec | None] | None = None
-    ) -> tuple[dict[str, TensorSpec], dict[str, TensorSpec]]:
+    @property
+    def where(self) -> str:
+        """How the errors name the node: ``node 'harness' (plugin 'mymod:MyPlugin')``."""
+        return node_label(self.context.node, self.reference)
+
+    def signature(self, upstream: Mapping[str, TensorSpec | None] | None = None) -> Signature:
         """The plugin's ``(inputs, outputs)`` specs for this harness's params.
 
         Args:
@@ -178,42 +184,59 @@ class PluginHarness:
         """
         if upstream is None:
             upstream = self.upstream or {}
-        if self._plugin is not None:
-            return type(self._plugin).signature(self.context.params, upstream)
         key = frozenset(upstream.items())
         if key not in self._signatures:
-            specs = self._call("signature", self.context.params, dict(upstream))
-            self._signatures[key] = specs
+            if self._plugin is not None:
+                with self._as_server("signature()"):
+                    specs = type(self._plugin).signature(self.context.params, upstream)
+            else:
+                message = GetSignature(self.reference, dict(self.context.params), dict(upstream))
+                specs = self._ask(message, "signature()")
+            self._signatures[key] = (dict(specs[0]), dict(specs[1]))
         inputs, outputs = self._signatures[key]
         return dict(inputs), dict(outputs)
 
     def load(self) -> None:
-        """Call the plugin's ``load`` with the harness's context, as the engine does once."""
-        if self._plugin is not None:
-            self._plugin.load(self.context)
-            self._stated, self._declared = _report(self._plugin)
-        else:
-            try:
-                self._stated, self._declared = self._call("load", self.context)
-            except BaseException:
-                self._stop()
-                raise
+        """Check the wiring (when ``upstream`` is given), then call the plugin's ``load`` with
+        the harness's context, as the engine does once.
+
+        Raises:
+            PluginError: ``upstream`` does not fit the plugin's inputs.
+            PluginLoadError: ``signature`` or ``load`` failed (see the class's error rules).
+        """
+        try:
+            if self.upstream is not None:
+                self._check_wiring(self.upstream)
+            if self._plugin is not None:
+                with self._as_server("load"):
+                    self._plugin.load(self.context)
+                stated = (self._plugin.loaded_inputs, self._plugin.loaded_outputs)
+            else:
+                message = LoadModel(_MODEL_ID, self.reference, (self.context,))
+                loaded: Loaded = self._ask(message, "load")
+                stated = (loaded.inputs, loaded.outputs)
+        except BaseException:
+            self._stop()
+            raise
+        self._stated = (dict(stated[0] or {}), dict(stated[1] or {}))
         self.loaded = True
 
-    def declared(self) -> Specs:
-        """The ``(inputs, outputs)`` a worker reports once the plugin is loaded.
-
-        That is what the plugin stated on load (``loaded_inputs`` / ``loaded_outputs``), else
-        its class declarations.
-        """
+    def declared(self) -> Signature:
+        """What the plugin stated on load (``loaded_inputs`` / ``loaded_outputs``), empty where
+        it stated nothing: what the worker reports to the server, which checks it against the
+        pipeline."""
         if not self.loaded:
             msg = "call load() first, or use the harness as a context manager"
             raise RuntimeError(msg)
-        inputs, outputs = self._declared
+        inputs, outputs = self._stated
         return dict(inputs), dict(outputs)
 
     def predict(self, batch: Mapping[str, Any], *, n_items: int | None = None) -> Batch:
         """Check ``batch``, run ``predict`` on it, check and return the outputs.
+
+        The batch is one request's items, as the server sees it: a :class:`Partial` that
+        fails items fails it with the first failed item's error (``item 1: ...``, the others
+        listed in a note), and one that fails none gives its outputs.
 
         Args:
             batch: input name -> numpy array or (nested) list; the first dimension is items.
@@ -226,16 +249,17 @@ class PluginHarness:
             RuntimeError: :meth:`load` has not run.
             InvalidRequest: the batch does not fit the input specs.
             BatchContractError: an output does not hold one item per input item.
-            InferenceError: an output is missing or has the wrong dtype or item shape.
+            InferenceError: ``predict`` failed, or an output is missing or has the wrong dtype
+                or item shape.
+            DagserveError: the error of the first item that a :class:`Partial` fails.
         """
         if not self.loaded:
             msg = "call load() first, or use the harness as a context manager"
             raise RuntimeError(msg)
-        where = f"node {self.context.node!r} (plugin {self.reference!r})"
         stated_inputs, stated_outputs = self._stated
         # the declared dtypes, to convert lists with, before the arrays tell what they are
         declared = stated_inputs
-        if declared is None:
+        if not declared:
             declared, _ = self.signature(self.upstream or {name: None for name in batch})
         arrays: Batch = {
             name: _to_array(name, value, declared.get(name)) for name, value in batch.items()
@@ -246,67 +270,107 @@ class PluginHarness:
             try:
                 seen = {name: TensorSpec(dtype_of(a), a.shape[1:]) for name, a in arrays.items()}
             except TypeError as exc:
-                msg = f"{where}: {exc}"
+                msg = f"{self.where}: {exc}"
                 raise InvalidRequest(msg, field="inputs") from exc
             inputs, outputs = self.signature(seen)
-        if stated_outputs is not None:
+        if stated_outputs:
             outputs = stated_outputs
-        found = check_inputs(inputs, arrays, where=where, partial=self.join == "available")
+        found = check_inputs(inputs, arrays, where=self.where, partial=self.join == "available")
         expected = found if found is not None else n_items
         if expected is None:
             msg = "the batch is empty: pass n_items to say how many items the outputs must have"
             raise ValueError(msg)
         if self._plugin is not None:
-            result = self._plugin.predict(arrays)
+            with self._as_server("predict"):
+                result = self._plugin.predict(arrays)
         else:
-            result = self._call("predict", arrays)
-        return check_outputs(
+            result = self._ask(Predict(_MODEL_ID, arrays), "predict")
+        checked = check_result(
             outputs, result, expected, plugin=self.reference, node=self.context.node
         )
+        if not isinstance(checked, Partial):
+            return checked
+        if checked.errors:
+            first, *others = sorted(checked.errors)
+            error = checked.errors[first]
+            fields = {k: v for k, v in error.__dict__.items() if k != "message"}
+            failed = rebuild(type(error), f"item {first}: {error.message}", fields)
+            if others:
+                failed.add_note(f"items {', '.join(map(str, others))} failed too")
+            raise failed
+        return checked.outputs
 
     def unload(self) -> None:
-        """Call the plugin's ``unload`` (once, if it was loaded); isolated, stop the child."""
+        """Call the plugin's ``unload`` (once, if it was loaded); isolated, stop the worker."""
         try:
             if self.loaded:
                 self.loaded = False
                 if self._plugin is not None:
                     self._plugin.unload()
                 else:
-                    self._call("unload")
+                    self._ask(Unload(_MODEL_ID), "unload")
         finally:
             self._stop()
 
     def close(self) -> None:
-        """Unload the plugin if it is loaded, and stop the child process if there is one."""
+        """Unload the plugin if it is loaded, and stop the worker process if there is one."""
         self.unload()
 
-    def _call(self, op: str, *args: Any) -> Any:
-        """Run ``op`` in the child (started on first use), mapping its failures to ours."""
-        try:
-            if self._child is None:
-                self._child = _Child()
-                self._child.call("resolve", self.reference)
-            return self._child.call(op, *args)
-        except _RemoteError as exc:
-            raise self._error(op, exc) from None
+    def _check_wiring(self, upstream: Mapping[str, TensorSpec | None]) -> None:
+        declared, _ = self.signature(upstream)
+        # Isolated, the class is not here to ask: an input of unknown spec goes unchecked.
+        mirrors = self._plugin is None or overrides_signature(type(self._plugin))
+        problems = wiring_problems(declared, upstream, plugin=self.reference, mirrors=mirrors)
+        if problems:
+            msg = f"{self.where}: " + "; ".join(message for _, message in problems)
+            raise PluginError(msg)
 
-    def _error(self, op: str, remote: _RemoteError) -> DagserveError:
-        what = f"{remote.cls}: {remote.message}" if remote.cls else remote.message
-        error: DagserveError
-        if op in ("resolve", "signature", "load"):
-            error = PluginLoadError(f"plugin {self.reference!r}: {op} failed: {what}")
-        else:
-            node = self.context.node
-            message = f"node {node!r} (plugin {self.reference!r}) failed: {what}"
-            error = InferenceError(message, node=node, plugin=self.reference, cause=remote.cls)
-        if remote.traceback:
-            error.add_note(f"in the harness's child process:\n{remote.traceback}")
-        return error
+    @contextlib.contextmanager
+    def _as_server(self, what: str) -> Iterator[None]:
+        """Map an exception of plugin code run here as the worker's errors are mapped."""
+        try:
+            yield
+        except DagserveError:
+            raise
+        except Exception as exc:
+            raise self._mapped(what, RemoteError.from_exception(exc)) from exc
+
+    def _mapped(self, what: str, remote: RemoteError) -> DagserveError:
+        if what == "predict":
+            return remote.to_inference_error(self.context.node, self.reference)
+        return self._failed(what, str(remote))
+
+    def _failed(self, what: str, text: str) -> DagserveError:
+        if what == "predict":
+            return InferenceError(
+                f"{self.where} failed: {text}", node=self.context.node, plugin=self.reference
+            )
+        return PluginLoadError(f"{self.where}: {what} failed: {text}")
+
+    def _ask(self, message: Any, what: str) -> Any:
+        """Send ``message`` to the worker (started on first use); the value of its reply."""
+        if self._worker is None:
+            self._worker = _Worker(f"harness-{self.context.node}")
+        reply = self._worker.call(message)
+        if reply is None:
+            error = self._failed(what, self._worker.death(what))
+            if dump := self._worker.record.read().head():
+                error.add_note(f"the worker's crash dump:\n{dump}")
+            self._stop()
+            raise error
+        if reply.error is None:
+            return reply.value
+        if isinstance(reply.error, RemoteError):
+            error = self._mapped(what, reply.error)
+            if reply.error.traceback:
+                error.add_note(f"in the worker process:\n{reply.error.traceback}")
+            raise error
+        raise reply.error
 
     def _stop(self) -> None:
-        if self._child is not None:
-            self._child.stop()
-            self._child = None
+        if self._worker is not None:
+            self._worker.stop()
+            self._worker = None
             self._signatures.clear()
 
     def __enter__(self) -> PluginHarness:
@@ -326,178 +390,82 @@ class PluginHarness:
         self.close()
 
 
-def _report(plugin: ModelPlugin) -> tuple[Stated, Specs]:
-    """What a loaded plugin stated, and what a worker reports for it (the worker's rule)."""
-    cls = type(plugin)
-    inputs = getattr(plugin, "loaded_inputs", None) or None
-    outputs = getattr(plugin, "loaded_outputs", None) or None
-    stated: Stated = (
-        dict(inputs) if inputs else None,
-        dict(outputs) if outputs else None,
-    )
-    return stated, (dict(inputs or cls.inputs), dict(outputs or cls.outputs))
+#: the id the harness's one model has in its worker
+_MODEL_ID = "harness"
 
 
-# -- the isolated child ------------------------------------------------------------------------
+def _to_array(name: str, value: object, spec: TensorSpec | None) -> np.ndarray:
+    """A batch input as an array, or the request error the server would answer."""
+    if not isinstance(value, (list, tuple, np.ndarray)):
+        msg = f"input {name!r} must be a numpy array or a list (got {type(value).__name__})"
+        raise InvalidRequest(msg, field=f"inputs.{name}")
+    try:
+        return as_array(value, spec)
+    except ValueError as exc:
+        msg = f"input {name!r} is {exc}"
+        raise InvalidRequest(msg, field=f"inputs.{name}") from exc
 
 
-class _RemoteError(Exception):
-    """An exception outside dagserve's tree, raised in the child, as text."""
+class _Worker:
+    """The harness's end of one worker process: the server's worker, called one message at a
+    time over the same wire (the server's end, ``engine.runtime.workers.process``, is async)."""
 
-    def __init__(self, cls: str | None, message: str, traceback: str = "") -> None:
-        super().__init__(message)
-        self.cls = cls
-        self.message = message
-        self.traceback = traceback
-
-
-class _Child:
-    """The caller's end of the child process: one request, one reply, in turn."""
-
-    def __init__(self) -> None:
-        context = multiprocessing.get_context("spawn")
-        self.conn, child_end = context.Pipe()
-        self.process = context.Process(
-            target=_child_main, args=(child_end,), name="dagserve-harness", daemon=True
+    def __init__(self, name: str) -> None:
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.record = FlightRecord(name)
+        self.process = _SPAWN.Process(
+            target=worker_entry,
+            args=(child, name, logging.WARNING, *self.record.paths()),
+            name=f"dagserve-{name}",
+            daemon=True,
         )
-        self.process.start()
-        child_end.close()  # so that the child's death reads as end-of-file here
-
-    def call(self, op: str, *args: Any) -> Any:
         try:
-            self.conn.send((op, args))
-            reply = self.conn.recv()
-        except (EOFError, OSError) as exc:
-            self.process.join(timeout=5)
-            code = self.process.exitcode
-            if code is not None and code < 0:
+            self.process.start()
+        except BaseException:
+            parent.close()
+            self.record.remove()
+            raise
+        finally:
+            child.close()  # so that the worker's death reads as end-of-file here
+        self.sock = parent
+        self._ids = itertools.count(1)
+
+    def call(self, message: Any) -> Reply | None:
+        """The worker's reply to ``message``; None when the worker died first."""
+        message_id = next(self._ids)
+        try:
+            wire.send(self.sock, (message_id, message))
+            while True:
+                reply: Reply = wire.recv(self.sock)
+                if reply.id == message_id:
+                    return reply
+        except (EOFError, OSError):
+            return None
+
+    def death(self, what: str) -> str:
+        """How the worker ended, once ``call`` found it gone."""
+        self.process.join(timeout=5)
+        code = self.process.exitcode
+        if code is not None and code < 0:
+            try:
                 how = f"was killed by {signal.Signals(-code).name}"
-            else:
-                how = f"exited with code {code}"
-            msg = f"the harness's child process {how} during {op}"
-            raise _RemoteError(None, msg) from exc
-        kind, *rest = reply
-        if kind == "ok":
-            return rest[0]
-        if kind == "error":
-            error, text = rest
-            error.add_note(f"in the harness's child process:\n{text}")
-            raise error
-        raise _RemoteError(*rest)
+            except ValueError:
+                how = f"was killed by signal {-code}"
+        else:
+            how = f"exited with code {code}"
+        return f"the worker process (pid {self.process.pid}) {how} during {what}"
 
     def stop(self) -> None:
         if self.process.is_alive():
-            with contextlib.suppress(OSError):  # the child is already going
-                self.conn.send(("stop", ()))
+            with contextlib.suppress(OSError, EOFError):  # the worker may be going already
+                self.sock.settimeout(10)
+                self.call(Shutdown())
             self.process.join(timeout=10)
             if self.process.is_alive():
                 self.process.kill()
                 self.process.join()
-        self.conn.close()
-
-
-#: the child's state: the plugin class and, once loaded, the plugin and its context
-_HOSTED: dict[str, Any] = {}
-
-
-def _child_main(conn: Connection) -> None:
-    """The target of the child process: serve requests until told to stop."""
-    # Frameworks print to stdout (Paddle's oneDNN check does): keep it off the caller's.
-    os.dup2(2, 1)
-    # The caller handles Ctrl-C and stops the child in order.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        while True:
-            try:
-                op, args = conn.recv()
-            except EOFError:
-                break
-            if op == "stop":
-                break
-            conn.send(_child_run(op, args))
-    finally:
-        conn.close()
-        # Skip interpreter teardown: frameworks' atexit hooks can hang or crash on the way out.
-        os._exit(0)
-
-
-def _child_run(op: str, args: tuple[Any, ...]) -> tuple[Any, ...]:
-    import pickle
-
-    try:
-        return ("ok", _CHILD_OPS[op](*args))
-    except DagserveError as exc:
-        reply = ("error", exc, "".join(traceback.format_exception(exc)))
-        try:  # a plugin's own subclass may hold fields that do not pickle
-            pickle.dumps(reply)
-        except Exception:
-            return _raised(exc)
-        return reply
-    except BaseException as exc:
-        return _raised(exc)
-
-
-def _raised(exc: BaseException) -> tuple[Any, ...]:
-    path = f"{type(exc).__module__}.{type(exc).__qualname__}"
-    return ("raised", path, str(exc), "".join(traceback.format_exception(exc)))
-
-
-def _child_resolve(reference: str) -> None:
-    from model_plugins.registry import resolve
-
-    _HOSTED["class"] = resolve(reference)
-
-
-def _child_signature(params: Mapping[str, Any], upstream: dict[str, TensorSpec | None]) -> Specs:
-    inputs, outputs = _HOSTED["class"].signature(params, upstream)
-    return dict(inputs), dict(outputs)
-
-
-def _child_load(context: LoadContext) -> tuple[Stated, Specs]:
-    plugin = _HOSTED["class"]()
-    plugin.load(context)
-    _HOSTED["plugin"], _HOSTED["context"] = plugin, context
-    return _report(plugin)
-
-
-def _child_predict(batch: Batch) -> Batch:
-    for array in batch.values():
-        array.flags.writeable = False  # as the arrays a worker decodes from a request
-    result = _HOSTED["plugin"].predict(batch)
-    # Only numpy crosses back: another object (a framework tensor) would import its framework
-    # in the caller when unpickled.  The caller checks the rest of the contract.
-    context: LoadContext = _HOSTED["context"]
-    where = f"node {context.node!r} (plugin {context.plugin!r})"
-    if not isinstance(result, Mapping):
-        msg = f"{where}: predict() must return a dict of arrays (got {type(result).__name__})"
-        raise InferenceError(msg, node=context.node, plugin=context.plugin)
-    for name, value in result.items():
-        if not isinstance(value, np.ndarray):
-            msg = f"{where}: output {name!r} must be a numpy array (got {type(value).__name__})"
-            raise InferenceError(msg, node=context.node, plugin=context.plugin)
-        if value.dtype.kind == "O":
-            for element in value.flat:
-                if not isinstance(element, (str, bytes)):
-                    kind = type(element).__name__
-                    msg = f"{where}: output {name!r} must hold str or bytes (holds {kind})"
-                    raise InferenceError(msg, node=context.node, plugin=context.plugin)
-    return dict(result)
-
-
-def _child_unload() -> None:
-    plugin = _HOSTED.pop("plugin", None)
-    if plugin is not None:
-        plugin.unload()
-
-
-#: what the child can be asked to do
-_CHILD_OPS: dict[str, Any] = {
-    "resolve": _child_resolve,
-    "signature": _child_signature,
-    "load": _child_load,
-    "predict": _child_predict,
-    "unload": _child_unload,
-}
+        self.sock.close()
+        self.record.remove()
 
 
 __all__ = ["PluginHarness"]

@@ -23,12 +23,16 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from model_plugins._host import wire
 from model_plugins._host.messages import (
+    GetSignature,
     Loaded,
     LoadModel,
     Ping,
@@ -40,7 +44,8 @@ from model_plugins._host.messages import (
 )
 from model_plugins._host.postmortem import CallTable, CrashDump, discard
 from model_plugins.errors import DagserveError, InferenceError
-from model_plugins.plugin import LoadContext, ModelPlugin
+from model_plugins.partial import Partial
+from model_plugins.plugin import Batch, LoadContext, ModelPlugin, Signature
 from model_plugins.registry import resolve
 
 logger = logging.getLogger("dagserve.worker")
@@ -104,6 +109,8 @@ class _Worker:
                 self.pool.submit(self._guarded, message_id, self.load, message_id, message)
             elif isinstance(message, Unload):
                 self.pool.submit(self._guarded, message_id, self.unload, message.model_id)
+            elif isinstance(message, GetSignature):
+                self.pool.submit(self._guarded, message_id, _signature, message)
             elif isinstance(message, Shutdown):
                 for model_id in list(self.models):
                     self.unload(model_id)
@@ -146,9 +153,9 @@ class _Worker:
             # (Paddle does): put faulthandler's in front again, or a crash names no thread.
             self.crash.rearm()
         first = instances[0].plugin
-        # Adapters learn their specs from the model file during load: report what they know.
-        inputs = dict(getattr(first, "loaded_inputs", None) or plugin_class.inputs)
-        outputs = dict(getattr(first, "loaded_outputs", None) or plugin_class.outputs)
+        # Adapters learn their specs from the model file during load: report what they state.
+        inputs = dict(first.loaded_inputs or {})
+        outputs = dict(first.loaded_outputs or {})
         logger.info("%s: loaded %s (%s)", self.name, message.model_id, message.plugin)
         return Loaded(inputs, outputs, plugin_class.framework, time.perf_counter() - start)
 
@@ -172,7 +179,7 @@ class _Worker:
 
     def _run_instance(self, instance: _Instance, message_id: int, message: Predict) -> None:
         self.calls.begin(instance.slot, message_id)
-        self._guarded(message_id, instance.plugin.predict, message.inputs)
+        self._guarded(message_id, _predict, instance.plugin, message.inputs)
         self.calls.end(instance.slot)
 
     def unload(self, model_id: str) -> None:
@@ -188,6 +195,31 @@ class _Worker:
         for instance in instances:
             instance.thread.shutdown(wait=False)
             self.calls.release(instance.slot)
+
+
+def _signature(message: GetSignature) -> Signature:
+    inputs, outputs = resolve(message.plugin).signature(message.params, message.upstream)
+    return dict(inputs), dict(outputs)
+
+
+def _predict(plugin: ModelPlugin, inputs: Batch) -> Batch | Partial:
+    """``plugin.predict``, refusing outputs that are not numpy: unpickling anything else (a
+    framework's tensor) would import its framework in the parent."""
+    result = plugin.predict(inputs)
+    outputs = result.outputs if isinstance(result, Partial) else result
+    if not isinstance(outputs, Mapping):
+        return result  # the parent's contract check names what is wrong with it
+    for name, value in outputs.items():
+        if not isinstance(value, np.ndarray):
+            msg = f"output {name!r} must be a numpy array (got {type(value).__name__})"
+            raise TypeError(msg)
+        if value.dtype.kind == "O":
+            for element in value.flat:
+                if not isinstance(element, (str, bytes)):
+                    kind = type(element).__name__
+                    msg = f"output {name!r} must hold str or bytes (holds {kind})"
+                    raise TypeError(msg)
+    return result
 
 
 def worker_entry(

@@ -11,7 +11,7 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Any
 
-from model_plugins.errors import DagserveError, InferenceError
+from model_plugins.errors import DagserveError, InferenceError, node_label
 from model_plugins.plugin import Batch, LoadContext
 from model_plugins.specs import TensorSpec
 
@@ -27,7 +27,12 @@ class LoadModel:
 
 @dataclass(frozen=True)
 class Loaded:
-    """What a worker learnt from a loaded model: the specs its plugin declares after load."""
+    """What a worker learnt from a loaded model.
+
+    ``inputs`` / ``outputs`` are the specs the plugin stated on load (``loaded_inputs`` /
+    ``loaded_outputs``), empty where it stated none: the pipeline already holds what its
+    ``signature`` gives.
+    """
 
     inputs: dict[str, TensorSpec]
     outputs: dict[str, TensorSpec]
@@ -42,6 +47,15 @@ class Predict:
     model_id: str
     inputs: Batch
     instance: int = 0
+
+
+@dataclass(frozen=True)
+class GetSignature:
+    """Import the plugin and call its ``signature(params, upstream)``; the reply is its value."""
+
+    plugin: str
+    params: dict[str, Any]
+    upstream: dict[str, TensorSpec | None]
 
 
 @dataclass(frozen=True)
@@ -74,9 +88,12 @@ class RemoteError:
         return cls(path, str(exc), text)
 
     def to_inference_error(self, node: str | None, plugin: str | None) -> InferenceError:
-        where = f"node {node!r} (plugin {plugin!r})" if node else f"plugin {plugin!r}"
-        msg = f"{where} failed: {self.cls}: {self.message}"
+        """The error of a failed ``predict``, naming the node and the original class."""
+        msg = f"{node_label(node, plugin)} failed: {self.cls}: {self.message}"
         return InferenceError(msg, node=node, plugin=plugin, cause=self.cls)
+
+    def __str__(self) -> str:
+        return f"{self.cls}: {self.message}"
 
 
 @dataclass(frozen=True)
@@ -89,6 +106,7 @@ class Reply:
 
 
 __all__ = [
+    "GetSignature",
     "LoadModel",
     "Loaded",
     "Ping",

@@ -151,6 +151,13 @@ class Postmortem:
     dump: str = ""
     """The crash dump as written (empty without one)."""
 
+    def head(self) -> str:
+        """The dump's error line and the faulting thread's stack (the dump lists every thread,
+        in any order); empty without a dump."""
+        blocks = self.dump.strip().split("\n\n")
+        current = [b for b in blocks[1:] if b.startswith("Current thread")]
+        return "\n\n".join(blocks[:1] + (current or blocks[1:2])).strip()
+
     def is_culprit(self, message_id: int) -> bool:
         """Whether call ``message_id`` may have killed the worker (it then must not be retried)."""
         thread = self.running.get(message_id)

@@ -256,7 +256,7 @@ def test_a_missing_model_file_is_named(
     with pytest.raises(PluginLoadError, match="model file not found") as caught, harness:
         pass
     assert str(tmp_path / model) in str(caught.value)
-    assert harness._child is None  # the failed load stopped the child
+    assert harness._worker is None  # the failed load stopped the worker
 
 
 @pytest.mark.parametrize(

@@ -282,7 +282,7 @@ class WorkerProcess:
         level = logging.INFO if self._stopping else logging.WARNING
         logger.log(level, "worker %s (pid %s) ended: %s", self.name, self.pid, how)
         if report.dump:
-            logger.warning("worker %s (pid %s) crash dump:\n%s", self.name, self.pid, _head(report))
+            logger.warning("worker %s (pid %s) crash dump:\n%s", self.name, self.pid, report.head())
 
     async def _exit_code(self) -> int | None:
         # The socket closes a moment before the process is reaped: wait briefly for the code.
@@ -298,13 +298,6 @@ def _signal_name(number: int) -> str:
         return f" ({signal.Signals(number).name})"
     except ValueError:
         return ""
-
-
-def _head(report: Postmortem) -> str:
-    """The error and the faulting thread's stack (the dump lists every thread, in any order)."""
-    blocks = report.dump.strip().split("\n\n")
-    current = [b for b in blocks[1:] if b.startswith("Current thread")]
-    return "\n\n".join(blocks[:1] + (current or blocks[1:2]))
 
 
 __all__ = ["Death", "WorkerDied", "WorkerProcess"]
