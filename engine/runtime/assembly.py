@@ -16,6 +16,7 @@ from dag.pipeline import Pipeline
 from dag.schema import NodeSpec
 from engine.observability.metrics import Metrics, error_type
 from engine.runtime.devices import DeviceInventory
+from engine.runtime.inspector import InspectedPlugin
 from engine.runtime.local import InlineRunner, LocalRunner, NodeBinding, ThreadPoolRunner
 from engine.runtime.model import Model, ModelRunner
 from engine.runtime.placement import Placement, PlacementRequest, place
@@ -76,7 +77,7 @@ def _in_process_class(
             "use runner: worker (or leave runner: auto)"
         )
         raise PluginLoadError(msg)
-    if getattr(plugin_class, "inspected", False):
+    if issubclass(plugin_class, InspectedPlugin):
         # The user chose to run this plugin in the front process: import it here.
         return resolve(node.plugin)
     return plugin_class

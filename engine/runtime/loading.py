@@ -2,7 +2,8 @@
 
 The front process never imports a ``module:Class`` plugin (it may import a framework at its
 top): :class:`~engine.runtime.inspector.InspectingResolver` reads their declarations in a spawned
-process, all at once, before the pipelines are validated.
+process, all at once, before the pipelines are validated, and runs the ``signature`` of those
+that work out their own specs there, node by node, while they are.
 """
 
 from __future__ import annotations
@@ -41,9 +42,11 @@ def load_for_serving(paths: Iterable[Path]) -> tuple[list[Pipeline], list[Pipeli
     # the inspector's process inherits sys.path, so put them there before it starts.
     for path in paths:
         add_folder_to_path(path)
-    resolver = InspectingResolver()
-    resolver.prefetch(plugin_references(paths))
-    return load_pipelines(paths, resolver=resolver)
+    # The inspector stays up while the pipelines load: the validator asks it for the
+    # signature of each node whose plugin works out its own specs.
+    with InspectingResolver() as resolver:
+        resolver.prefetch(plugin_references(paths))
+        return load_pipelines(paths, resolver=resolver)
 
 
 __all__ = ["load_for_serving", "plugin_references"]
