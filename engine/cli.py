@@ -26,7 +26,7 @@ from engine.config import ServerConfig, is_server_config, load_config
 from engine.observability.logs import configure as configure_logging
 from engine.runtime.loading import load_for_serving
 from model_plugins.errors import DagserveError
-from model_plugins.specs import NUMPY_DTYPES, TensorSpec
+from model_plugins.specs import TensorSpec, as_array
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -268,11 +268,11 @@ def parse_input(text: str, spec: TensorSpec | None) -> tuple[str, np.ndarray]:
         except json.JSONDecodeError as exc:
             msg = f"--input {name}: {value!r} is not JSON ({exc})"
             raise SystemExit(msg) from exc
-    if dtype in ("string", "bytes"):
-        array = np.empty((1,), dtype=object)
-        array[0] = item
-        return name, array
-    return name, np.asarray([item], dtype=NUMPY_DTYPES[dtype] if dtype else None)
+    try:
+        return name, as_array([item], spec)
+    except ValueError as exc:
+        msg = f"--input {name}: {exc}"
+        raise SystemExit(msg) from exc
 
 
 def _infer(args: argparse.Namespace) -> int:

@@ -156,7 +156,7 @@ def check_outputs(
         InferenceError: the result is not a dict, or an output is missing or has the wrong
             dtype or item shape.
     """
-    where = f"node {node!r} (plugin {plugin!r})" if node else f"plugin {plugin!r}"
+    where = node_label(node, plugin)
 
     def fail(message: str) -> InferenceError:
         return InferenceError(f"{where}: {message}", node=node, plugin=plugin)

@@ -41,6 +41,7 @@ from model_plugins.errors import (
     Overloaded,
     PipelineNotFound,
     PluginLoadError,
+    node_label,
 )
 
 logger = logging.getLogger(__name__)
@@ -304,7 +305,7 @@ async def _start_model(model: Model) -> None:
 
 def _load_failed(pipeline: str, node: str, plugin: str, where: str, exc: Exception) -> Exception:
     cause = exc.message if isinstance(exc, DagserveError) else f"{type(exc).__name__}: {exc}"
-    msg = f"pipeline {pipeline!r}: node {node!r} (plugin {plugin!r}) failed to load{where}: {cause}"
+    msg = f"pipeline {pipeline!r}: {node_label(node, plugin)} failed to load{where}: {cause}"
     return PluginLoadError(msg)
 
 

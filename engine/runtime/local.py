@@ -16,8 +16,9 @@ from dataclasses import dataclass
 
 from engine.observability.tracing import start_node_span
 from engine.runtime.naming import item_error, node_error
+from model_plugins._host.messages import RemoteError
 from model_plugins.contract import check_result
-from model_plugins.errors import DagserveError, InferenceError
+from model_plugins.errors import DagserveError
 from model_plugins.partial import Partial
 from model_plugins.plugin import Batch, LoadContext, ModelPlugin
 from model_plugins.specs import TensorSpec
@@ -79,10 +80,9 @@ class LocalRunner:
             raise named from exc
         except Exception as exc:
             b = self.binding
-            cause = f"{type(exc).__module__}.{type(exc).__qualname__}"
             logger.debug("node %r raised", b.node, exc_info=True)
-            msg = f"node {b.node!r} (plugin {b.plugin!r}) failed: {cause}: {exc}"
-            raise InferenceError(msg, node=b.node, plugin=b.plugin, cause=cause) from exc
+            # the words of an exception raised in a worker
+            raise RemoteError.from_exception(exc).to_inference_error(b.node, b.plugin) from exc
         finally:
             self._idle.put_nowait(plugin)
         b = self.binding

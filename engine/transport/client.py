@@ -28,7 +28,6 @@ from collections.abc import Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
-import numpy as np
 from thriftpy2.thrift import TApplicationException, TMessageType
 
 from dag.pipeline import PipelineDescription
@@ -46,6 +45,7 @@ from engine.transport.wire_errors import from_wire
 from idl import dagserve_thrift
 from model_plugins._host.wire import JOIN_BELOW
 from model_plugins.errors import DagserveError, InvalidRequest
+from model_plugins.specs import as_array
 
 #: largest reply frame a client accepts (replies carry whole batches of outputs)
 MAX_REPLY_BYTES = 1024 * 1024 * 1024
@@ -55,16 +55,6 @@ _SERVICE = dagserve_thrift.InferenceService
 
 class _BadReply(Exception):
     """The reply cannot be trusted: the connection must be closed."""
-
-
-def _as_array(value: Any) -> np.ndarray:
-    if isinstance(value, np.ndarray):
-        return value
-    array = np.asarray(value)
-    if array.dtype.kind in "SU":
-        # Python str/bytes lists: numpy's S dtype strips trailing NULs, so keep the objects.
-        array = np.array(value, dtype=object)
-    return array
 
 
 def _infer_args(
@@ -80,7 +70,7 @@ def _infer_args(
     tensors = {}
     for name, value in inputs.items():
         try:
-            tensors[name] = encode_tensor(_as_array(value))
+            tensors[name] = encode_tensor(as_array(value))
         except (TypeError, ValueError) as exc:
             msg = f"input {name!r}: {exc}"
             raise InvalidRequest(msg, field=f"inputs.{name}") from exc
