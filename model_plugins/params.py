@@ -119,6 +119,13 @@ class Params:
         )
         return value
 
+    def number(self, key: str, default: float) -> float:
+        """A finite number (``true`` is not one)."""
+        value = self.value(
+            key, default, ok=lambda v: _is_number(v) and math.isfinite(v), must="a number"
+        )
+        return float(value)
+
     def numbers(
         self, key: str, default: Sequence[float], *, count: int, positive: bool = False
     ) -> tuple[float, ...]:

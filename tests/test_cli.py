@@ -124,7 +124,7 @@ def test_new_plugin_skeleton_passes_its_own_test(tmp_path: Path):
         capture_output=True, text=True, timeout=120, cwd=tmp_path, check=False,
     )  # fmt: skip
     assert run.returncode == 0, run.stdout + run.stderr
-    assert "3 passed" in run.stdout
+    assert "4 passed" in run.stdout
     again = dagserve("new-plugin", "my_scorer", "--dir", str(tmp_path))
     assert again.returncode == 2
     assert "already exists" in again.stderr

@@ -1,8 +1,8 @@
 """``dagserve new-plugin NAME``: a plugin skeleton whose own test passes as generated.
 
 It writes ``NAME/NAME.py`` (the plugin), ``NAME/pipeline.yaml`` (a pipeline that serves it)
-and ``NAME/test_NAME.py`` (the plugin through the SDK harness, in a worker process like the
-server's, and the pipeline through the validator).
+and ``NAME/test_NAME.py`` (the plugin through the SDK harness, in the server's worker code,
+and the pipeline loaded as ``dagserve serve`` loads it).
 """
 
 from __future__ import annotations
@@ -24,23 +24,26 @@ from typing import ClassVar
 
 import numpy as np
 
-from model_plugins import LoadContext, ModelPlugin, TensorSpec
+from model_plugins import Batch, LoadContext, ModelPlugin, Params, TensorSpec
 
 
 class {cls}(ModelPlugin):
     """Scores each item: a weighted sum of its features, squashed into (0, 1)."""
 
     # One item's specs; the engine adds the item dimension and checks both directions.
+    # (Specs that depend on params: override the class method signature(params, upstream).)
     inputs: ClassVar = {{"features": TensorSpec("float32", [-1])}}
     outputs: ClassVar = {{"score": TensorSpec("float32", [])}}
     # framework = "torch"   # set it when load/predict use a framework: picks the worker
+    known_params: ClassVar = ("scale",)
 
     def load(self, context: LoadContext) -> None:
         # Runs once per instance, in the worker process, before any predict.
-        # context.model_path is the node's `model:`; context.params its `params:`.
-        self.scale = float(context.params.get("scale", 1.0))
+        # context.model_path is the node's `model:`; context.params its `params:`, read
+        # through Params: an unknown key or a bad value is a PluginLoadError naming the node.
+        self.scale = Params.of(context, self.known_params).number("scale", 1.0)
 
-    def predict(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def predict(self, batch: Batch) -> Batch:
         # batch["features"] is N x D (N items, maybe from several requests): return N scores.
         features = batch["features"]
         logits = features.mean(axis=1) * self.scale
@@ -75,8 +78,8 @@ import pytest
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # so that `{name}:{cls}` imports, here and in the worker
 
-from dag import load_pipeline  # noqa: E402
-from model_plugins import BatchContractError, PluginHarness  # noqa: E402
+from engine.runtime.loading import load_for_serving  # noqa: E402
+from model_plugins import BatchContractError, PluginHarness, PluginLoadError  # noqa: E402
 
 
 def test_scores_each_item_in_a_worker_like_the_servers():
@@ -96,10 +99,18 @@ def test_the_harness_checks_the_batch_contract():
     assert (info.value.expected, info.value.actual) == (3, 4)
 
 
+def test_a_bad_param_is_refused_at_load():
+    with pytest.raises(PluginLoadError, match="params.scale must be a number"):
+        with PluginHarness("{name}:{cls}", params={{"scale": "big"}}, isolated=True):
+            pass
+
+
 def test_the_pipeline_is_valid():
-    pipeline = load_pipeline(HERE / "pipeline.yaml")
-    assert pipeline.name == "{name}"
-    assert pipeline.output_specs["score"].dtype == "float32"
+    # as `dagserve validate` and `dagserve serve` load it
+    pipelines, errors = load_for_serving([HERE / "pipeline.yaml"])
+    assert not errors, errors
+    assert pipelines[0].name == "{name}"
+    assert pipelines[0].output_specs["score"].dtype == "float32"
 '''
 
 
