@@ -9,8 +9,9 @@ import textwrap
 import numpy as np
 import pytest
 
-from engine.runtime.inspector import inspect_plugins
+from engine.runtime.inspector import InspectedPlugin, InspectingResolver, inspect_plugins
 from engine.transport.client import Client
+from model_plugins import PluginError, PluginLoadError, TensorSpec
 from model_plugins.errors import PluginNotFound
 from tests.serving import PIPELINES, ROOT, serving
 
@@ -70,3 +71,44 @@ def test_loading_for_serving_imports_no_framework_in_the_front_process():
     )  # fmt: skip
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip() == "[]"
+
+
+SIGNATURES = """
+from model_plugins import ModelPlugin, Params, TensorSpec
+
+
+class MirrorsError(Exception):
+    pass
+
+
+class Mirrors(ModelPlugin):
+    @classmethod
+    def signature(cls, params, upstream):
+        if params.get("fail") == "own":
+            raise MirrorsError("an error class of the plugin's own")
+        if params.get("fail") == "builtin":
+            raise KeyError("width")
+        Params(params, ("fail",))
+        known = {name: spec for name, spec in upstream.items() if spec is not None}
+        return known, known
+"""
+
+
+def test_a_stand_in_runs_the_plugins_own_signature_in_the_inspector(tmp_path, monkeypatch):
+    (tmp_path / "mirrors_plugins.py").write_text(SIGNATURES, encoding="utf-8")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    x = TensorSpec("float32", [3])
+    with InspectingResolver() as resolver:
+        stand_in = resolver("mirrors_plugins:Mirrors")
+        assert issubclass(stand_in, InspectedPlugin)
+        assert stand_in.signature({}, {"x": x, "y": None}) == ({"x": x}, {"x": x})
+        with pytest.raises(KeyError, match="width"):  # a built-in exception crosses as itself
+            stand_in.signature({"fail": "builtin"}, {})
+        # the plugin's own class would import its module here: it crosses as text
+        with pytest.raises(PluginLoadError, match=r"mirrors_plugins\.MirrorsError: an error"):
+            stand_in.signature({"fail": "own"}, {})
+        with pytest.raises(PluginLoadError, match=r"^unknown params: size \(known: fail\)"):
+            stand_in.signature({"size": 1}, {})
+    with pytest.raises(PluginError, match="after the inspector closed"):
+        stand_in.signature({}, {})
+    assert "mirrors_plugins" not in sys.modules
