@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from model_plugins.specs import DType, TensorSpec
 
@@ -62,6 +62,20 @@ class BatchingConfig(_Strict):
     max_queue_delay_ms: float | None = Field(None, gt=0)
     """Refuse (Overloaded) a request expected to wait longer than this, judged from the queue
     ahead of it and recent batch times: accepted requests keep their latency under overload."""
+    preferred_batch_sizes: list[int] | None = None
+    """Batches take the largest of these sizes that the waiting items fill, else all of them;
+    absent = the batcher learns the size of the model's best throughput."""
+
+    @field_validator("preferred_batch_sizes")
+    @classmethod
+    def _check_preferred(cls, value: list[int] | None, info: ValidationInfo) -> list[int] | None:
+        limit = info.data.get("max_batch_size")
+        if value is not None and (
+            not value or any(size < 1 or (limit and size > limit) for size in value)
+        ):
+            msg = f"must be sizes from 1 to max_batch_size {limit} (got {value})"
+            raise ValueError(msg)
+        return value
 
     @property
     def max_delay_s(self) -> float:

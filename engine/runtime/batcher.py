@@ -1,9 +1,21 @@
 """Dynamic batching of one model: items from many requests meet in one ``predict`` call.
 
 The batcher is work-conserving.  While an instance of the model is idle, waiting items go at
-once (``max_delay_s`` = 0, the default, never holds an item back); while every instance is
-busy, items accumulate, and the next batch takes up to ``max_batch_size`` of them.  With
+the end of the event-loop turn that queued them (``max_delay_s`` = 0, the default, never holds
+an item back longer), so that items submitted in one turn (two branches of one request that
+feed the same model, requests read together) meet in one batch; while every instance is busy,
+items accumulate, and the next batch takes up to ``max_batch_size`` of them.  With
 ``max_delay_s`` > 0 the first waiting item may be held that long for the batch to grow.
+
+The biggest batch is not always the fastest: on CPUs a model often has its best throughput
+below ``max_batch_size``.  The batcher learns each model's items/s by batch size (powers of
+two, and ``max_batch_size``) from the calls it times, and when more items wait than the best
+size, it forms batches of the size that computes them soonest (under load, the best size),
+unless a request would then miss its deadline or ``max_queue_delay_s`` that the biggest batch
+would meet.  It measures the sizes next to the best one now and then, so that it follows a
+model whose speed changes.
+``preferred_batch_sizes`` replaces the learning: batches take the largest preferred size that
+the waiting items fill, else all of them (as Triton's ``preferred_batch_size``).
 
 It is bounded (``max_queue`` items; past it ``submit`` raises ``Overloaded`` at once), deadline
 aware (an item whose deadline has passed is answered ``DeadlineExceeded`` before it costs
@@ -29,7 +41,7 @@ import collections
 import itertools
 import logging
 import math
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -47,6 +59,14 @@ from model_plugins.partial import Partial
 from model_plugins.plugin import Batch
 
 logger = logging.getLogger(__name__)
+
+#: the weight of a new measurement in a batch size's items/s (an exponential average)
+_RATE_WEIGHT = 0.3
+#: batches after which a size next to the best one is measured again
+_REMEASURE_AFTER = 64
+#: the fewest waiting items that may be split to measure a size: a split costs the items
+#: left over a batch's wait, and few items (the branches of one request) should go together
+_EXPLORE_MIN_ITEMS = 8
 
 
 class BatchCall(Protocol):
@@ -116,6 +136,12 @@ class BatcherStatistics:
     """Requests answered Overloaded because the queue was full."""
     failed_requests: int
     """Requests answered with the model's error (after isolation, or for an item of theirs)."""
+    best_batch_size: int | None
+    """The size batches take when more items wait: the largest preferred size, or the learned
+    best one; None while nothing is learned (batches take up to ``max_batch_size``)."""
+    throughput: dict[int, float]
+    """Batch size (a power of two, or ``max_batch_size``) -> learned items/s of batches of
+    that size (and up to the next one)."""
 
     @property
     def mean_batch_size(self) -> float:
@@ -170,6 +196,8 @@ class Batcher:
         max_queue_delay_s: refuse (``Overloaded``) a request whose expected wait, from the
             queue ahead of it and the recent batch times, is longer: under overload the
             accepted requests keep their latency instead of all waiting longer.
+        preferred_batch_sizes: batches take the largest of these sizes that the waiting
+            items fill, else all of them; no learning of the best size.
     """
 
     def __init__(
@@ -186,6 +214,7 @@ class Batcher:
         name: str = "model",
         on_batch: Callable[[int, list[float], float], None] | None = None,
         max_queue_delay_s: float | None = None,
+        preferred_batch_sizes: Sequence[int] = (),
     ) -> None:
         if max_batch_size is not None and (
             not isinstance(max_batch_size, int) or max_batch_size < 1
@@ -198,6 +227,15 @@ class Batcher:
         if max_queue < 1 or instances < 1:
             msg = f"max_queue and instances must be >= 1 (got {max_queue}, {instances})"
             raise ValueError(msg)
+        if preferred_batch_sizes and not all(
+            isinstance(size, int) and 1 <= size <= (max_batch_size or 0)
+            for size in preferred_batch_sizes
+        ):
+            msg = (
+                f"preferred_batch_sizes must be integers from 1 to max_batch_size "
+                f"{max_batch_size} (got {list(preferred_batch_sizes)!r})"
+            )
+            raise ValueError(msg)
         self._call = call
         self.max_batch_size = max_batch_size
         self.max_delay_s = max_delay_s
@@ -209,13 +247,19 @@ class Batcher:
         self._clock = clock
         self.on_batch = on_batch
         self.max_queue_delay_s = max_queue_delay_s
+        self.preferred_batch_sizes = tuple(sorted(set(preferred_batch_sizes)))
         self._queue: collections.deque[_Request] = collections.deque()
         self._queued_items = 0
         #: the instances no batch runs on now
         self._free = list(range(instances - 1, -1, -1))
         self._tasks: set[asyncio.Task[None]] = set()
         self._delay_timer: asyncio.TimerHandle | None = None
+        self._dispatch_pending = False  # a dispatch at the end of this loop turn
         self._closed = False
+        #: the batch sizes whose throughput is learned
+        self._buckets = _buckets(max_batch_size) if max_batch_size else ()
+        self._rate: dict[int, float] = {}  # bucket -> items/s, exponentially weighted
+        self._measured_at: dict[int, int] = {}  # bucket -> self._batches when last measured
         # statistics
         self._batches = 0
         self._items = 0
@@ -276,7 +320,7 @@ class Batcher:
         request = _Request(inputs, n, deadline, self._now(), future, self._shape_key(inputs))
         self._queue.append(request)
         self._queued_items += n
-        self._dispatch()
+        self._dispatch_soon()
         try:
             return await future
         except asyncio.CancelledError:
@@ -296,6 +340,10 @@ class Batcher:
             deadline_dropped=self._dropped,
             rejected=self._rejected,
             failed_requests=self._failed,
+            best_batch_size=(
+                self.preferred_batch_sizes[-1] if self.preferred_batch_sizes else self._best()
+            ),
+            throughput={size: self._rate[size] for size in sorted(self._rate)},
         )
 
     async def aclose(self) -> None:
@@ -316,6 +364,19 @@ class Batcher:
     def _busy(self) -> int:
         return self.instances - len(self._free)
 
+    def _dispatch_soon(self) -> None:
+        """Start batches at the end of this loop turn: the items submitted in the same turn
+        (the branches of one request, requests read together) join them, and wait no longer."""
+        if self._dispatch_pending or not self._free:
+            return  # a busy model dispatches when a batch ends
+        self._dispatch_pending = True
+        asyncio.get_running_loop().call_soon(self._on_dispatch_soon)
+
+    def _on_dispatch_soon(self) -> None:
+        self._dispatch_pending = False
+        if not self._closed:
+            self._dispatch()
+
     def _dispatch(self) -> None:
         """Start as many batches as there are idle instances (called on every change)."""
         while self._free and self._queue:
@@ -335,7 +396,7 @@ class Batcher:
         """Hold the batch back while it may still grow within ``max_delay_s``."""
         if self.max_delay_s <= 0 or self.max_batch_size is None:
             return False
-        if self._queued_items >= self.max_batch_size:
+        if self._queued_items >= self._full_size():
             return False
         wake_at = self._queue[0].enqueued + self.max_delay_s
         if self._now() >= wake_at:
@@ -383,8 +444,9 @@ class Batcher:
             request.taken = request.n
             return [slice_]
         key = self._queue[0].shape_key
+        available = sum(r.waiting for r in self._queue if r.shape_key == key)
         batch: list[_Slice] = []
-        room = limit
+        room = self._batch_size(available, key)
         for request in list(self._queue):
             if room == 0:
                 break
@@ -400,6 +462,98 @@ class Batcher:
                 self._queue.remove(request)
         return batch
 
+    def _batch_size(self, available: int, key: tuple[Any, ...]) -> int:
+        """How many of the ``available`` waiting items of shape ``key`` the next batch takes."""
+        limit = self.max_batch_size or available
+        if self.preferred_batch_sizes:
+            filled = [size for size in self.preferred_batch_sizes if size <= available]
+            return filled[-1] if filled else min(available, limit)
+        return min(available, limit, self._learned_size(available, key))
+
+    def _learned_size(self, available: int, key: tuple[Any, ...]) -> int:
+        """From the best size up, the batch size that would compute the ``available`` items
+        soonest (so, under load, the size of the best throughput), within the latency bounds;
+        now and then one next to the best size instead, to measure it again."""
+        limit = self.max_batch_size or available
+        best = self._best()
+        if best is None or available < best:
+            return limit  # all that waits
+        if any(b not in self._rate for b in self._buckets if best < b <= available):
+            return limit  # a bigger batch than any measured: measure it
+        if available >= _EXPLORE_MIN_ITEMS:
+            i = self._buckets.index(best)
+            for size in (*self._buckets[max(i - 1, 0) : i], *self._buckets[i + 1 : i + 2]):
+                measured = self._measured_at.get(size)
+                stale = measured is None or self._batches - measured > _REMEASURE_AFTER
+                if stale and size <= available and (size > best or available >= 2 * size):
+                    return size
+        biggest = min(available, limit)
+        sizes = {b for b in self._rate if b < biggest} | {biggest}
+        # the queue's compute time in batches of each size (one round per free instance);
+        # a remainder counts as a whole batch, so a split has to pay for itself
+        free = max(len(self._free), 1)
+        ranked = sorted(
+            sizes,
+            key=lambda b: (math.ceil(math.ceil(available / b) / free) * self._seconds(b), -b),
+        )
+        if not self._bounded(key):
+            return ranked[0]
+        late = self._late(biggest, key)
+        return next(b for b in ranked if self._late(b, key) <= late)
+
+    def _best(self) -> int | None:
+        """The learned size of the best throughput, None while nothing is measured."""
+        return max(self._rate, key=self._rate.__getitem__) if self._rate else None
+
+    def _full_size(self) -> int:
+        """The size at which ``max_delay_s`` stops waiting for more items."""
+        limit = self.max_batch_size or 1
+        if self.preferred_batch_sizes:
+            return self.preferred_batch_sizes[-1]
+        best = self._best()
+        if best is None or best == limit:
+            return limit
+        # a best size below a measured bigger one: growing past it gains nothing
+        bigger = self._buckets[self._buckets.index(best) + 1]
+        return best if bigger in self._rate else limit
+
+    def _bounded(self, key: tuple[Any, ...]) -> bool:
+        if self.max_queue_delay_s is not None:
+            return True
+        return any(r.deadline is not None for r in self._queue if r.shape_key == key)
+
+    def _late(self, size: int, key: tuple[Any, ...]) -> int:
+        """How many waiting requests of shape ``key`` would miss their deadline (or start
+        after ``max_queue_delay_s``) if the queue went in batches of ``size``."""
+        seconds = self._seconds(size)
+        now = self._now()
+        late = 0
+        position = 0
+        for request in self._queue:
+            if request.shape_key != key:
+                continue
+            position += request.waiting
+            rounds = (math.ceil(position / size) - 1) // max(len(self._free), 1)
+            start = now + rounds * seconds
+            past_deadline = request.deadline is not None and start + seconds > request.deadline
+            delay = self.max_queue_delay_s
+            late += past_deadline or (delay is not None and start - request.enqueued > delay)
+        return late
+
+    def _seconds(self, size: int) -> float:
+        """A batch's expected compute time, from the measured size nearest to ``size``."""
+        nearest = min(self._rate, key=lambda b: abs(math.log2(b / size)))
+        return size / self._rate[nearest]
+
+    def _learn(self, size: int, seconds: float) -> None:
+        if not self._buckets or seconds <= 0:
+            return
+        bucket = max(b for b in self._buckets if b <= size)
+        rate = size / seconds
+        old = self._rate.get(bucket)
+        self._rate[bucket] = rate if old is None else old + _RATE_WEIGHT * (rate - old)
+        self._measured_at[bucket] = self._batches
+
     def _note_wait(self, waited: float, items: int) -> None:
         self._wait_total += waited * items
         self._wait_max = max(self._wait_max, waited)
@@ -411,14 +565,14 @@ class Batcher:
 
     def _expected_wait_s(self, n: int) -> float:
         """Batches ahead of ``n`` more items (running ones included) times a batch's time."""
-        per_batch = self.max_batch_size or 1
+        per_batch = self._full_size()
         waiting = math.ceil((self._queued_items + n) / per_batch)
         rounds = (self._busy + waiting) / self.instances
         return max(0.0, rounds - 1) * self._batch_seconds
 
     def _retry_after_ms(self) -> int:
         per_batch = self._batch_seconds or 0.01
-        batches_ahead = math.ceil(self._queued_items / (self.max_batch_size or 1))
+        batches_ahead = math.ceil(self._queued_items / self._full_size())
         return max(1, math.ceil(1000 * per_batch * batches_ahead / self.instances))
 
     def _shape_key(self, inputs: Batch) -> tuple[Any, ...]:
@@ -451,8 +605,7 @@ class Batcher:
         self._batches += 1
         self._items += size
         self._sizes[size] += 1
-        loop = asyncio.get_running_loop()
-        started = loop.time()
+        started = self._now()
         deadlines = [s.request.deadline for s in live if s.request.deadline is not None]
         deadline = max(deadlines) if len(deadlines) == len(live) else None
         try:
@@ -474,10 +627,11 @@ class Batcher:
             for request in dict.fromkeys(s.request for s in live):
                 self._fail(request, exc)
             return
-        elapsed = loop.time() - started
+        elapsed = self._now() - started
         self._batch_seconds = (
             elapsed if not self._batch_seconds else 0.8 * self._batch_seconds + 0.2 * elapsed
         )
+        self._learn(size, elapsed)
         outputs, errors = (
             (result.outputs, result.errors) if isinstance(result, Partial) else (result, {})
         )
@@ -556,6 +710,15 @@ class Batcher:
             else:
                 result[name] = list(itertools.chain.from_iterable(pieces))
         request.future.set_result(result)
+
+
+def _buckets(limit: int) -> tuple[int, ...]:
+    """The batch sizes whose throughput is learned: powers of two below ``limit``, and it.
+
+    >>> _buckets(32), _buckets(12), _buckets(1)
+    ((1, 2, 4, 8, 16, 32), (1, 2, 4, 8, 12), (1,))
+    """
+    return (*(1 << i for i in range(limit.bit_length()) if 1 << i < limit), limit)
 
 
 def _count_items(inputs: Batch) -> int:

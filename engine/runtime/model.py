@@ -163,6 +163,7 @@ def _batcher(node: NodeSpec, binding: NodeBinding, call: BatchCall, name: str) -
         padding=padding,
         ragged=plugin_class.ragged,
         name=name,
+        preferred_batch_sizes=batching.preferred_batch_sizes or (),
     )
 
 

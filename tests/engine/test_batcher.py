@@ -100,7 +100,9 @@ async def test_dispatches_at_once_when_idle():
 async def test_accumulates_while_busy_and_takes_up_to_max_batch_size():
     model, clock = FakeModel(), FakeClock()
     batcher = make(model, clock, max_batch_size=4)
-    tasks = [asyncio.create_task(batcher.submit(items(i))) for i in range(7)]
+    tasks = [asyncio.create_task(batcher.submit(items(0)))]
+    await settle()
+    tasks += [asyncio.create_task(batcher.submit(items(i))) for i in range(1, 7)]
     await settle()
     assert model.sizes == [1]  # the first went alone, the others wait
     assert batcher.statistics().queued_items == 6
@@ -119,8 +121,10 @@ async def test_accumulates_while_busy_and_takes_up_to_max_batch_size():
 async def test_two_instances_run_two_batches_at_once():
     model, clock = FakeModel(), FakeClock()
     batcher = make(model, clock, instances=2)
-    tasks = [asyncio.create_task(batcher.submit(items(i))) for i in range(4)]
-    await settle()
+    tasks = []
+    for i in range(4):  # each in a turn of its own
+        tasks.append(asyncio.create_task(batcher.submit(items(i))))
+        await settle()
     assert model.sizes == [1, 1]
     assert sorted(model.instances) == [0, 1]  # one call per instance
     await model.finish(0)
@@ -162,6 +166,7 @@ async def test_items_past_their_deadline_are_dropped_before_compute():
     model, clock = FakeModel(), FakeClock()
     batcher = make(model, clock)
     busy = asyncio.create_task(batcher.submit(items(1)))
+    await settle()
     late = asyncio.create_task(batcher.submit(items(2), deadline=clock.now + 0.05))
     on_time = asyncio.create_task(batcher.submit(items(3), deadline=clock.now + 5))
     await settle()
@@ -279,6 +284,7 @@ async def test_padding_round_trip():
     padding = Padding(inputs={"ids": 0}, outputs={"tokens": ("ids", 0)})
     batcher = Batcher(embed, clock=clock, max_batch_size=8, max_queue=100, padding=padding)
     gate = asyncio.create_task(batcher.submit({"ids": np.array([[9]])}))
+    await settle()  # the gate goes alone
     short = asyncio.create_task(batcher.submit({"ids": np.array([[1, 2]])}))
     long = asyncio.create_task(batcher.submit({"ids": np.array([[3, 4, 5, 6]])}))
     await asyncio.gather(gate, short, long)
@@ -337,7 +343,9 @@ async def test_max_queue_delay_refuses_what_would_wait_too_long():
     batcher._batch_seconds = 0.1
     # one batch running and four items (two batches) queued: a new item would wait for the
     # running batch and both queued ones, ~300 ms > 250 ms
-    accepted = [asyncio.create_task(batcher.submit(items(i))) for i in range(5)]
+    accepted = [asyncio.create_task(batcher.submit(items(0)))]
+    await settle()
+    accepted += [asyncio.create_task(batcher.submit(items(i))) for i in range(1, 5)]
     await settle()
     with pytest.raises(Overloaded, match="max_queue_delay_ms"):
         await batcher.submit(items(9))
@@ -406,3 +414,121 @@ async def test_a_partial_result_fails_only_the_requests_that_own_the_failed_item
     stats = batcher.statistics()
     assert stats.failed_requests == 1
     assert stats.batch_sizes == {1: 1, 5: 1}
+
+
+async def test_items_submitted_in_one_turn_meet_in_one_batch_with_no_delay():
+    # the two branches of one request feeding the same model, with the model idle
+    model, clock = FakeModel(), FakeClock()
+    batcher = make(model, clock)
+    left = asyncio.create_task(batcher.submit(items(1)))
+    right = asyncio.create_task(batcher.submit(items(2)))
+    await settle()
+    assert model.sizes == [2]  # one batch, dispatched at the end of the turn: no time passed
+    await model.finish(0)
+    np.testing.assert_array_equal((await left)["y"], [[2]])
+    np.testing.assert_array_equal((await right)["y"], [[4]])
+    assert batcher.statistics().queue_wait_s_max == 0
+
+
+class TimedModel:
+    """Takes ``seconds(batch size)`` of fake-clock time per call."""
+
+    def __init__(self, clock: FakeClock, seconds: Callable[[int], float]) -> None:
+        self.clock, self.seconds = clock, seconds
+        self.sizes: list[int] = []
+
+    async def __call__(self, batch, *, instance, deadline) -> dict[str, np.ndarray]:
+        n = len(batch["x"])
+        self.sizes.append(n)
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.clock.call_at(self.clock.now + self.seconds(n), lambda: done.set_result(None))
+        await done
+        return {"y": batch["x"] * 2}
+
+
+def cpu_like(n: int) -> float:
+    """A model whose best throughput is at 8: 80 items/s there, 69 at 16, 64 at 32, 53 at 4."""
+    return 0.05 + 0.00625 * n if n <= 8 else 0.1 + (n - 8) / 60
+
+
+async def run_until_done(clock: FakeClock, tasks: list[asyncio.Task]) -> None:
+    """Advance the fake clock from one timer to the next until every task is done."""
+    await settle()
+    while not all(t.done() for t in tasks):
+        due = min(t.when for t in clock.timers)
+        await clock.advance(due - clock.now + 1e-9)
+
+
+async def queue_at_once(batcher: Batcher, n: int, **submit) -> list[asyncio.Task]:
+    tasks = [asyncio.create_task(batcher.submit(items(i), **submit)) for i in range(n)]
+    await asyncio.sleep(0)  # all queued in this turn, none dispatched yet
+    return tasks
+
+
+async def test_learns_the_batch_size_of_the_best_throughput_and_dispatches_it():
+    clock = FakeClock()
+    model = TimedModel(clock, cpu_like)
+    batcher = make(model, clock, max_batch_size=32)
+    assert batcher.statistics().best_batch_size is None
+    for _ in range(3):
+        await run_until_done(clock, await queue_at_once(batcher, 32))
+    # nothing measured: all 32 at once; then smaller sizes next to the best so far, measured
+    assert model.sizes[:3] == [32, 16, 8]
+    assert {4, 8, 16, 32} <= set(model.sizes)
+    stats = batcher.statistics()
+    assert stats.best_batch_size == 8
+    assert stats.throughput[8] == pytest.approx(80)
+    assert stats.throughput[32] == pytest.approx(64)
+    before = len(model.sizes)
+    await run_until_done(clock, await queue_at_once(batcher, 32))
+    assert model.sizes[before:] == [8, 8, 8, 8]  # 0.4 s for the 32, not 0.5 s in one batch
+    # a few items go together however fast smaller batches are: a split leaves some waiting
+    before = len(model.sizes)
+    await run_until_done(clock, await queue_at_once(batcher, 10))
+    assert model.sizes[before:] == [10]
+
+
+async def test_the_learned_size_gives_way_to_the_queue_delay_bound():
+    clock = FakeClock()
+    model = TimedModel(clock, cpu_like)
+    batcher = make(model, clock, max_batch_size=32)
+    for _ in range(3):
+        await run_until_done(clock, await queue_at_once(batcher, 32))
+    assert batcher.statistics().best_batch_size == 8
+    busy = await queue_at_once(batcher, 1)
+    await settle()
+    waiting = await queue_at_once(batcher, 32)
+    await settle()
+    # in batches of 8 the last 16 would start 0.1 s and 0.2 s after the first: past the bound
+    batcher.max_queue_delay_s = 0.15
+    before = len(model.sizes)
+    await run_until_done(clock, busy + waiting)
+    assert model.sizes[before:] == [32]
+
+
+async def test_preferred_batch_sizes_take_the_largest_the_queue_fills():
+    model, clock = FakeModel(), FakeClock()
+    batcher = make(model, clock, max_batch_size=8, preferred_batch_sizes=[4, 2])
+    tasks = [asyncio.create_task(batcher.submit(items(0)))]
+    await settle()
+    tasks += [asyncio.create_task(batcher.submit(items(i))) for i in range(1, 11)]
+    await settle()
+    for call in range(4):
+        await model.finish(call)
+    await asyncio.gather(*tasks)
+    # 10 waiting: 4, 4, then 2 (the largest preferred size they fill), then nothing left
+    assert model.sizes == [1, 4, 4, 2]
+    assert batcher.statistics().best_batch_size == 4
+    # what fills no preferred size goes as it is
+    alone = asyncio.create_task(batcher.submit(items(1)))
+    await settle()
+    await model.finish(4)
+    await alone
+    assert model.sizes[-1] == 1
+
+
+def test_preferred_batch_sizes_are_checked():
+    with pytest.raises(ValueError, match="preferred_batch_sizes must be integers from 1"):
+        Batcher(FakeModel(), max_batch_size=8, max_queue=10, preferred_batch_sizes=[16])
+    with pytest.raises(ValueError, match="preferred_batch_sizes"):
+        Batcher(FakeModel(), max_batch_size=None, max_queue=10, preferred_batch_sizes=[1])

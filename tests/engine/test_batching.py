@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import time
 
 import numpy as np
 import pytest
@@ -16,7 +17,8 @@ pytestmark = pytest.mark.e2e
 
 @pytest.fixture(scope="module")
 def server():
-    paths = [PIPELINES / f"{name}.yaml" for name in ("batched_a", "batched_b", "partial")]
+    names = ("batched_a", "batched_b", "partial", "branches")
+    paths = [PIPELINES / f"{name}.yaml" for name in names]
     with serving(paths) as thread:
         yield thread
 
@@ -50,6 +52,25 @@ def test_concurrent_requests_of_two_pipelines_share_batches_of_one_model(server)
     assert after.items - before.items == 48
     assert batches < 48  # batches formed: fewer calls than requests
     assert max(int(out["batch"][0]) for out in results) > 1
+
+
+def test_two_branches_of_one_request_meet_in_one_batch_of_their_shared_model(server):
+    model = next(m for m in server.engine.models.values() if m.model_id == "branches/left")
+    assert model.nodes == ["branches/left", "branches/right"]  # one model, 0.2 s a call
+    x = np.ones((1, 2), np.float32)
+    seconds = []
+    with Client("127.0.0.1", server.port) as client:
+        client.infer("branches", {"x": x})  # the first call of the worker
+        before = model.statistics()
+        for _ in range(3):
+            started = time.perf_counter()
+            out = client.infer("branches", {"x": x}).outputs
+            seconds.append(time.perf_counter() - started)
+            assert int(out["left_batch"][0]) == int(out["right_batch"][0]) == 2
+    after = model.statistics()
+    assert after.batches - before.batches == 3
+    assert after.batch_sizes[2] - before.batch_sizes.get(2, 0) == 3  # one batch of 2 each
+    assert min(seconds) < 1.5 * 0.2  # one model call, not two in a row (0.4 s)
 
 
 def test_variable_length_items_are_padded_and_cut_back(server):
@@ -135,8 +156,6 @@ def test_a_model_fails_bad_items_alone_and_answers_their_neighbours_in_the_same_
 
 
 def test_the_server_wide_inflight_limit_answers_overloaded_at_once():
-    import time
-
     with serving([PIPELINES / "workers.yaml"], max_inflight=1) as thread:
         x = np.ones((1, 2), np.float32)
         first = occupy(thread, "workers", "workers/slow_a", {"x": x}, "a")
