@@ -10,6 +10,7 @@ processes or sockets: each node is driven through a :class:`~dag.runner.Runner`.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -66,12 +67,17 @@ class Plan:
         refs: node -> its input name -> the tensor it reads, in the order written.
         upstream: node -> the nodes it reads from.
         outputs: pipeline output -> the tensor it names.
+        order: the nodes, in a topological order.
     """
 
     spec: PipelineSpec
     refs: dict[str, dict[str, Ref]]
     upstream: dict[str, frozenset[str]]
     outputs: dict[str, Ref]
+    order: tuple[str, ...]
+    _schedules: dict[frozenset[str] | None, Schedule] = field(
+        default_factory=dict, init=False, repr=False, compare=False, hash=False
+    )
 
     @classmethod
     def of(cls, spec: PipelineSpec, graph: nx.DiGraph | None = None) -> Plan:
@@ -100,7 +106,43 @@ class Plan:
             name: frozenset(r.source for r in node_refs.values() if not r.is_input)
             for name, node_refs in refs.items()
         }
-        return cls(spec, refs, upstream, in_order(OUTPUTS, spec.outputs))
+        order = tuple(n for n in nx.topological_sort(graph) if n in spec.nodes)
+        return cls(spec, refs, upstream, in_order(OUTPUTS, spec.outputs), order)
+
+    def schedule(self, wanted: Collection[str] | None = None) -> Schedule:
+        """What runs for the outputs ``wanted`` (None = all), worked out once per set."""
+        key = None if wanted is None else frozenset(wanted)
+        schedule = self._schedules.get(key)
+        if schedule is None:
+            outputs = frozenset(self.outputs) if key is None else key
+            needed = needed_nodes(self, outputs)
+            nodes = tuple(n for n in self.order if n in needed)
+            # Each node reads from the one before: no two can ever overlap.
+            chain = all(a in self.upstream[b] for a, b in itertools.pairwise(nodes))
+            schedule = Schedule(outputs, nodes, chain)
+            if len(self._schedules) < _MAX_SCHEDULES:  # of the 2**outputs sets a client
+                self._schedules[key] = schedule  # may ask for, the first few
+        return schedule
+
+
+#: schedules kept per plan (one per set of wanted outputs asked for)
+_MAX_SCHEDULES = 64
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The nodes that run for one set of wanted outputs.
+
+    Attributes:
+        wanted: the outputs to produce.
+        nodes: the nodes whose work reaches them, in a topological order.
+        chain: each of ``nodes`` reads from the one before, so none can overlap another:
+            they run one after the other in the caller's task, without a task each.
+    """
+
+    wanted: frozenset[str]
+    nodes: tuple[str, ...]
+    chain: bool
 
 
 def needed_nodes(plan: Plan, wanted: Collection[str]) -> set[str]:
@@ -148,27 +190,24 @@ async def execute(
     """
     now = clock or time.perf_counter
     spec = plan.spec
-    wanted_set = set(spec.outputs) if wanted is None else set(wanted)
-    to_run = needed_nodes(plan, wanted_set)
+    schedule = plan.schedule(wanted)
 
     values: dict[tuple[str, str], np.ndarray] = {("$inputs", k): v for k, v in inputs.items()}
-    done = {name: asyncio.Event() for name in to_run}
     timings: dict[str, NodeTiming] = {}
     running: set[str] = set()
 
     async def run_node(name: str) -> None:
-        for dependency in plan.upstream[name]:
-            await done[dependency].wait()
+        """Run one node whose upstream nodes have all finished (or skip it)."""
         node = spec.nodes[name]
+        refs = plan.refs[name]
         present: dict[str, np.ndarray] = {}
-        for local, ref in plan.refs[name].items():
+        for local, ref in refs.items():
             value = values.get((ref.source, ref.name))
             if value is not None:
                 present[local] = value
-        missing = len(present) < len(plan.refs[name])
-        if (missing and node.join == "all") or (not present and plan.refs[name]):
+        missing = len(present) < len(refs)
+        if (missing and node.join == "all") or (not present and refs):
             timings[name] = NodeTiming(now(), now(), "skipped")
-            done[name].set()
             return
         start = now()
         running.add(name)
@@ -177,7 +216,20 @@ async def execute(
                 produced = await runners[name].run(present, deadline=deadline)
             else:
                 produced = await _run_bounded(runners[name], present, deadline, node.timeout_ms)
-        except TimeoutError as exc:  # the node's own timeout_ms, not the request's deadline
+        except asyncio.CancelledError:
+            # stays in `running`, so that a deadline names the nodes it interrupted
+            timings[name] = NodeTiming(start, now(), "cancelled")
+            raise
+        except DagserveError as exc:  # DeadlineExceeded included, though a TimeoutError
+            running.discard(name)
+            timings[name] = NodeTiming(start, now(), "error")
+            if observer is not None:
+                observer(name, timings[name], exc)
+            raise
+        except TimeoutError as exc:
+            if node.timeout_ms is None:  # the runner's own, not a timeout_ms
+                raise _failed(name, node.plugin, exc, start) from exc
+            # the node's own timeout_ms, not the request's deadline
             running.discard(name)
             timings[name] = NodeTiming(start, now(), "error")
             msg = f"node {name!r} did not finish within its timeout_ms ({node.timeout_ms:g} ms)"
@@ -185,42 +237,52 @@ async def execute(
             if observer is not None:
                 observer(name, timings[name], error)
             raise error from exc
-        except asyncio.CancelledError:
-            # stays in `running`, so that a deadline names the nodes it interrupted
-            timings[name] = NodeTiming(start, now(), "cancelled")
-            raise
-        except DagserveError as exc:
-            running.discard(name)
-            timings[name] = NodeTiming(start, now(), "error")
-            if observer is not None:
-                observer(name, timings[name], exc)
-            raise
         except Exception as exc:  # a runner that lets a plain exception through
-            running.discard(name)
-            timings[name] = NodeTiming(start, now(), "error")
-            if observer is not None:
-                observer(name, timings[name], exc)
-            msg = f"node {name!r} failed: {type(exc).__name__}: {exc}"
-            raise InferenceError(
-                msg,
-                node=name,
-                plugin=node.plugin,
-                cause=f"{type(exc).__module__}.{type(exc).__qualname__}",
-            ) from exc
+            raise _failed(name, node.plugin, exc, start) from exc
         running.discard(name)
         timings[name] = NodeTiming(start, now(), "ok")
         if observer is not None:
             observer(name, timings[name], None)
         for output, value in produced.items():
             values[(name, output)] = value
-        done[name].set()
 
+    def _failed(name: str, plugin: str, exc: Exception, start: float) -> InferenceError:
+        running.discard(name)
+        timings[name] = NodeTiming(start, now(), "error")
+        if observer is not None:
+            observer(name, timings[name], exc)
+        msg = f"node {name!r} failed: {type(exc).__name__}: {exc}"
+        cause = f"{type(exc).__module__}.{type(exc).__qualname__}"
+        return InferenceError(msg, node=name, plugin=plugin, cause=cause)
+
+    async def run_chain() -> None:
+        for name in schedule.nodes:
+            await run_node(name)
+
+    async def run_concurrently() -> None:
+        # Every node starts as soon as the nodes it reads from have finished.
+        done = {name: asyncio.Event() for name in schedule.nodes}
+
+        async def when_ready(name: str) -> None:
+            for dependency in plan.upstream[name]:
+                await done[dependency].wait()
+            await run_node(name)
+            done[name].set()
+
+        async with asyncio.TaskGroup() as group:
+            for name in schedule.nodes:
+                group.create_task(when_ready(name), name=f"dagserve-node-{name}")
+
+    run = run_chain if schedule.chain else run_concurrently
     try:
-        async with asyncio.timeout_at(deadline):
-            async with asyncio.TaskGroup() as group:
-                for name in to_run:
-                    group.create_task(run_node(name), name=f"dagserve-node-{name}")
+        if deadline is None:
+            await run()
+        else:
+            async with asyncio.timeout_at(deadline):
+                await run()
     except TimeoutError as exc:
+        if deadline is None or isinstance(exc, DagserveError):
+            raise  # a chain's own DeadlineExceeded (run_node lets no other TimeoutError out)
         late = ", ".join(sorted(running)) or "none"
         msg = f"deadline exceeded while running nodes: {late}"
         raise DeadlineExceeded(msg) from exc
@@ -230,7 +292,7 @@ async def execute(
 
     outputs: dict[str, np.ndarray] = {}
     for name, ref in plan.outputs.items():
-        if name in wanted_set:
+        if name in schedule.wanted:
             value = values.get((ref.source, ref.name))
             if value is not None:
                 outputs[name] = value
@@ -258,4 +320,4 @@ def _first_cause(group_error: BaseExceptionGroup[BaseException]) -> BaseExceptio
     return errors[0]
 
 
-__all__ = ["Execution", "NodeTiming", "Plan", "execute", "needed_nodes"]
+__all__ = ["Execution", "NodeTiming", "Plan", "Schedule", "execute", "needed_nodes"]

@@ -156,9 +156,9 @@ def check_outputs(
         InferenceError: the result is not a dict, or an output is missing or has the wrong
             dtype or item shape.
     """
-    where = node_label(node, plugin)
 
     def fail(message: str) -> InferenceError:
+        where = node_label(node, plugin)
         return InferenceError(f"{where}: {message}", node=node, plugin=plugin)
 
     if not isinstance(outputs, Mapping):

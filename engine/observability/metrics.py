@@ -10,10 +10,11 @@ types from fixed lists, and a request for an unknown pipeline is counted under `
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.registry import Collector
 
 from engine.runtime.workers.pool import resident_mb
@@ -67,6 +68,7 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry(auto_describe=True)
+        self._children: dict[tuple[Any, ...], Any] = {}
         r = self.registry
         self.requests = Counter(
             "dagserve_requests", "Requests by pipeline, version and status.",
@@ -102,6 +104,15 @@ class Metrics:
             "Time one batch took in the model (worker crossing included).",
             ["model"], buckets=LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
+
+    def child(self, family: MetricWrapperBase, *values: str) -> Any:
+        """``family.labels(*values)``, looked up once per label values: ``labels()`` takes a
+        lock and checks every value, which costs more per request than the update itself."""
+        key = (family, *values)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = family.labels(*values)
+        return child
 
     def batch_observer(self, model: str) -> Callable[[int, list[float], float], None]:
         """The batcher's hook for one model: batch size, each item's wait, compute time."""

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import re
 import secrets
+import time
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -149,20 +150,39 @@ def _context_of(span: Any) -> TraceContext | None:
     return TraceContext(f"{ctx.trace_id:032x}", f"{ctx.span_id:016x}", int(ctx.trace_flags))
 
 
+#: how long "no SDK provider" is believed before asking OpenTelemetry again (asking costs
+#: more than the rest of a request's tracing; OpenTelemetry sets a provider once, for good)
+_RECHECK_S = 1.0
+#: the last answer: (the bridge it is about, spans are recorded, believed until)
+_answer: tuple[Any, bool, float] | None = None
+
+
 def tracing_enabled() -> bool:
-    """Whether spans are recorded: OpenTelemetry is installed and an SDK provider is set."""
+    """Whether spans are recorded: OpenTelemetry is installed and an SDK provider is set.
+
+    A provider set while serving is seen within :data:`_RECHECK_S`.
+    """
+    global _answer
     otel = _opentelemetry()
     if otel is None:
         return False
+    answer = _answer
+    if answer is not None and answer[0] is otel and (answer[1] or time.monotonic() < answer[2]):
+        return answer[1]
     # Until an application sets a provider, the API hands out a proxy whose spans are no-ops:
-    # skip the work of making them (checked per call: a provider may be set at any time).
-    return type(otel[0].get_tracer(_TRACER_NAME)).__name__ not in _NO_OP_TRACERS
+    # skip the work of making them.
+    enabled = type(otel[0].get_tracer(_TRACER_NAME)).__name__ not in _NO_OP_TRACERS
+    _answer = (otel, enabled, time.monotonic() + _RECHECK_S)
+    return enabled
 
 
-@contextmanager
+#: what the span functions return while nothing records spans: no generator per request
+_NO_SPAN: AbstractContextManager[None] = nullcontext()
+
+
 def start_request_span(
     pipeline: str, headers: Mapping[str, str] | None = None
-) -> Iterator[TraceContext | None]:
+) -> AbstractContextManager[TraceContext | None]:
     """Trace one request of ``pipeline``, continuing the caller's ``traceparent`` if any.
 
     Yields the trace context of this request's span: what to log beside the request and to
@@ -171,12 +191,17 @@ def start_request_span(
     caller sent none.
     An exception leaving the block is recorded on the span and propagates.
     """
-    otel = _opentelemetry()
-    if otel is None or not tracing_enabled():
+    if not tracing_enabled():
         parent = traceparent_of(headers)
-        yield None if parent is None else parent.child()
-        return
-    trace, propagate = otel
+        return _NO_SPAN if parent is None else nullcontext(parent.child())
+    return _request_span(pipeline, headers)
+
+
+@contextmanager
+def _request_span(
+    pipeline: str, headers: Mapping[str, str] | None
+) -> Iterator[TraceContext | None]:
+    trace, propagate = _opentelemetry()
     carrier = {k.lower(): v for k, v in (headers or {}).items() if isinstance(k, str)}
     context = propagate.extract(carrier)
     tracer = trace.get_tracer(_TRACER_NAME)
@@ -193,25 +218,23 @@ def start_request_span(
             yield None if parent is None else parent.child()
 
 
-@contextmanager
 def start_node_span(
     pipeline: str, node: str, *, model: str | None = None, batch_size: int | None = None
-) -> Iterator[None]:
+) -> AbstractContextManager[None]:
     """Trace one node run of ``pipeline`` as a child of the current (request) span.
 
     A no-op without OpenTelemetry, or while no SDK provider is set.  ``model``
     (``"pipeline/node"`` of the model's first user) and ``batch_size`` become span attributes.
     """
-    otel = _opentelemetry()
-    if otel is None or not tracing_enabled():
-        yield
-        return
-    trace = otel[0]
+    if not tracing_enabled():
+        return _NO_SPAN
     attributes: dict[str, str | int] = {"dagserve.pipeline": pipeline, "dagserve.node": node}
     if model is not None:
         attributes["dagserve.model"] = model
     if batch_size is not None:
         attributes["dagserve.batch_size"] = batch_size
-    tracer = trace.get_tracer(_TRACER_NAME)
-    with tracer.start_as_current_span(f"node {node}", attributes=attributes):
-        yield
+    tracer = _opentelemetry()[0].get_tracer(_TRACER_NAME)
+    span: AbstractContextManager[None] = tracer.start_as_current_span(
+        f"node {node}", attributes=attributes
+    )
+    return span

@@ -43,10 +43,10 @@ class ServedPipeline:
     def observe_node(self, node: str, timing: NodeTiming, error: BaseException | None) -> None:
         if self.metrics is None:
             return
-        name = self.pipeline.name
-        self.metrics.node_seconds.labels(name, node).observe(timing.end - timing.start)
+        metrics, name = self.metrics, self.pipeline.name
+        metrics.child(metrics.node_seconds, name, node).observe(timing.end - timing.start)
         if error is not None:
-            self.metrics.node_errors.labels(name, node, error_type(error)).inc()
+            metrics.child(metrics.node_errors, name, node, error_type(error)).inc()
 
 
 def runner_kind(node: NodeSpec, plugin_class: type[ModelPlugin]) -> str:

@@ -73,6 +73,8 @@ class Engine:
         max_inflight: int | None = None,
     ) -> None:
         self._served: dict[str, dict[str, ServedPipeline]] = {}
+        #: name -> its latest version among those served
+        self._latest: dict[str, str] = {}
         self._pending = list(pipelines)
         seen: set[tuple[str, str]] = set()
         for p in self._pending:
@@ -113,6 +115,7 @@ class Engine:
                 )  # fmt: skip
                 # Register before loading, so that aclose() unloads a half-started pipeline.
                 self._served[pipeline.name][pipeline.version] = served
+                self._latest.pop(pipeline.name, None)
                 for name, runner in served.runners.items():
                     if not isinstance(runner, ModelRunner):  # models start below, once
                         await _start_runner(pipeline, name, runner)
@@ -149,7 +152,10 @@ class Engine:
         if not versions:
             raise PipelineNotFound(name, None, list(self._served))
         if version is None:
-            return versions[max(versions, key=_version_key)]
+            latest = self._latest.get(name)
+            if latest not in versions:  # worked out once per set of versions
+                latest = self._latest[name] = max(versions, key=_version_key)
+            return versions[latest]
         if version not in versions:
             raise PipelineNotFound(name, version, [f"{name}:{v}" for v in versions])
         return versions[version]
@@ -172,7 +178,7 @@ class Engine:
             if self.max_inflight is not None and self.inflight >= self.max_inflight:
                 msg = f"{self.inflight} requests in flight (max_inflight {self.max_inflight})"
                 raise Overloaded(msg, retry_after_ms=10)
-            inflight = self.metrics.inflight.labels(pipeline)
+            inflight = self.metrics.child(self.metrics.inflight, pipeline)
             inflight.inc()
             self.inflight += 1
             try:
@@ -191,10 +197,11 @@ class Engine:
             raise
         finally:
             seconds = time.perf_counter() - started
+            metrics = self.metrics
             if not isinstance(error, asyncio.CancelledError):
-                self.metrics.requests.labels(pipeline, version, status_of(error)).inc()
+                metrics.child(metrics.requests, pipeline, version, status_of(error)).inc()
             if pipeline:
-                self.metrics.request_seconds.labels(pipeline, version).observe(seconds)
+                metrics.child(metrics.request_seconds, pipeline, version).observe(seconds)
             self._log_request(request, pipeline, seconds, execution, error)
             logs.trace_id.reset(trace_token)
             logs.request_id.reset(token)
@@ -211,25 +218,28 @@ class Engine:
         execution: Execution | None,
         error: BaseException | None,
     ) -> None:
-        fields: dict[str, Any] = {"pipeline": request.pipeline, "ms": round(seconds * 1000, 3)}
+        ms = seconds * 1000
+        slow_ms = self.slow_request_ms
+        slow = execution is not None and slow_ms is not None and ms >= slow_ms
+        if (error is None and not slow) or isinstance(error, asyncio.CancelledError):
+            # served in time, or cancelled: a debug line, most often off (then nothing is built)
+            if logger.isEnabledFor(logging.DEBUG):
+                served = {"pipeline": request.pipeline, "ms": round(ms, 3)}
+                logger.debug("request served", extra=served)
+            return
+        fields: dict[str, Any] = {"pipeline": request.pipeline, "ms": round(ms, 3)}
         if isinstance(error, InferenceError):
             fields.update(node=error.node, plugin=error.plugin, cause=error.cause)
             logger.warning("request failed: %s", error.message, extra=fields)
         elif isinstance(error, DagserveError):
             logger.info("request refused: %s: %s", type(error).__name__, error, extra=fields)
-        elif error is not None and not isinstance(error, asyncio.CancelledError):
+        elif error is not None:
             logger.error("request failed", exc_info=error, extra=fields)
-        elif (
-            execution is not None
-            and self.slow_request_ms is not None
-            and seconds * 1000 >= self.slow_request_ms
-        ):
+        elif execution is not None:  # slow
             nodes = execution.node_latency_us
             breakdown = ", ".join(f"{n} {us / 1000:.2f} ms" for n, us in nodes.items())
             fields["node_ms"] = {n: round(us / 1000, 3) for n, us in nodes.items()}
-            logger.warning("slow request: %.1f ms (%s)", seconds * 1000, breakdown, extra=fields)
-        else:
-            logger.debug("request served", extra=fields)
+            logger.warning("slow request: %.1f ms (%s)", ms, breakdown, extra=fields)
 
     async def execute(self, served: ServedPipeline, request: InferenceRequest) -> Execution:
         """Check ``request`` against the pipeline's signature and run it."""

@@ -21,12 +21,11 @@ concurrency comes from many connections.
 from __future__ import annotations
 
 import asyncio
-import functools
 import inspect
 import logging
 import socket
 import ssl
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -54,6 +53,39 @@ class _Connection:
     writer: asyncio.StreamWriter
     #: a request is being read, run or answered (aclose lets it finish within its grace)
     busy: bool = False
+
+
+class _StreamProtocol(asyncio.StreamReaderProtocol):
+    """asyncio's stream protocol, which also calls ``on_gone`` when the peer goes (EOF or a
+    reset): the connection sets it while a request is processed."""
+
+    on_gone: Callable[[], None] | None = None
+
+    def eof_received(self) -> bool:
+        if self.on_gone is not None:
+            self.on_gone()
+        return bool(super().eof_received())
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.on_gone is not None:
+            self.on_gone()
+        super().connection_lost(exc)
+
+
+async def _start_server(
+    client_connected: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Any],
+    *,
+    sock: socket.socket,
+    ssl: ssl.SSLContext | None,
+) -> asyncio.Server:
+    """``asyncio.start_server`` with :class:`_StreamProtocol` (thriftpy2's socket calls it)."""
+    loop = asyncio.get_running_loop()
+
+    def protocol() -> _StreamProtocol:
+        reader = asyncio.StreamReader(limit=STREAM_LIMIT, loop=loop)
+        return _StreamProtocol(reader, client_connected, loop=loop)
+
+    return await loop.create_server(protocol, sock=sock, ssl=ssl)
 
 
 def _peer_name(writer: asyncio.StreamWriter) -> str:
@@ -112,10 +144,11 @@ class ThriftServer(TAsyncServer):
         server_socket = TAsyncServerSocket(
             host=host, port=port, client_timeout=None, backlog=backlog, ssl_context=ssl_context
         )
-        server_socket.sock_factory = functools.partial(asyncio.start_server, limit=STREAM_LIMIT)
+        server_socket.sock_factory = _start_server  # type: ignore[assignment]
         super().__init__(processor=None, trans=server_socket)
         self.handler = handler
         self.service = service if service is not None else dagserve_thrift.InferenceService
+        self._methods = _methods(self.service)
         self.host = host
         #: the bound port (the real one once started, also when asked for port 0)
         self.port = port
@@ -215,70 +248,68 @@ class ThriftServer(TAsyncServer):
     async def _serve_connection(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, connection: _Connection
     ) -> None:
-        # The read of the next frame header runs while a request is processed: if the client
-        # hangs up meanwhile, its request is cancelled instead of running on for nobody.
-        next_header: asyncio.Task[bytes] | None = None
-        try:
-            while not self._closing:
-                connection.busy = False
-                if next_header is None:
-                    next_header = asyncio.ensure_future(reader.readexactly(4))
-                try:
-                    if self.idle_timeout_s is None:
-                        header = await next_header
-                    else:
-                        header = await asyncio.wait_for(next_header, self.idle_timeout_s)
-                except (asyncio.IncompleteReadError, ConnectionError):
-                    return  # the peer closed (the normal end of a connection)
-                except TimeoutError:
-                    logger.info(
-                        "closing connection from %s: idle for %.1f s", connection.peer,
-                        self.idle_timeout_s,
-                    )  # fmt: skip
-                    return
-                next_header = None
-                connection.busy = True
-                size = int.from_bytes(header, "big", signed=True)
-                # Check before reading anything more (DESIGN.md, Known hazards: huge headers).
-                if size < 0 or size > self.max_frame_bytes:
-                    logger.warning(
-                        "closing connection from %s: frame of %d bytes announced, limit is %d "
-                        "(max_frame_bytes)", connection.peer, size, self.max_frame_bytes,
-                    )  # fmt: skip
-                    return
-                try:
-                    body = await reader.readexactly(size)
-                except (asyncio.IncompleteReadError, ConnectionError):
-                    return
-                next_header = asyncio.ensure_future(reader.readexactly(4))
-                reply = await self._process_unless_hung_up(body, connection, next_header)
-                if reply is None:
-                    return
-                try:
-                    writer.writelines((len(reply).to_bytes(4, "big"), reply))
-                    await writer.drain()
-                except ConnectionError:
-                    return
-        finally:
-            if next_header is not None and not next_header.done():
-                next_header.cancel()
+        # If the client hangs up while its request is processed, the request is cancelled
+        # instead of running on for nobody: the protocol says when the peer has gone.  The
+        # request runs in this task (a task of its own would cost more than a tiny request).
+        protocol = writer.transport.get_protocol()
+        task = asyncio.current_task()
+        assert isinstance(protocol, _StreamProtocol)
+        assert task is not None
+        hung_up = False
 
-    async def _process_unless_hung_up(
-        self, body: bytes, connection: _Connection, next_header: asyncio.Task[bytes]
-    ) -> bytes | None:
-        process = asyncio.ensure_future(self._process(body, connection.peer))
-        try:
-            await asyncio.wait({process, next_header}, return_when=asyncio.FIRST_COMPLETED)
-        except asyncio.CancelledError:
-            process.cancel()
-            raise
-        if not process.done() and next_header.done() and next_header.exception() is not None:
-            # EOF or reset before the answer: nobody is waiting for it any more.
-            process.cancel()
-            await asyncio.gather(process, return_exceptions=True)
-            logger.info("client %s hung up; its request was cancelled", connection.peer)
-            return None
-        return await process
+        def hang_up() -> None:
+            nonlocal hung_up
+            hung_up = True
+            task.cancel()
+
+        while not self._closing:
+            connection.busy = False
+            try:
+                if self.idle_timeout_s is None:
+                    header = await reader.readexactly(4)
+                else:
+                    header = await asyncio.wait_for(reader.readexactly(4), self.idle_timeout_s)
+            except (asyncio.IncompleteReadError, ConnectionError):
+                return  # the peer closed (the normal end of a connection)
+            except TimeoutError:
+                logger.info(
+                    "closing connection from %s: idle for %.1f s", connection.peer,
+                    self.idle_timeout_s,
+                )  # fmt: skip
+                return
+            connection.busy = True
+            size = int.from_bytes(header, "big", signed=True)
+            # Check before reading anything more (DESIGN.md, Known hazards: huge headers).
+            if size < 0 or size > self.max_frame_bytes:
+                logger.warning(
+                    "closing connection from %s: frame of %d bytes announced, limit is %d "
+                    "(max_frame_bytes)", connection.peer, size, self.max_frame_bytes,
+                )  # fmt: skip
+                return
+            try:
+                body = await reader.readexactly(size)
+            except (asyncio.IncompleteReadError, ConnectionError):
+                return
+            if reader.at_eof():  # gone already, with its request in hand
+                logger.info("client %s hung up; its request was not run", connection.peer)
+                return
+            protocol.on_gone = hang_up
+            try:
+                reply = await self._process(body, connection.peer)
+            except asyncio.CancelledError:
+                if not hung_up:
+                    raise
+                logger.info("client %s hung up; its request was cancelled", connection.peer)
+                return
+            finally:
+                protocol.on_gone = None
+            if reply is None:
+                return
+            try:
+                writer.writelines((len(reply).to_bytes(4, "big"), reply))
+                await writer.drain()
+            except ConnectionError:
+                return
 
     # --- one message ----------------------------------------------------------------------
 
@@ -297,11 +328,12 @@ class ThriftServer(TAsyncServer):
                 name, seqid, TApplicationException.INVALID_MESSAGE_TYPE,
                 f"expected a call, got message type {message_type}",
             )  # fmt: skip
-        if name not in self.service.thrift_services:
+        method = self._methods.get(name)
+        if method is None:
             return _application_error(
                 name, seqid, TApplicationException.UNKNOWN_METHOD, f"unknown method {name!r}"
             )
-        args_class = getattr(self.service, f"{name}_args")
+        args_class, result_class, arg_names = method
         try:
             # Before any decode: thriftpy2's can spin for seconds on a small forged frame
             # (engine/transport/frame_guard.py; DESIGN.md, Known hazards).
@@ -321,11 +353,9 @@ class ThriftServer(TAsyncServer):
                 name, seqid, TApplicationException.PROTOCOL_ERROR,
                 f"cannot decode the arguments of {name}: {exc}",
             )  # fmt: skip
-        result = getattr(self.service, f"{name}_result")()
+        result = result_class()
         try:
-            answer = getattr(self.handler, name)(
-                **{spec[1]: getattr(args, spec[1]) for spec in args.thrift_spec.values()}
-            )
+            answer = getattr(self.handler, name)(**{a: getattr(args, a) for a in arg_names})
             if inspect.isawaitable(answer):
                 answer = await answer
             result.success = answer
@@ -342,6 +372,16 @@ class ThriftServer(TAsyncServer):
                 name, seqid, TApplicationException.INTERNAL_ERROR,
                 f"cannot encode the reply of {name}: {exc}",
             )  # fmt: skip
+
+
+def _methods(service: Any) -> dict[str, tuple[Any, Any, tuple[str, ...]]]:
+    """Method name -> its arguments' class, its result's class, its argument names."""
+    table = {}
+    for name in service.thrift_services:
+        args_class = getattr(service, f"{name}_args")
+        arg_names = tuple(spec[1] for spec in args_class.thrift_spec.values())
+        table[name] = (args_class, getattr(service, f"{name}_result"), arg_names)
+    return table
 
 
 def _declared_field(result: Any, exc: Exception) -> str | None:

@@ -58,15 +58,22 @@ def map_to_wire(what: str = "request") -> Iterator[None]:
         yield
     except TException:
         raise
-    except DagserveError as exc:
-        raise to_wire(exc) from exc
     except Exception as exc:
-        # The one place a traceback of an unexpected error is logged; the client only gets
-        # the class and message.
-        logger.exception("internal error in %s", what)
-        raise dagserve_thrift.InferenceError(
-            message=f"internal error: {type(exc).__name__}: {exc}"
-        ) from exc
+        raise wire_error(exc, what) from exc
+
+
+def wire_error(exc: Exception, what: str = "request") -> TException:
+    """What :func:`map_to_wire` raises for ``exc`` (not an IDL exception itself), for a
+    handler that catches its errors itself."""
+    if isinstance(exc, DagserveError):
+        return to_wire(exc)
+    # The one place a traceback of an unexpected error is logged; the client only gets the
+    # class and message.
+    logger.error("internal error in %s", what, exc_info=exc)
+    wire: TException = dagserve_thrift.InferenceError(
+        message=f"internal error: {type(exc).__name__}: {exc}"
+    )
+    return wire
 
 
 def from_wire(exc: TException, *, pipeline: str | None = None) -> DagserveError:
@@ -95,4 +102,4 @@ def from_wire(exc: TException, *, pipeline: str | None = None) -> DagserveError:
     return ApplicationError(f"unexpected exception from the server: {exc!r}")
 
 
-__all__ = ["from_wire", "map_to_wire", "to_wire"]
+__all__ = ["from_wire", "map_to_wire", "to_wire", "wire_error"]

@@ -175,3 +175,78 @@ async def test_a_node_past_its_timeout_fails_alone_with_its_name():
     ) as info:
         await asyncio.wait_for(execute(plan(s), {"x": np.zeros((1, 2), np.float32)}, runners), 5)
     assert info.value.node == "b"
+
+
+CHAIN = {
+    "name": "chain",
+    "inputs": {"x": {"dtype": "float32", "shape": [2]}},
+    "nodes": {
+        "a": {"plugin": "identity", "inputs": {"x": "$inputs.x"}},
+        "b": {"plugin": "identity", "inputs": {"x": "a.out"}},
+    },
+    "outputs": {"y": "b.out", "a": "a.out"},
+}
+
+
+def test_the_schedule_runs_a_chain_in_order_and_a_diamond_concurrently():
+    diamond = plan(DIAMOND)
+    assert not diamond.schedule().chain
+    assert diamond.schedule(["c"]).nodes == ("c",)
+    assert diamond.schedule(["c"]).chain
+    assert diamond.schedule() is diamond.schedule(None)  # worked out once
+    chain = plan(CHAIN)
+    assert chain.schedule().nodes == ("a", "b")
+    assert chain.schedule().chain
+    assert chain.schedule(["a"]).nodes == ("a",)
+
+
+async def test_a_chain_runs_in_the_callers_task():
+    tasks: list[asyncio.Task | None] = []
+
+    class InTask(Recorder):
+        async def run(self, inputs, *, deadline):
+            tasks.append(asyncio.current_task())
+            return await super().run(inputs, deadline=deadline)
+
+    log: list[str] = []
+    x = np.ones((1, 2), np.float32)
+    result = await execute(plan(CHAIN), {"x": x}, {n: InTask(n, log) for n in ("a", "b")})
+    assert tasks == [asyncio.current_task()] * 2
+    assert log == ["start a", "end a", "start b", "end b"]
+    np.testing.assert_array_equal(result.outputs["y"], x + 2)
+    assert result.timings["a"].end <= result.timings["b"].start
+
+
+async def test_a_failure_in_a_chain_names_its_node_and_stops_the_chain():
+    log: list[str] = []
+    runners = {"a": Recorder("a", log, fail=True), "b": Recorder("b", log)}
+    with pytest.raises(InferenceError) as info:
+        await execute(plan(CHAIN), {"x": np.zeros((1, 2), np.float32)}, runners)
+    assert info.value.node == "a"
+    assert log == ["start a"]
+
+
+async def test_deadline_names_the_running_node_of_a_chain():
+    loop = asyncio.get_running_loop()
+    runners = {"a": Recorder("a", []), "b": Recorder("b", [], hang=True)}
+    with pytest.raises(DeadlineExceeded, match="running nodes: b"):
+        await execute(
+            plan(CHAIN), {"x": np.zeros((1, 2), np.float32)}, runners, deadline=loop.time() + 0.05
+        )
+
+
+class Late:
+    """A runner whose model gave up on the request's deadline (as a batcher does)."""
+
+    async def run(self, inputs, *, deadline):
+        raise DeadlineExceeded("the deadline passed before a batch could run")
+
+
+@pytest.mark.parametrize("spec", [CHAIN, DIAMOND], ids=["chain", "diamond"])
+@pytest.mark.parametrize("with_deadline", [False, True])
+async def test_a_runners_deadline_exceeded_reaches_the_caller_as_it_is(spec, with_deadline):
+    loop = asyncio.get_running_loop()
+    runners = {n: Recorder(n, []) for n in spec["nodes"]} | {"a": Late()}
+    deadline = loop.time() + 5 if with_deadline else None
+    with pytest.raises(DeadlineExceeded, match="before a batch could run"):
+        await execute(plan(spec), {"x": np.zeros((1, 2), np.float32)}, runners, deadline=deadline)

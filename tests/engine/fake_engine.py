@@ -56,6 +56,8 @@ class FakeEngine:
         self.requests: list[InferenceRequest] = []
         #: set when a request reaches infer (a test thread can wait for it)
         self.entered = threading.Event()
+        #: set when a request is cancelled while it sleeps
+        self.cancelled = threading.Event()
         #: raised by health() when set
         self.health_error: Exception | None = None
 
@@ -65,7 +67,11 @@ class FakeEngine:
         if request.pipeline != "echo":
             raise PipelineNotFound(request.pipeline, request.version, known=["echo"])
         if "sleep_ms" in request.headers:
-            await asyncio.sleep(int(request.headers["sleep_ms"]) / 1000)
+            try:
+                await asyncio.sleep(int(request.headers["sleep_ms"]) / 1000)
+            except asyncio.CancelledError:
+                self.cancelled.set()
+                raise
         if "raise" in request.headers:
             raise ERRORS[request.headers["raise"]]()
         outputs = dict(request.inputs)

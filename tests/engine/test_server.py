@@ -30,6 +30,7 @@ from model_plugins.errors import (
     PipelineNotFound,
 )
 from tests.engine.fake_engine import FakeEngine, ServerThread, serving
+from tests.serving import wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(30)]
 
@@ -442,6 +443,41 @@ def test_async_client_timeout(server: ServerThread) -> None:
             assert client._idle == []
 
     asyncio.run(main())
+
+
+def infer_frame(headers: dict[str, str], seqid: int = 1) -> bytes:
+    request = t.InferRequest(pipeline="echo", inputs={}, request_id="r", headers=headers)
+    return encode_message("infer", TMessageType.CALL, seqid, t.InferenceService.infer_args(request))
+
+
+@pytest.mark.parametrize("how", ["close", "reset", "half-close"])
+def test_a_client_that_hangs_up_has_its_request_cancelled(
+    server: ServerThread, caplog: pytest.LogCaptureFixture, how: str
+) -> None:
+    caplog.set_level(logging.INFO, logger="engine.transport.thrift")
+    sock = raw_connection(server.port)
+    send_frame(sock, infer_frame({"sleep_ms": "5000"}))
+    assert server.engine.entered.wait(5)
+    if how == "reset":  # RST instead of FIN
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    if how == "half-close":  # nothing more to send: the answer has nobody to go to either
+        sock.shutdown(socket.SHUT_WR)
+    else:
+        sock.close()
+    assert server.engine.cancelled.wait(5)
+    wait_until(lambda: "hung up; its request was cancelled" in caplog.text, "the hang-up logged")
+    sock.close()
+
+
+def test_requests_sent_ahead_are_answered_in_order(server: ServerThread) -> None:
+    # the next frame may arrive while one is processed: it waits its turn, nothing is lost
+    with raw_connection(server.port) as sock:
+        sock.sendall(b"".join(
+            struct.pack(">i", len(body)) + body
+            for body in (infer_frame({"sleep_ms": "50"}, seqid=1), infer_frame({}, seqid=2))
+        ))  # fmt: skip
+        assert [recv_reply(sock)[2] for _ in range(2)] == [1, 2]
+        assert not server.engine.cancelled.is_set()
 
 
 def test_aclose_closes_connections_and_stops_accepting() -> None:
