@@ -9,13 +9,23 @@ types from fixed lists, and a request for an unknown pipeline is counted under `
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import bisect
+import itertools
+import math
+import time
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.metrics import MetricWrapperBase
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
+from prometheus_client.samples import Sample
+from prometheus_client.utils import floatToGoString
 
 from engine.runtime.workers.pool import resident_mb
 from model_plugins.errors import (
@@ -64,73 +74,165 @@ def error_type(error: BaseException) -> str:
 
 
 class Metrics:
-    """The metric families of one server, in their own registry."""
+    """The metric families of one server, in their own registry.
+
+    The families that every request updates are this module's own (:class:`Counter`,
+    :class:`Gauge`, :class:`Histogram`): plain numbers that the event loop's thread updates
+    without a lock, and a scrape reads.  ``prometheus_client``'s take a lock per number and
+    look the labels up per update, which cost more than the rest of a tiny request's metrics.
+    """
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry(auto_describe=True)
-        self._children: dict[tuple[Any, ...], Any] = {}
-        r = self.registry
         self.requests = Counter(
             "dagserve_requests", "Requests by pipeline, version and status.",
-            ["pipeline", "version", "status"], registry=r,
+            ["pipeline", "version", "status"],
         )  # fmt: skip
         self.request_seconds = Histogram(
             "dagserve_request_duration_seconds", "Request latency, from decoded to answered.",
-            ["pipeline", "version"], buckets=LATENCY_BUCKETS, registry=r,
+            ["pipeline", "version"], LATENCY_BUCKETS,
         )  # fmt: skip
         self.inflight = Gauge(
-            "dagserve_inflight_requests", "Requests being executed.", ["pipeline"], registry=r
+            "dagserve_inflight_requests", "Requests being executed.", ["pipeline"]
         )
         self.node_seconds = Histogram(
             "dagserve_node_duration_seconds",
             "Node latency within a request: queue and compute for model nodes.",
-            ["pipeline", "node"], buckets=LATENCY_BUCKETS, registry=r,
+            ["pipeline", "node"], LATENCY_BUCKETS,
         )  # fmt: skip
         self.node_errors = Counter(
-            "dagserve_node_errors", "Node failures by error type.",
-            ["pipeline", "node", "error"], registry=r,
-        )  # fmt: skip
+            "dagserve_node_errors", "Node failures by error type.", ["pipeline", "node", "error"]
+        )
         self.queue_seconds = Histogram(
             "dagserve_model_queue_duration_seconds",
             "Time an item waited in its model's batcher before its batch started.",
-            ["model"], buckets=LATENCY_BUCKETS, registry=r,
+            ["model"], LATENCY_BUCKETS,
         )  # fmt: skip
         self.batch_size = Histogram(
-            "dagserve_model_batch_size", "Items per call of the model.",
-            ["model"], buckets=BATCH_BUCKETS, registry=r,
-        )  # fmt: skip
+            "dagserve_model_batch_size", "Items per call of the model.", ["model"], BATCH_BUCKETS
+        )
         self.compute_seconds = Histogram(
             "dagserve_model_compute_duration_seconds",
             "Time one batch took in the model (worker crossing included).",
-            ["model"], buckets=LATENCY_BUCKETS, registry=r,
+            ["model"], LATENCY_BUCKETS,
         )  # fmt: skip
-
-    def child(self, family: MetricWrapperBase, *values: str) -> Any:
-        """``family.labels(*values)``, looked up once per label values: ``labels()`` takes a
-        lock and checks every value, which costs more per request than the update itself."""
-        key = (family, *values)
-        child = self._children.get(key)
-        if child is None:
-            child = self._children[key] = family.labels(*values)
-        return child
+        self.registry.register(
+            _Families(
+                self.requests, self.request_seconds, self.inflight, self.node_seconds,
+                self.node_errors, self.queue_seconds, self.batch_size, self.compute_seconds,
+            )
+        )  # fmt: skip
 
     def batch_observer(self, model: str) -> Callable[[int, list[float], float], None]:
         """The batcher's hook for one model: batch size, each item's wait, compute time."""
-        batch_size = self.batch_size.labels(model)
-        queue = self.queue_seconds.labels(model)
-        compute = self.compute_seconds.labels(model)
+        batch_size, queue, compute = self.batch_size, self.queue_seconds, self.compute_seconds
+        for family in (batch_size, queue, compute):
+            family.series(model)  # exported from the start, at 0
 
         def observe(size: int, waits: list[float], seconds: float) -> None:
-            batch_size.observe(size)
+            batch_size.observe(size, model)
             for wait in waits:
-                queue.observe(wait)
-            compute.observe(seconds)
+                queue.observe(wait, model)
+            compute.observe(seconds, model)
 
         return observe
 
     def watch(self, engine: Engine, connections: Callable[[], int] | None = None) -> None:
         """Read the engine's live state (queues, workers, GPUs) at every scrape."""
         self.registry.register(_LiveCollector(engine, connections))
+
+
+# --- the families every request updates ---------------------------------------------------
+# Updated on the event loop's thread only; a scrape (on another thread) copies what it reads.
+
+
+class Counter:
+    """A labelled counter: ``inc(*label_values)``; exported as ``<name>_total``/``_created``."""
+
+    def __init__(self, name: str, documentation: str, labelnames: Sequence[str]) -> None:
+        self.name, self.documentation, self.labelnames = name, documentation, list(labelnames)
+        #: label values -> [count, created]
+        self._series: dict[tuple[str, ...], list[float]] = {}
+
+    def inc(self, *labels: str) -> None:
+        series = self._series.get(labels)
+        if series is None:
+            series = self._series[labels] = [0.0, time.time()]
+        series[0] += 1
+
+    def collect(self) -> Metric:
+        family = CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        for labels, (count, created) in list(self._series.items()):
+            family.add_metric(labels, count, created=created)
+        return family
+
+
+class Gauge:
+    """A labelled gauge that goes up and down: ``inc(*label_values)``, ``dec(...)``."""
+
+    def __init__(self, name: str, documentation: str, labelnames: Sequence[str]) -> None:
+        self.name, self.documentation, self.labelnames = name, documentation, list(labelnames)
+        self._values: dict[tuple[str, ...], float] = {}
+
+    def inc(self, *labels: str) -> None:
+        self._values[labels] = self._values.get(labels, 0.0) + 1
+
+    def dec(self, *labels: str) -> None:
+        self._values[labels] = self._values.get(labels, 0.0) - 1
+
+    def collect(self) -> Metric:
+        family = GaugeMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        for labels, value in list(self._values.items()):
+            family.add_metric(labels, value)
+        return family
+
+
+class Histogram:
+    """A labelled histogram: ``observe(value, *label_values)``; exported as Prometheus'
+    cumulative ``le`` buckets (``+Inf`` added), ``_count``, ``_sum`` and ``_created``."""
+
+    def __init__(
+        self, name: str, documentation: str, labelnames: Sequence[str], buckets: Sequence[float]
+    ) -> None:
+        self.name, self.documentation, self.labelnames = name, documentation, list(labelnames)
+        bounds = [float(b) for b in buckets]
+        if bounds[-1] != math.inf:
+            bounds.append(math.inf)
+        self._bounds = bounds
+        self._les = [floatToGoString(b) for b in bounds]  # type: ignore[no-untyped-call]
+        #: label values -> [count per bucket, sum, created]
+        self._series: dict[tuple[str, ...], list[Any]] = {}
+
+    def series(self, *labels: str) -> list[Any]:
+        """The numbers of these label values (exported from now on, at 0 until observed)."""
+        series = self._series.get(labels)
+        if series is None:
+            series = self._series[labels] = [[0] * len(self._bounds), 0.0, time.time()]
+        return series
+
+    def observe(self, value: float, *labels: str) -> None:
+        series = self._series.get(labels) or self.series(*labels)
+        # the first bucket whose bound is >= value, as prometheus_client counts it
+        series[0][bisect.bisect_left(self._bounds, value)] += 1
+        series[1] += value
+
+    def collect(self) -> Metric:
+        family = HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        for labels, (counts, total, created) in list(self._series.items()):
+            cumulative = itertools.accumulate(list(counts))
+            family.add_metric(labels, list(zip(self._les, cumulative, strict=True)), total)
+            where = dict(zip(self.labelnames, labels, strict=True))
+            family.samples.append(Sample(f"{self.name}_created", where, created))
+        return family
+
+
+class _Families(Collector):
+    def __init__(self, *families: Counter | Gauge | Histogram) -> None:
+        self.families = families
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self.families:
+            yield family.collect()
 
 
 class _LiveCollector(Collector):

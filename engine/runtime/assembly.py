@@ -43,10 +43,10 @@ class ServedPipeline:
     def observe_node(self, node: str, timing: NodeTiming, error: BaseException | None) -> None:
         if self.metrics is None:
             return
-        metrics, name = self.metrics, self.pipeline.name
-        metrics.child(metrics.node_seconds, name, node).observe(timing.end - timing.start)
+        name = self.pipeline.name
+        self.metrics.node_seconds.observe(timing.end - timing.start, name, node)
         if error is not None:
-            metrics.child(metrics.node_errors, name, node, error_type(error)).inc()
+            self.metrics.node_errors.inc(name, node, error_type(error))
 
 
 def runner_kind(node: NodeSpec, plugin_class: type[ModelPlugin]) -> str:

@@ -178,13 +178,12 @@ class Engine:
             if self.max_inflight is not None and self.inflight >= self.max_inflight:
                 msg = f"{self.inflight} requests in flight (max_inflight {self.max_inflight})"
                 raise Overloaded(msg, retry_after_ms=10)
-            inflight = self.metrics.child(self.metrics.inflight, pipeline)
-            inflight.inc()
+            self.metrics.inflight.inc(pipeline)
             self.inflight += 1
             try:
                 execution = await self.execute(served, request)
             finally:
-                inflight.dec()
+                self.metrics.inflight.dec(pipeline)
                 self.inflight -= 1
             return InferenceResult(
                 request_id=request.request_id,
@@ -197,11 +196,10 @@ class Engine:
             raise
         finally:
             seconds = time.perf_counter() - started
-            metrics = self.metrics
             if not isinstance(error, asyncio.CancelledError):
-                metrics.child(metrics.requests, pipeline, version, status_of(error)).inc()
+                self.metrics.requests.inc(pipeline, version, status_of(error))
             if pipeline:
-                metrics.child(metrics.request_seconds, pipeline, version).observe(seconds)
+                self.metrics.request_seconds.observe(seconds, pipeline, version)
             self._log_request(request, pipeline, seconds, execution, error)
             logs.trace_id.reset(trace_token)
             logs.request_id.reset(token)
