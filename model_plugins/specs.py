@@ -140,6 +140,8 @@ class TensorSpec:
 
     def accepts_item_shape(self, item_shape: Sequence[int]) -> bool:
         """Whether one item of this shape fits the spec."""
+        if item_shape == self.shape:  # numpy's shapes are tuples, as ours
+            return True
         if len(item_shape) != len(self.shape):
             return False
         return all(want in (-1, got) for want, got in zip(self.shape, item_shape, strict=True))

@@ -69,7 +69,10 @@ class LocalRunner:
 
     async def run(self, inputs: Batch, *, deadline: float | None) -> Batch:
         assert self._idle is not None, "runner used before start()"
-        plugin = await self._idle.get()
+        try:
+            plugin = self._idle.get_nowait()  # most often one is free: no coroutine to make
+        except asyncio.QueueEmpty:
+            plugin = await self._idle.get()
         try:
             with start_node_span(self.binding.pipeline, self.binding.node):
                 outputs = await self._call(plugin.predict, inputs)

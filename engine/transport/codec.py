@@ -55,6 +55,17 @@ def _invalid(where: str, what: str, message: str) -> InvalidRequest:
 
 
 def _check_shape(shape: Any, where: str) -> tuple[int, ...]:
+    if shape.__class__ is list and 0 < len(shape) <= MAX_NDIM:  # as thriftpy2 decodes it
+        elements = 1
+        for d in shape:
+            if d.__class__ is not int or d < 0:
+                break
+            if d:
+                elements *= d
+        else:
+            if elements <= MAX_ELEMENTS:
+                return tuple(shape)
+    # what is wrong, and where
     if shape is None:
         raise _invalid(where, "shape", "shape is missing")
     if not isinstance(shape, list | tuple) or not all(isinstance(d, int) for d in shape):
