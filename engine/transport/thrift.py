@@ -57,7 +57,8 @@ class _Connection:
 
 class _StreamProtocol(asyncio.StreamReaderProtocol):
     """asyncio's stream protocol, which also calls ``on_gone`` when the peer goes (EOF or a
-    reset): the connection sets it while a request is processed."""
+    reset): the connection sets it while a request is processed.  A client that closes its
+    side (even a half-close, with requests sent ahead) is taken to wait for no answer."""
 
     on_gone: Callable[[], None] | None = None
 
@@ -257,10 +258,11 @@ class ThriftServer(TAsyncServer):
         assert task is not None
         hung_up = False
 
-        def hang_up() -> None:
+        def hang_up() -> None:  # EOF, then the connection lost: once is enough
             nonlocal hung_up
-            hung_up = True
-            task.cancel()
+            if not hung_up:
+                hung_up = True
+                task.cancel()
 
         while not self._closing:
             connection.busy = False
@@ -299,6 +301,7 @@ class ThriftServer(TAsyncServer):
             except asyncio.CancelledError:
                 if not hung_up:
                     raise
+                task.uncancel()  # our own cancellation, handled here
                 logger.info("client %s hung up; its request was cancelled", connection.peer)
                 return
             finally:
