@@ -62,6 +62,8 @@ class Scenario:
 SCENARIOS = (
     Scenario("worker_crossing", "Handing a tensor to a worker process and back",
              ("--repeat", "30"), ("--repeat", "5"), 120, 40),
+    Scenario("worker_speed", "A model's compute time inside a worker against the same call offline",
+             (), ("--quick",), 240, 90),
     Scenario("rpc_overhead", "The RPC ceiling: identity pipeline against a bare echo server",
              (), ("--quick",), 180, 50),
     Scenario("dag_overhead", "What one more node costs: chains and fan-outs of identity nodes",

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError
 
 from engine.errors import ConfigError
 from engine.runtime.devices import GpuConfig
@@ -100,6 +100,10 @@ class ServerConfig(BaseModel):
     until the server restarts.  None: never."""
     quarantine_window_s: float = Field(300.0, gt=0)
     """The window over which a model's crashes are counted for ``quarantine_after_crashes``."""
+    worker_threads: Literal["auto"] | PositiveInt = "auto"
+    """Intra-op threads of each model instance in a worker (torch/OpenMP, BLAS, Paddle, TF).
+    ``auto``: a worker's cores (its CPU affinity, capped by a cgroup quota) shared among the
+    instances it holds, ``max(1, cores // instances)`` each (README, "Threads in a worker")."""
     tls: TlsConfig | None = None
     """TLS on the Thrift port; None: plain TCP (the default, meant for loopback)."""
     gpus: list[GpuConfig] | None = None

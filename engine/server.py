@@ -36,6 +36,7 @@ class Server:
             memory_limit_mb=config.worker_memory_limit_mb,
             quarantine_after_crashes=config.quarantine_after_crashes,
             quarantine_window_s=config.quarantine_window_s,
+            worker_threads=None if config.worker_threads == "auto" else config.worker_threads,
             log_level=logging.getLevelName(config.log_level.upper()),
         )
         inventory = (

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from model_plugins._host import wire
+from model_plugins._host import threads, wire
 from model_plugins._host.messages import (
     GetSignature,
     Loaded,
@@ -174,11 +174,13 @@ class _Worker:
 
     def _load_instance(self, instance: _Instance, message_id: int, context: LoadContext) -> None:
         self.calls.begin(instance.slot, message_id)
+        threads.settle()  # this thread's share of the cores, before its framework starts
         instance.plugin.load(context)
         self.calls.end(instance.slot)
 
     def _run_instance(self, instance: _Instance, message_id: int, message: Predict) -> None:
         self.calls.begin(instance.slot, message_id)
+        threads.settle()  # re-balanced if models were loaded or unloaded since
         self._guarded(message_id, _predict, instance.plugin, message.inputs)
         self.calls.end(instance.slot)
 

@@ -26,6 +26,7 @@ import logging
 from dataclasses import dataclass, field
 
 from engine.runtime.workers.process import Death, WorkerDied, WorkerProcess
+from model_plugins._host import threads
 from model_plugins._host.messages import Loaded, LoadModel, Predict
 from model_plugins.errors import DagserveError, DeadlineExceeded, InferenceError
 from model_plugins.plugin import Batch, LoadContext
@@ -94,6 +95,8 @@ class WorkerPool:
             door do not count while quarantine is on: it bounds them).
         quarantine_after_crashes: crashes of one model within ``quarantine_window_s`` that
             quarantine it; None: never.
+        worker_threads: intra-op threads of each model instance in a worker; None: auto, the
+            worker's cores shared among the instances it holds (``model_plugins._host.threads``).
     """
 
     def __init__(
@@ -109,6 +112,7 @@ class WorkerPool:
         max_retries: int = 2,
         quarantine_after_crashes: int | None = 3,
         quarantine_window_s: float = 300.0,
+        worker_threads: int | None = None,
     ) -> None:
         self.ping_interval_s = ping_interval_s
         self.ping_timeout_s = ping_timeout_s
@@ -120,6 +124,7 @@ class WorkerPool:
         self.max_retries = max_retries
         self.quarantine_after_crashes = quarantine_after_crashes
         self.quarantine_window_s = quarantine_window_s
+        self.worker_threads = worker_threads
         self._slots: dict[WorkerKey, _Slot] = {}
         self._closing = False
         #: model -> loop times of its recent crashes
@@ -311,7 +316,10 @@ class WorkerPool:
         key = slot.key
         process = WorkerProcess(
             key.name,
-            env=key.environment(),
+            env={
+                **key.environment(),
+                **threads.worker_environment(key.framework, self.worker_threads),
+            },
             log_level=self.log_level,
             on_exit=lambda death: self._on_death(slot, death),
         )

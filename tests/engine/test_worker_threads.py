@@ -1,0 +1,216 @@
+"""Threads and memory settings of worker processes (``model_plugins._host.threads``).
+
+What a worker applies, seen from inside it: a plugin reports the variables its process started
+with, torch's thread counts on its instance thread and numpy's BLAS threads.  No timing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from typing import Any, ClassVar
+
+import numpy as np
+import pytest
+from pydantic import ValidationError
+
+from engine.config import ServerConfig
+from engine.runtime.workers.pool import WorkerKey, WorkerPool
+from model_plugins import LoadContext, ModelPlugin, TensorSpec
+from model_plugins._host import threads
+
+REPORTED = (
+    "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "GOMP_SPINCOUNT",
+    "OPENBLAS_THREAD_TIMEOUT", "GLIBC_TUNABLES", "TF_NUM_INTRAOP_THREADS",
+    threads.THREADS_VAR, threads.CORES_VAR, threads.FRAMEWORK_VAR,
+)  # fmt: skip
+
+
+class ThreadReport(ModelPlugin):
+    """Answers, per item, what its worker set: env, torch threads (torch workers), BLAS."""
+
+    inputs: ClassVar = {"x": TensorSpec("float32", [-1])}
+    outputs: ClassVar = {"report": TensorSpec("string", [])}
+
+    def predict(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        report: dict[str, Any] = {"env": {k: os.environ.get(k) for k in REPORTED}}
+        if self.framework == "torch":
+            import torch
+
+            report["torch"] = torch.get_num_threads()  # of this (the instance's) thread
+            report["interop"] = torch.get_num_interop_threads()
+        try:
+            from threadpoolctl import threadpool_info
+
+            blas = [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"]
+            report["blas"] = blas[0] if blas else None
+        except ImportError:
+            report["blas"] = None
+        return {"report": np.array([json.dumps(report)] * len(batch["x"]), dtype=object)}
+
+
+class TorchThreadReport(ThreadReport):
+    framework = "torch"
+
+
+PLUGIN = f"{__name__}:ThreadReport"
+TORCH_PLUGIN = f"{__name__}:TorchThreadReport"
+X = {"x": np.ones((1, 2), np.float32)}
+
+
+async def reports(
+    pool: WorkerPool, key: WorkerKey, model_id: str, instances: int
+) -> list[dict[str, Any]]:
+    out = []
+    for instance in range(instances):
+        got = await pool.predict(key, model_id, X, instance=instance)
+        out.append(json.loads(got["report"][0]))
+    return out
+
+
+async def load(pool: WorkerPool, key: WorkerKey, model_id: str, plugin: str, n: int) -> None:
+    contexts = tuple(
+        LoadContext(node=model_id, plugin=plugin, params={"m": model_id}, instance=i)
+        for i in range(n)
+    )
+    await pool.load(key, model_id, plugin, contexts)
+
+
+# -- the rule and the environment -----------------------------------------------------------
+
+
+def test_each_instance_gets_its_share_of_the_cores():
+    assert threads.per_instance(8, 1, None) == 8
+    assert threads.per_instance(8, 3, None) == 2
+    assert threads.per_instance(2, 4, None) == 1  # never 0
+    assert threads.per_instance(8, 3, 5) == 5  # N is per instance, whatever the worker holds
+    assert threads.available_cores() >= 1
+
+
+def test_setting_is_auto_or_a_positive_int():
+    assert threads.parse_setting("auto") is None
+    assert threads.parse_setting(None) is None
+    assert threads.parse_setting("3") == 3
+    for bad in ("0", "-2", "many"):
+        with pytest.raises(ValueError, match="positive integer"):
+            threads.parse_setting(bad)
+    assert ServerConfig().worker_threads == "auto"
+    assert ServerConfig(worker_threads=3).worker_threads == 3
+    for wrong in (0, "many"):
+        with pytest.raises(ValidationError):
+            ServerConfig.model_validate({"worker_threads": wrong})
+
+
+def test_worker_environment_sets_widths_spin_and_malloc():
+    env = threads.worker_environment("torch", None, cores=4, environ={})
+    assert env[threads.THREADS_VAR] == "auto"
+    assert env[threads.CORES_VAR] == "4"
+    assert env[threads.FRAMEWORK_VAR] == "torch"
+    assert env["OMP_NUM_THREADS"] == env["MKL_NUM_THREADS"] == env["OPENBLAS_NUM_THREADS"] == "4"
+    assert env["GOMP_SPINCOUNT"] == threads.SPIN_VARS["GOMP_SPINCOUNT"]
+    assert "glibc.malloc.arena_max=1" in env["GLIBC_TUNABLES"]
+    assert "TF_NUM_INTRAOP_THREADS" not in env
+    tf = threads.worker_environment("tensorflow", 3, cores=8, environ={})
+    assert tf[threads.THREADS_VAR] == "3"
+    assert tf["TF_NUM_INTRAOP_THREADS"] == "3"
+    assert tf["TF_NUM_INTEROP_THREADS"] == str(threads.TF_INTER_OP)
+
+
+def test_what_the_operator_set_is_kept():
+    environ = {"OMP_NUM_THREADS": "3", "OMP_WAIT_POLICY": "PASSIVE", "MALLOC_ARENA_MAX": "4"}
+    env = threads.worker_environment("torch", None, cores=8, environ=environ)
+    assert env[threads.THREADS_VAR] == "3"  # OMP_NUM_THREADS counts as N under auto
+    assert "OMP_NUM_THREADS" not in env  # inherited as it is
+    assert env["MKL_NUM_THREADS"] == "3"
+    assert "GOMP_SPINCOUNT" not in env  # the operator chose how threads wait
+    assert "GLIBC_TUNABLES" not in env  # ... and glibc's malloc
+    merged = threads.malloc_environment({"GLIBC_TUNABLES": "glibc.cpu.hwcaps=-AVX512F"})
+    assert merged["GLIBC_TUNABLES"].startswith("glibc.cpu.hwcaps=-AVX512F:glibc.malloc.")
+    assert threads.malloc_environment({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}) == {}
+
+
+def test_instances_are_the_live_threads_that_settled():
+    budget = threads._Budget()
+    seen: list[int] = []
+    release = threading.Event()
+
+    def instance() -> None:
+        seen.append(budget.instances())
+        release.wait(10)
+
+    first = threading.Thread(target=instance)
+    first.start()
+    second = threading.Thread(target=instance)
+    second.start()
+    while len(seen) < 2:
+        threading.Event().wait(0.01)
+    assert sorted(seen) == [1, 2]
+    release.set()
+    first.join()
+    second.join()
+    assert budget.instances() == 1  # the two have ended: only the caller is left
+
+
+# -- inside a worker -----------------------------------------------------------------------
+
+
+@pytest.mark.e2e
+async def test_a_numpy_worker_starts_with_its_settings():
+    pool = WorkerPool()
+    key = WorkerKey("numpy", "cpu")
+    try:
+        await load(pool, key, "report", PLUGIN, 1)
+        (report,) = await reports(pool, key, "report", 1)
+    finally:
+        await pool.aclose()
+    cores = threads.available_cores()
+    expected = threads.worker_environment("numpy", None)
+    for var in REPORTED:
+        assert report["env"][var] == expected.get(var, os.environ.get(var)), var
+    assert report["env"][threads.CORES_VAR] == str(cores)
+    if report["blas"] is not None:  # threadpoolctl is installed in the worker
+        assert report["blas"] == threads.per_instance(cores, 1, expected_setting())
+
+
+def expected_setting() -> int | None:
+    return threads.explicit_setting(None, os.environ)
+
+
+@pytest.mark.e2e
+@pytest.mark.frameworks
+async def test_a_torch_worker_shares_its_cores_among_the_instances_it_holds():
+    pytest.importorskip("torch")
+    pool = WorkerPool()
+    key = WorkerKey("torch", "cpu")
+    cores = threads.available_cores()
+    setting = expected_setting()
+    try:
+        await load(pool, key, "one", TORCH_PLUGIN, 1)
+        (alone,) = await reports(pool, key, "one", 1)
+        assert alone["torch"] == threads.per_instance(cores, 1, setting)
+        assert alone["interop"] == 1
+        assert alone["env"][threads.FRAMEWORK_VAR] == "torch"
+        # a second model of two instances: three instances share the cores, the first one
+        # too from its next call on
+        await load(pool, key, "two", TORCH_PLUGIN, 2)
+        three = await reports(pool, key, "two", 2) + await reports(pool, key, "one", 1)
+        assert [r["torch"] for r in three] == [threads.per_instance(cores, 3, setting)] * 3
+    finally:
+        await pool.aclose()
+
+
+@pytest.mark.e2e
+@pytest.mark.frameworks
+async def test_worker_threads_n_gives_every_instance_n():
+    pytest.importorskip("torch")
+    pool = WorkerPool(worker_threads=3)
+    key = WorkerKey("torch", "cpu")
+    try:
+        await load(pool, key, "two", TORCH_PLUGIN, 2)
+        got = await reports(pool, key, "two", 2)
+    finally:
+        await pool.aclose()
+    assert [r["torch"] for r in got] == [3, 3]
+    assert got[0]["env"]["OMP_NUM_THREADS"] == os.environ.get("OMP_NUM_THREADS", "3")
+    assert got[0]["env"][threads.THREADS_VAR] == "3"
