@@ -6,6 +6,7 @@ with, torch's thread counts on its instance thread and numpy's BLAS threads.  No
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import threading
@@ -19,6 +20,14 @@ from engine.config import ServerConfig
 from engine.runtime.workers.pool import WorkerKey, WorkerPool
 from model_plugins import LoadContext, ModelPlugin, TensorSpec
 from model_plugins._host import threads
+
+
+def skip_without_torch() -> None:
+    """Skip where torch is not installed, without importing it here: this process must never
+    import a framework (other tests check that)."""
+    if importlib.util.find_spec("torch") is None:
+        pytest.skip("torch is not installed")
+
 
 REPORTED = (
     "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "GOMP_SPINCOUNT",
@@ -180,7 +189,7 @@ def expected_setting() -> int | None:
 @pytest.mark.e2e
 @pytest.mark.frameworks
 async def test_a_torch_worker_shares_its_cores_among_the_instances_it_holds():
-    pytest.importorskip("torch")
+    skip_without_torch()
     pool = WorkerPool()
     key = WorkerKey("torch", "cpu")
     cores = threads.available_cores()
@@ -203,7 +212,7 @@ async def test_a_torch_worker_shares_its_cores_among_the_instances_it_holds():
 @pytest.mark.e2e
 @pytest.mark.frameworks
 async def test_worker_threads_n_gives_every_instance_n():
-    pytest.importorskip("torch")
+    skip_without_torch()
     pool = WorkerPool(worker_threads=3)
     key = WorkerKey("torch", "cpu")
     try:
