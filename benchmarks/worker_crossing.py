@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable
 import numpy as np
 
 from engine.runtime.workers.pool import WorkerKey, WorkerPool
+from engine.tools.bench import render_table
 from model_plugins.builtins.identity import Identity
 from model_plugins.plugin import LoadContext
 
@@ -88,18 +89,9 @@ async def main(repeat: int, resnet: bool) -> list[dict[str, object]]:
     return rows
 
 
-def render(rows: list[dict[str, object]]) -> str:
-    keys = list(rows[0])
-    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    for row in rows:
-        cells = [f"{v:.3f}" if isinstance(v, float) else str(v) for v in row.values()]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeat", type=int, default=20)
     parser.add_argument("--no-resnet", action="store_true", help="skip the PyTorch forward pass")
     args = parser.parse_args()
-    print(render(asyncio.run(main(args.repeat, not args.no_resnet))))
+    print(render_table(asyncio.run(main(args.repeat, not args.no_resnet))))

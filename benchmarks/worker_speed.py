@@ -46,6 +46,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from engine.runtime.workers.pool import WorkerKey, WorkerPool
+from engine.tools.bench import render_table
 from model_plugins import LoadContext, ModelPlugin, TensorSpec
 from model_plugins._host.threads import malloc_environment
 
@@ -338,15 +339,6 @@ async def two_instances(
     }
 
 
-def render(rows: list[dict[str, object]]) -> str:
-    keys = list(rows[0])
-    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    for row in rows:
-        cells = [f"{v:.2f}" if isinstance(v, float) else str(v) for v in row.values()]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
 async def main(args: argparse.Namespace) -> str:
     threads = None if args.worker_threads == "auto" else int(args.worker_threads)
     out = []
@@ -360,11 +352,11 @@ async def main(args: argparse.Namespace) -> str:
                 name, params[name], args.pairs, args.calls, args.pause_ms / 1000, threads,
                 args.quick, not args.offline_as_is,
             )  # fmt: skip
-        out.append(render(rows))
+        out.append(render_table(rows))
         if not args.quick and "cnn" in args.models:
             two = await two_instances(params["cnn"], args.calls, threads)
             out.append("\nTwo CNN instances in one worker, batch 1, called at once:\n")
-            out.append(render([two]))
+            out.append(render_table([two]))
     worst = max(float(r["ratio"]) for r in rows)  # type: ignore[arg-type]
     cores = len(os.sched_getaffinity(0))
     out.append(
