@@ -16,7 +16,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
     packages=find_packages(include=["engine*", "dag*", "model_plugins*", "idl*"]),
-    package_data={"idl": ["dagserve.thrift"], "model_plugins": ["py.typed"]},
+    package_data={"idl": ["dagserve.thrift", "admin.thrift"], "model_plugins": ["py.typed"]},
     install_requires=[
         "thriftpy2>=0.7.1,<0.8",
         "uvloop>=0.21",
