@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from dag.executor import NodeTiming
 from dag.pipeline import Pipeline
@@ -20,7 +20,7 @@ from engine.runtime.inspector import InspectedPlugin
 from engine.runtime.local import InlineRunner, LocalRunner, NodeBinding, ThreadPoolRunner
 from engine.runtime.model import Model, ModelRunner
 from engine.runtime.placement import Placement, PlacementRequest, place
-from engine.runtime.workers.pool import WorkerPool, worker_key
+from engine.runtime.workers.pool import WorkerKey, WorkerPool, worker_key
 from model_plugins.errors import PluginLoadError
 from model_plugins.plugin import LoadContext, ModelPlugin
 from model_plugins.registry import BUILTINS, resolve
@@ -30,6 +30,30 @@ logger = logging.getLogger(__name__)
 
 #: the engine's runners of a node (each implements ``dag.runner.Runner``)
 NodeRunner = LocalRunner | ModelRunner
+
+#: makes the model of a worker node: ``(model_id, binding, node, key) -> Model``
+NewModel = Callable[[str, NodeBinding, NodeSpec, WorkerKey], Model]
+
+
+class ModelSource(Protocol):
+    """Where an engine's models come from, when not from its own workers.
+
+    A front process other than the first (``engine.fronts``) places nothing and batches
+    nothing: it takes the placement and model ids of the first front, and its models forward
+    their items to that front's batchers (``engine.runtime.relay``).
+    """
+
+    def plan(
+        self, pipelines: Iterable[Pipeline]
+    ) -> tuple[Placement, dict[tuple[Any, ...], str]]:
+        """The placement and the model ids, as :func:`plan_placement` returns them."""
+        ...
+
+    def new_model(
+        self, model_id: str, binding: NodeBinding, node: NodeSpec, key: WorkerKey
+    ) -> Model:
+        """The model of ``model_id``, made for the first node that names it."""
+        ...
 
 
 @dataclass
@@ -170,7 +194,14 @@ def serve_pipeline(
     placement: Placement,
     model_ids: dict[tuple[Any, ...], str],
     metrics: Metrics,
+    *,
+    new_model: NewModel | None = None,
 ) -> ServedPipeline:
+    """The runners of ``pipeline``'s nodes; its worker nodes share ``models`` by identity.
+
+    ``new_model`` makes a model the first time one is named (``ModelSource.new_model``); by
+    default a :class:`Model` batched in this process and run in ``workers``.
+    """
     runners: dict[str, NodeRunner] = {}
     base = _base(pipeline)
     model_nodes = {m.name: m for m in _model_nodes(pipeline)}
@@ -211,10 +242,13 @@ def serve_pipeline(
             model = models.get(identity)
             if model is None:
                 model_id = model_ids[identity]
-                model = models[identity] = Model(
-                    model_id, binding, node, workers, key,
-                    on_batch=metrics.batch_observer(model_id),
-                )  # fmt: skip
+                if new_model is not None:
+                    model = models[identity] = new_model(model_id, binding, node, key)
+                else:
+                    model = models[identity] = Model(
+                        model_id, binding, node, workers, key,
+                        on_batch=metrics.batch_observer(model_id),
+                    )  # fmt: skip
             runners[name] = model.runner(pipeline.name, name)
         elif runner_kind(node, plugin_class) == "inline":
             runners[name] = InlineRunner(binding)
@@ -224,6 +258,8 @@ def serve_pipeline(
 
 
 __all__ = [
+    "ModelSource",
+    "NewModel",
     "NodeRunner",
     "ServedPipeline",
     "plan_placement",

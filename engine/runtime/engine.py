@@ -20,6 +20,7 @@ from engine.observability import logs
 from engine.observability.metrics import Metrics, status_of
 from engine.observability.tracing import start_request_span
 from engine.runtime.assembly import (
+    ModelSource,
     NodeRunner,
     ServedPipeline,
     plan_placement,
@@ -71,6 +72,7 @@ class Engine:
         metrics: Metrics | None = None,
         slow_request_ms: float | None = None,
         max_inflight: int | None = None,
+        model_source: ModelSource | None = None,
     ) -> None:
         self._served: dict[str, dict[str, ServedPipeline]] = {}
         #: name -> its latest version among those served
@@ -94,6 +96,8 @@ class Engine:
         self.placement: Placement | None = None
         #: identity of a loaded model -> the model (and its batcher), shared by every node using it
         self.models: dict[tuple[Any, ...], Model] = {}
+        #: None: this engine places its models and batches them for its workers
+        self.model_source = model_source
         self.ready = False
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -101,9 +105,12 @@ class Engine:
     async def start(self) -> None:
         # Place every model before loading any: a pipeline that does not fit is refused
         # at startup, with what each device has left.
-        self.placement, model_ids = plan_placement(
-            self._pending, self.inventory, reserve_mb=self.gpu_reserve_mb
-        )
+        if self.model_source is not None:
+            self.placement, model_ids = self.model_source.plan(self._pending)
+        else:
+            self.placement, model_ids = plan_placement(
+                self._pending, self.inventory, reserve_mb=self.gpu_reserve_mb
+            )
         for line in self.placement.log_lines():
             logger.info("placement: %s", line)
         try:
@@ -112,6 +119,7 @@ class Engine:
                 served = serve_pipeline(
                     pipeline, self._pool, self.workers, self.models, self.placement, model_ids,
                     self.metrics,
+                    new_model=self.model_source.new_model if self.model_source else None,
                 )  # fmt: skip
                 # Register before loading, so that aclose() unloads a half-started pipeline.
                 self._served[pipeline.name][pipeline.version] = served
