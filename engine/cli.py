@@ -2,7 +2,9 @@
 
 ::
 
-    dagserve serve CONFIG.yaml | PIPELINE.yaml...  [--host --port --metrics-port]
+    dagserve serve CONFIG.yaml | PIPELINE.yaml...  [--host --port --metrics-port --admin-port]
+                                                   [--watch [--watch-interval S]]
+    dagserve admin --port N [--host H] [--token-file F] VERB ...   (engine/tools/admin_cli.py)
     dagserve validate PIPELINE.yaml...
     dagserve graph PIPELINE.yaml -o FILE.svg|png
     dagserve infer --pipeline NAME --input NAME=VALUE|@FILE ...  [--host --port]
@@ -40,6 +42,12 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="Thrift port (default 9090; 0 = any free port)")
     serve.add_argument("--metrics-port", type=int, help="Prometheus /metrics port")
+    serve.add_argument("--admin-port", type=int, help="admin (lifecycle) port; 0 = any free")
+    serve.add_argument(
+        "--watch", action="store_true", default=None,
+        help="reload a pipeline version when its YAML or model files change",
+    )  # fmt: skip
+    serve.add_argument("--watch-interval", type=float, metavar="S", help="poll period (2 s)")
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     serve.add_argument("--log-format", choices=["auto", "text", "json"])
 
@@ -84,6 +92,12 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--timeout-ms", type=int)
     bench.add_argument("--json", type=Path, metavar="FILE", help="also write the result as JSON")
 
+    # Its own parser (engine/tools/admin_cli.py) reads the rest of the line, --help included.
+    admin = commands.add_parser(
+        "admin", help="load, route, reload, unload pipeline versions", add_help=False
+    )
+    admin.add_argument("rest", nargs=argparse.REMAINDER)
+
     scaffold = commands.add_parser("new-plugin", help="write a plugin skeleton with its test")
     scaffold.add_argument("name", help="a lower-case identifier, e.g. my_scorer")
     scaffold.add_argument("--dir", type=Path, default=Path.cwd(), help="where (default: here)")
@@ -91,6 +105,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["admin"]:
+        from engine.tools.admin_cli import main as admin_main
+
+        return admin_main(argv[1:])
     args = _parser().parse_args(argv)
     handler = {
         "serve": _serve,
@@ -225,6 +244,9 @@ def _serve(args: argparse.Namespace) -> int:
             "host": args.host,
             "port": args.port,
             "metrics_port": args.metrics_port,
+            "admin_port": args.admin_port,
+            "watch": args.watch,
+            "watch_interval_s": args.watch_interval,
             "log_level": args.log_level,
             "log_format": args.log_format,
         }.items()

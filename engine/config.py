@@ -106,6 +106,20 @@ class ServerConfig(BaseModel):
     instances it holds, ``max(1, cores // instances)`` each (README, "Threads in a worker")."""
     tls: TlsConfig | None = None
     """TLS on the Thrift port; None: plain TCP (the default, meant for loopback)."""
+    admin_port: int | None = Field(None, ge=0, le=65535)
+    """The admin (model lifecycle) Thrift port, on ``host``; None: not served (the default);
+    0 picks a free one.  Off a loopback host it needs ``admin_token_file`` or mutual TLS."""
+    admin_token_file: Path | None = None
+    """A file whose content (whitespace stripped) every admin call must carry as its token."""
+    admin_require_client_cert: bool = False
+    """The admin port accepts only clients with a certificate from ``admin_client_ca`` (or
+    ``tls.client_ca``); needs ``tls``."""
+    admin_client_ca: Path | None = None
+    """CA certificates for admin clients; None: ``tls.client_ca``."""
+    watch: bool = False
+    """Poll the pipeline files and their model files; reload a version whose files changed."""
+    watch_interval_s: float = Field(2.0, gt=0)
+    """How often ``watch`` polls; a change must also stay the same for one interval."""
     gpus: list[GpuConfig] | None = None
     """An explicit GPU inventory (tests, or to reserve cards); None: read the GPUs via NVML."""
     gpu_reserve_mb: int = Field(0, ge=0)
@@ -146,6 +160,10 @@ def load_config(path: Path) -> ServerConfig:
                 "client_ca": base / tls.client_ca if tls.client_ca else None,
             }
         )
+    for key in ("admin_token_file", "admin_client_ca"):  # relative to the config file too
+        value = getattr(config, key)
+        if value is not None:
+            update[key] = base / value
     return config.model_copy(update=update)
 
 

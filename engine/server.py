@@ -17,7 +17,9 @@ from engine.config import ServerConfig
 from engine.observability.http import MetricsServer
 from engine.runtime.devices import DeviceInventory
 from engine.runtime.engine import Engine
+from engine.runtime.watch import Watcher
 from engine.runtime.workers.pool import WorkerPool
+from engine.transport.admin import admin_server
 from engine.transport.handler import InferenceHandler
 from engine.transport.thrift import ThriftServer
 
@@ -54,6 +56,15 @@ class Server:
             max_inflight=config.max_inflight,
         )
         self.thrift: ThriftServer | None = None
+        # The admin port (issue 12) and the file watcher act on the engine's lifecycle, where
+        # the config asks for them; made here, so that a bad admin setting (a ConfigError)
+        # stops the server before any model loads.
+        self.admin: ThriftServer | None = None
+        self.watcher: Watcher | None = None
+        if config.admin_port is not None:
+            self.admin = admin_server(config, self.engine.lifecycle)
+        if config.watch:
+            self.watcher = Watcher(self.engine.lifecycle, config.watch_interval_s)
         self.http: MetricsServer | None = None
         self.should_exit = asyncio.Event()
         self.started = asyncio.Event()
@@ -66,6 +77,10 @@ class Server:
     def port(self) -> int:
         assert self.thrift is not None, "server not started"
         return self.thrift.port
+
+    @property
+    def admin_port(self) -> int | None:
+        return self.admin.port if self.admin is not None else None
 
     async def serve(self) -> None:
         loop = asyncio.get_running_loop()
@@ -111,9 +126,22 @@ class Server:
         thrift = self.thrift
         self.engine.metrics.watch(self.engine, lambda: thrift.open_connections)
         logger.info("dagserve listening on %s:%d", self.config.host, self.thrift.port)
+        await self._start_lifecycle_services()
         self.started.set()
 
+    async def _start_lifecycle_services(self) -> None:
+        # Once the inference port serves; they stop before it.
+        if self.admin is not None:
+            await self.admin.start()
+            logger.info("dagserve admin listening on %s:%d", self.config.host, self.admin.port)
+        if self.watcher is not None:
+            await self.watcher.start()
+
     async def shutdown(self) -> None:
+        if self.watcher is not None:
+            await self.watcher.aclose()
+        if self.admin is not None:
+            await self.admin.aclose(grace_s=self.config.drain_timeout_s)
         # Stop accepting, let requests in flight finish (bounded), then unload the plugins.
         if self.thrift is not None:
             await self.thrift.aclose(grace_s=self.config.drain_timeout_s)
