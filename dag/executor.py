@@ -20,8 +20,8 @@ import networkx as nx
 import numpy as np
 
 from dag.graph import OUTPUTS, build_graph
-from dag.runner import Runner
-from dag.schema import PipelineSpec, Ref
+from dag.runner import Runner, VariantScope, variant_scope
+from dag.schema import PipelineSpec, Ref, variant_label
 from model_plugins.errors import DagserveError, DeadlineExceeded, InferenceError
 from model_plugins.plugin import Batch
 
@@ -35,6 +35,8 @@ class NodeTiming:
     start: float
     end: float
     status: NodeStatus
+    #: the variant that ran the node (``variants:``), None for the node itself
+    variant: str | None = None
 
     @property
     def latency_us(self) -> int:
@@ -50,8 +52,13 @@ class Execution:
 
     @property
     def node_latency_us(self) -> dict[str, int]:
-        """Latency of every node that ran (skipped nodes are absent)."""
-        return {n: t.latency_us for n, t in self.timings.items() if t.status == "ok"}
+        """Latency of every node that ran (skipped nodes are absent), keyed
+        ``node@variant`` where a variant ran it."""
+        return {
+            variant_label(n, t.variant): t.latency_us
+            for n, t in self.timings.items()
+            if t.status == "ok"
+        }
 
 
 @dataclass(frozen=True)
@@ -68,6 +75,7 @@ class Plan:
         upstream: node -> the nodes it reads from.
         outputs: pipeline output -> the tensor it names.
         order: the nodes, in a topological order.
+        variant_nodes: the nodes with ``variants:`` (empty for most pipelines).
     """
 
     spec: PipelineSpec
@@ -75,6 +83,7 @@ class Plan:
     upstream: dict[str, frozenset[str]]
     outputs: dict[str, Ref]
     order: tuple[str, ...]
+    variant_nodes: frozenset[str] = frozenset()
     _schedules: dict[frozenset[str] | None, Schedule] = field(
         default_factory=dict, init=False, repr=False, compare=False, hash=False
     )
@@ -107,7 +116,8 @@ class Plan:
             for name, node_refs in refs.items()
         }
         order = tuple(n for n in nx.topological_sort(graph) if n in spec.nodes)
-        return cls(spec, refs, upstream, in_order(OUTPUTS, spec.outputs), order)
+        variant_nodes = frozenset(name for name, node in spec.nodes.items() if node.variants)
+        return cls(spec, refs, upstream, in_order(OUTPUTS, spec.outputs), order, variant_nodes)
 
     def schedule(self, wanted: Collection[str] | None = None) -> Schedule:
         """What runs for the outputs ``wanted`` (None = all), worked out once per set."""
@@ -167,6 +177,7 @@ async def execute(
     wanted: Collection[str] | None = None,
     clock: Callable[[], float] | None = None,
     observer: Callable[[str, NodeTiming, BaseException | None], None] | None = None,
+    request_key: str | None = None,
 ) -> Execution:
     """Run a pipeline on one request's ``inputs``.
 
@@ -180,6 +191,8 @@ async def execute(
             ``loop.time`` only has millisecond resolution).
         observer: called as each node that ran ends, with its timing and its error (or
             None); for metrics.
+        request_key: the request's sticky key: nodes with variants pick one by its hash
+            (None: at random, by weight).
 
     Returns:
         The produced outputs (outputs of skipped nodes are absent) and each node's timing.
@@ -195,6 +208,12 @@ async def execute(
     values: dict[tuple[str, str], np.ndarray] = {("$inputs", k): v for k, v in inputs.items()}
     timings: dict[str, NodeTiming] = {}
     running: set[str] = set()
+    # Nodes with variants say which one ran through the scope (see dag.runner).
+    scope = VariantScope(request_key) if plan.variant_nodes else None
+
+    def ended(name: str, start: float, status: NodeStatus) -> None:
+        variant = scope.ran.get(name) if scope is not None else None
+        timings[name] = NodeTiming(start, now(), status, variant)
 
     async def run_node(name: str) -> None:
         """Run one node whose upstream nodes have all finished (or skip it)."""
@@ -218,11 +237,11 @@ async def execute(
                 produced = await _run_bounded(runners[name], present, deadline, node.timeout_ms)
         except asyncio.CancelledError:
             # stays in `running`, so that a deadline names the nodes it interrupted
-            timings[name] = NodeTiming(start, now(), "cancelled")
+            ended(name, start, "cancelled")
             raise
         except DagserveError as exc:  # DeadlineExceeded included, though a TimeoutError
             running.discard(name)
-            timings[name] = NodeTiming(start, now(), "error")
+            ended(name, start, "error")
             if observer is not None:
                 observer(name, timings[name], exc)
             raise
@@ -231,7 +250,7 @@ async def execute(
                 raise _failed(name, node.plugin, exc, start) from exc
             # the node's own timeout_ms, not the request's deadline
             running.discard(name)
-            timings[name] = NodeTiming(start, now(), "error")
+            ended(name, start, "error")
             msg = f"node {name!r} did not finish within its timeout_ms ({node.timeout_ms:g} ms)"
             error = InferenceError(msg, node=name, plugin=node.plugin)
             if observer is not None:
@@ -240,7 +259,7 @@ async def execute(
         except Exception as exc:  # a runner that lets a plain exception through
             raise _failed(name, node.plugin, exc, start) from exc
         running.discard(name)
-        timings[name] = NodeTiming(start, now(), "ok")
+        ended(name, start, "ok")
         if observer is not None:
             observer(name, timings[name], None)
         for output, value in produced.items():
@@ -248,7 +267,7 @@ async def execute(
 
     def _failed(name: str, plugin: str, exc: Exception, start: float) -> InferenceError:
         running.discard(name)
-        timings[name] = NodeTiming(start, now(), "error")
+        ended(name, start, "error")
         if observer is not None:
             observer(name, timings[name], exc)
         msg = f"node {name!r} failed: {type(exc).__name__}: {exc}"
@@ -274,6 +293,7 @@ async def execute(
                 group.create_task(when_ready(name), name=f"dagserve-node-{name}")
 
     run = run_chain if schedule.chain else run_concurrently
+    scope_token = variant_scope.set(scope) if scope is not None else None
     try:
         if deadline is None:
             await run()
@@ -289,6 +309,9 @@ async def execute(
     except BaseExceptionGroup as group_error:
         # The first failure cancels the other nodes; report the node that really failed.
         raise _first_cause(group_error) from None
+    finally:
+        if scope_token is not None:
+            variant_scope.reset(scope_token)
 
     outputs: dict[str, np.ndarray] = {}
     for name, ref in plan.outputs.items():

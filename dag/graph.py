@@ -177,6 +177,7 @@ class Analysis:
         order: the real nodes, producers first.
         plugin_classes: node -> its plugin class (nodes whose plugin resolved).
         node_signatures: node -> ``(inputs, outputs)`` specs; ``outputs:`` of the YAML included.
+        variant_classes: node -> variant -> its plugin class (the variants that resolved).
         input_specs: pipeline input -> its spec.
         output_specs: pipeline output -> the spec of the tensor it names, None where unknown.
     """
@@ -186,6 +187,7 @@ class Analysis:
     order: list[str] = field(default_factory=list)
     plugin_classes: dict[str, type[ModelPlugin]] = field(default_factory=dict)
     node_signatures: dict[str, Signature] = field(default_factory=dict)
+    variant_classes: dict[str, dict[str, type[ModelPlugin]]] = field(default_factory=dict)
     input_specs: dict[str, TensorSpec] = field(default_factory=dict)
     output_specs: dict[str, TensorSpec | None] = field(default_factory=dict)
 
@@ -234,7 +236,13 @@ def analyze(
     * every plugin resolves, and its ``signature`` runs;
     * each node wires only inputs its plugin declares, and every required one;
     * along each edge whose ends both declare specs, the dtypes and shapes agree;
-    * a pipeline input nothing reads is a warning.
+    * each variant of a node has a name like a node's, its plugin resolves, and its
+      signature (worked out with its own params, from the same upstream specs) equals the
+      node's: a variant replaces the node for some requests, so what it reads and produces
+      must be the node's;
+    * warm-up samples generated for a node need the spec of every input it reads;
+    * a pipeline input nothing reads is a warning, and so are generated warm-up samples of a
+      ``bytes`` input (a decoder refuses them: give a file).
 
     Node signatures come from ``plugin_cls.signature(params, upstream)``, called in
     topological order with the spec of each wired tensor (None where unknown); a node's
@@ -266,12 +274,14 @@ def analyze(
         for output, ref in refs[OUTPUTS].items()
     }
     checker.check_unused_inputs(refs)
+    checker.check_pipeline_warmup()
     return Analysis(
         errors=sorted(checker.errors, key=_line),
         warnings=sorted(checker.warnings, key=_line),
         order=order,
         plugin_classes=checker.plugin_classes,
         node_signatures=checker.signatures,
+        variant_classes=checker.variant_classes,
         input_specs=checker.input_specs,
         output_specs=output_specs,
     )
@@ -292,6 +302,7 @@ class _Checker:
         self.warnings: list[PipelineError] = []
         self.input_specs = {name: decl.to_spec() for name, decl in spec.inputs.items()}
         self.plugin_classes: dict[str, type[ModelPlugin]] = {}
+        self.variant_classes: dict[str, dict[str, type[ModelPlugin]]] = {}
         self.signatures: dict[str, Signature] = {}
         #: node -> its output specs; None = unknown (not worked out, or declared as nothing)
         self.outputs: dict[str, dict[str, TensorSpec] | None] = {}
@@ -309,6 +320,15 @@ class _Checker:
                         f"a {kind} name must be a letter or _ then letters, digits or _ "
                         f"(got {name!r})",
                         node=name if section == "nodes" else None,
+                    )
+        for name, node in self.spec.nodes.items():
+            for variant in node.variants:
+                if not _NAME.match(variant):
+                    self.error(
+                        ("nodes", name, "variants", variant),
+                        "a variant name must be a letter or _ then letters, digits or _ "
+                        f"(got {variant!r})",
+                        node=name,
                     )
 
     def check_refs(self) -> dict[str, dict[str, Ref]]:
@@ -345,6 +365,16 @@ class _Checker:
                 self.error(("nodes", name, "plugin"), result, node=name)
             else:
                 self.plugin_classes[name] = result
+            for variant, overrides in node.variants.items():
+                plugin = overrides.plugin or node.plugin
+                if plugin not in found:
+                    found[plugin] = self._resolve(plugin)
+                result = found[plugin]
+                if isinstance(result, str):
+                    loc = ("nodes", name, "variants", variant, "plugin")
+                    self.error(loc, f"variant {variant!r}: {result}", node=name)
+                else:
+                    self.variant_classes.setdefault(name, {})[variant] = result
 
     def _resolve(self, plugin: str) -> type[ModelPlugin] | str:
         try:
@@ -397,6 +427,70 @@ class _Checker:
         self.outputs[name] = outputs or None
         if plugin_cls is not None and inputs:
             self._check_inputs(name, plugin_cls, inputs, upstream, refs)
+        if plugin_cls is not None:
+            for variant in node.variants:
+                self._check_variant(name, variant, upstream)
+        self._check_node_warmup(name)
+
+    def _check_variant(
+        self, name: str, variant: str, upstream: Mapping[str, TensorSpec | None]
+    ) -> None:
+        """A variant's signature must be its node's: it answers in the node's place."""
+        plugin_cls = self.variant_classes.get(name, {}).get(variant)
+        if plugin_cls is None:
+            return  # its plugin did not resolve: reported
+        node = self.spec.nodes[name].variant(variant)
+        loc = ("nodes", name, "variants", variant)
+        try:
+            inputs, outputs = plugin_cls.signature(node.params, upstream)
+        except Exception as exc:  # plugin code: report it at the variant
+            message = (
+                f"variant {variant!r}: plugin {node.plugin!r}: signature() failed: "
+                f"{type(exc).__name__}: {exc}"
+            )
+            self.error(loc, message, node=name)
+            return
+        outputs = dict(outputs)
+        if node.outputs:
+            outputs.update({out: decl.to_spec() for out, decl in node.outputs.items()})
+        own_inputs, own_outputs = self.signatures[name]
+        differences = [
+            *_spec_differences("input", dict(inputs), own_inputs),
+            *_spec_differences("output", outputs, own_outputs),
+        ]
+        if differences:
+            message = (
+                f"variant {variant!r} must have the node's specs, but {'; '.join(differences)}"
+            )
+            self.error(loc, message, node=name)
+
+    def _check_node_warmup(self, name: str) -> None:
+        node = self.spec.nodes[name]
+        arms = [(None, node), *((v, node.variant(v)) for v in node.variants)]
+        generated = [v for v, arm in arms if arm.warmup is not None and arm.warmup.samples]
+        if not generated:
+            return
+        declared = self.signatures[name][0]
+        where = "warmup" if generated[0] is None else f"variants.{generated[0]}.warmup"
+        loc = ("nodes", name, *where.split("."))
+        for local in node.inputs:
+            spec = declared.get(local)
+            if spec is None:
+                message = (
+                    f"{where}: samples are generated from the node's input specs, and input "
+                    f"{local!r} has none: give warmup: {{file: ...}}"
+                )
+                self.error(loc, message, node=name)
+            elif spec.dtype == "bytes":
+                self.warnings.append(self.source.warning(loc, _bytes_warmup(local), node=name))
+
+    def check_pipeline_warmup(self) -> None:
+        warmup = self.spec.warmup
+        if warmup is None or not warmup.samples:
+            return
+        for name, spec in self.input_specs.items():
+            if spec.dtype == "bytes":
+                self.warnings.append(self.source.warning(("warmup",), _bytes_warmup(name)))
 
     def _check_inputs(
         self,
@@ -428,6 +522,46 @@ class _Checker:
                         ("inputs", name), f"input {name!r} is declared but nothing reads it"
                     )
                 )
+
+
+def _spec_differences(
+    kind: str, got: Mapping[str, TensorSpec], want: Mapping[str, TensorSpec]
+) -> list[str]:
+    """How the tensors ``got`` differ from ``want``, one phrase each.
+
+    >>> for difference in _spec_differences(
+    ...     "output", {"y": TensorSpec("float64", [2])},
+    ...     {"y": TensorSpec("float32", [2]), "z": TensorSpec("int64")},
+    ... ):
+    ...     print(difference)
+    its output 'y' is float64[2] (the node's: float32[2])
+    it has no output 'z' (the node's: int64[])
+    """
+    found = []
+    for name, spec in want.items():
+        if name not in got:
+            found.append(f"it has no {kind} {name!r} (the node's: {spec.describe()})")
+        elif got[name] != spec:
+            found.append(
+                f"its {kind} {name!r} is {_describe(got[name])} (the node's: {_describe(spec)})"
+            )
+    found.extend(
+        f"it has {kind} {name!r} ({spec.describe()}), which the node has not"
+        for name, spec in got.items()
+        if name not in want
+    )
+    return found
+
+
+def _describe(spec: TensorSpec) -> str:
+    return spec.describe() + (" optional" if spec.optional else "")
+
+
+def _bytes_warmup(name: str) -> str:
+    return (
+        f"warm-up samples of bytes input {name!r} are generated as b'warmup', which a "
+        "decoder refuses: give warmup: {file: ...}"
+    )
 
 
 __all__ = [

@@ -65,6 +65,7 @@ class Pipeline:
         output_specs: pipeline output -> the spec of the tensor it names, None where unknown.
         node_signatures: node -> ``(inputs, outputs)`` specs.
         plugin_classes: node -> its plugin class.
+        variant_classes: node -> variant -> its plugin class (nodes with ``variants:``).
         warnings: what is suspicious but runs (an input nothing reads).
         order: the nodes, producers first (ties in file order).
         source: where each part of the spec was written.
@@ -80,6 +81,7 @@ class Pipeline:
     warnings: list[PipelineError] = field(default_factory=list)
     order: list[str] = field(default_factory=list)
     source: SourceMap = field(default_factory=SourceMap)
+    variant_classes: dict[str, dict[str, type[ModelPlugin]]] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -210,6 +212,7 @@ class Pipeline:
             warnings=found.warnings,
             order=found.order,
             source=source,
+            variant_classes=found.variant_classes,
         )
 
 

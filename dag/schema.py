@@ -7,11 +7,21 @@ plugins happens later (``dag.graph``).
 
 from __future__ import annotations
 
+import copy
 import re
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    create_model,
+    field_validator,
+    model_validator,
+)
 
 from model_plugins.specs import DType, TensorSpec
 
@@ -22,12 +32,26 @@ PIPELINE_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_.-]*$"
 #: the prefix of a reference to a pipeline input
 INPUTS_PREFIX = "$inputs"
 
+#: joins a node and its variant where a variant is named (``image_embed@candidate``): in
+#: metrics, per-node latencies, model ids and errors; never part of a node or variant name
+VARIANT_SEPARATOR = "@"
+
+#: the percent of a node's requests that its variants' weights share out
+ALL_WEIGHT = 100.0
+
 #: items that may wait for a model node before requests are Overloaded: ``max_queue``'s
 #: default, and the bound of a node without ``batching:``
 DEFAULT_MAX_QUEUE = 1024
 
 _REF = re.compile(r"^(\$inputs|[A-Za-z_][A-Za-z0-9_]*)\.([A-Za-z_][A-Za-z0-9_]*)$")
 _DEVICE = re.compile(r"^(auto|cpu|cuda:\d+)$")
+
+
+def _check_device(value: str) -> str:
+    if not _DEVICE.match(value):
+        msg = f"must be auto, cpu or cuda:N (got {value!r})"
+        raise ValueError(msg)
+    return value
 
 
 class _Strict(BaseModel):
@@ -82,6 +106,29 @@ class BatchingConfig(_Strict):
         return self.max_delay_ms / 1000.0
 
 
+class WarmupSpec(_Strict):
+    """Requests run before a version takes traffic, so the first real one meets no cold start.
+
+    Exactly one of ``samples`` and ``file``.  Each sample is a request of one item.
+    """
+
+    samples: int | None = Field(None, ge=1, le=1000)
+    """Generate this many requests from the declared input specs: ones of each dtype (True
+    for bool, ``"warmup"`` for string, ``b"warmup"`` for bytes), -1 dimensions of size 1."""
+    file: str | None = Field(None, min_length=1)
+    """An ``.npz`` file, relative to the pipeline file: one array per input name, the first
+    dimension the samples."""
+
+    @model_validator(mode="after")
+    def _one_source(self) -> WarmupSpec:
+        if (self.samples is None) == (self.file is None):
+            msg = "give exactly one of samples and file (got " + (
+                "both)" if self.samples is not None else "neither)"
+            )
+            raise ValueError(msg)
+        return self
+
+
 class NodeSpec(_Strict):
     """One node of the DAG."""
 
@@ -97,7 +144,7 @@ class NodeSpec(_Strict):
     """Output specs, for plugins that cannot declare them themselves (framework adapters)."""
     join: Literal["all", "available"] = "all"
     """``all``: skip the node when a wired input is absent; ``available``: run on what is there."""
-    device: str = "auto"
+    device: Annotated[str, AfterValidator(_check_device)] = "auto"
     """``auto``, ``cpu`` or ``cuda:N``."""
     instances: int = Field(1, ge=1)
     """Concurrent executions of this node's model."""
@@ -116,14 +163,89 @@ class NodeSpec(_Strict):
     """The fraction of a GPU's compute the model needs; placement never over-commits it."""
     timeout_ms: float | None = Field(None, gt=0)
     """A per-node time limit, on top of the request's deadline."""
+    warmup: WarmupSpec | None = None
+    """Requests run through this node alone (each of its variants too) before the version
+    takes traffic; generated ones come from the node's input specs."""
+    variants: dict[str, VariantSpec] = Field(default_factory=dict)
+    """Other versions of this node inside the pipeline, for canary (``weight``: percent of
+    the node's requests) and shadow (``shadow: true``: mirrored, compared, never answers).
+    Each overrides any key of the node but ``inputs`` and ``variants``; its specs must be
+    the node's.  The node itself takes the weight the variants leave."""
 
-    @field_validator("device")
+    @field_validator("variants")
     @classmethod
-    def _check_device(cls, value: str) -> str:
-        if not _DEVICE.match(value):
-            msg = f"must be auto, cpu or cuda:N (got {value!r})"
+    def _check_variants(cls, value: dict[str, VariantSpec]) -> dict[str, VariantSpec]:
+        shadows = [name for name, variant in value.items() if variant.shadow]
+        if len(shadows) > 1:
+            msg = f"at most one variant may be shadow (got {', '.join(shadows)})"
+            raise ValueError(msg)
+        total = sum(variant.weight for variant in value.values())
+        if total > ALL_WEIGHT:
+            msg = f"the weights must add up to at most {ALL_WEIGHT:g} percent (got {total:g})"
             raise ValueError(msg)
         return value
+
+    def variant(self, name: str) -> NodeSpec:
+        """The node as its variant ``name`` runs it: the node's keys, the variant's over them."""
+        variant = self.variants[name]
+        overrides = {key: getattr(variant, key) for key in variant.overrides}
+        return self.model_copy(update={**overrides, "variants": {}})
+
+
+def _variant_spec() -> type[BaseModel]:
+    """A model with every key of :class:`NodeSpec` but ``inputs`` and ``variants``, each
+    optional (absent: the node's), plus ``weight`` and ``shadow``: made from NodeSpec's own
+    fields, so that a key added to a node can be overridden by a variant at once."""
+    fields: dict[str, Any] = {}
+    for name, info in NodeSpec.model_fields.items():
+        if name in _NOT_OVERRIDDEN:
+            continue
+        copied = copy.copy(info)
+        copied.default, copied.default_factory = None, None
+        fields[name] = (info.annotation | None, copied)  # type: ignore[operator]
+    fields["weight"] = (float, Field(0.0, ge=0, le=ALL_WEIGHT))
+    fields["shadow"] = (bool, False)
+    return create_model(  # type: ignore[call-overload,no-any-return]
+        "VariantSpec",
+        __base__=_VariantBase,
+        __module__=__name__,
+        __doc__=_VariantBase.__doc__,
+        **fields,
+    )
+
+
+#: node keys a variant cannot override
+_NOT_OVERRIDDEN = frozenset({"inputs", "variants"})
+
+
+class _VariantBase(_Strict):
+    """One variant of a node: the keys it overrides, its ``weight`` (percent of the node's
+    requests) and whether it is the node's ``shadow`` (mirrored copies, never answers)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_inputs(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for key in sorted(_NOT_OVERRIDDEN & data.keys()):
+                msg = f"a variant overrides any node key but inputs and variants (got {key!r})"
+                raise ValueError(msg)
+        return data
+
+    @model_validator(mode="after")
+    def _shadow_has_no_weight(self) -> _VariantBase:
+        if getattr(self, "shadow", False) and getattr(self, "weight", 0.0):
+            msg = f"a shadow variant never answers: its weight must be 0 (got {self.weight:g})"  # type: ignore[attr-defined]
+            raise ValueError(msg)
+        return self
+
+    @property
+    def overrides(self) -> list[str]:
+        """The node keys this variant sets."""
+        return [key for key in self.model_fields_set if key not in ("weight", "shadow")]
+
+
+VariantSpec = _variant_spec()
+NodeSpec.model_rebuild()
 
 
 class PipelineSpec(_Strict):
@@ -139,6 +261,9 @@ class PipelineSpec(_Strict):
     nodes: dict[str, NodeSpec] = Field(min_length=1)
     outputs: dict[str, str] = Field(min_length=1)
     """Output name -> reference (``NODE.OUTPUT`` or ``$inputs.NAME``)."""
+    warmup: WarmupSpec | None = None
+    """Requests run through the whole pipeline (every variant of every node) before the
+    version takes traffic; generated ones come from the pipeline's input specs."""
 
     @field_validator("version", mode="before")
     @classmethod
@@ -147,6 +272,15 @@ class PipelineSpec(_Strict):
         return (
             str(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
         )
+
+
+def variant_label(node: str, variant: str | None) -> str:
+    """``node``, or ``node@variant`` where a variant ran.
+
+    >>> variant_label("image_embed", "candidate"), variant_label("image_embed", None)
+    ('image_embed@candidate', 'image_embed')
+    """
+    return node if variant is None else f"{node}{VARIANT_SEPARATOR}{variant}"
 
 
 @dataclass(frozen=True)
@@ -183,12 +317,17 @@ def parse_ref(text: str) -> Ref:
 
 
 __all__ = [
+    "ALL_WEIGHT",
     "DEFAULT_MAX_QUEUE",
     "INPUTS_PREFIX",
+    "VARIANT_SEPARATOR",
     "BatchingConfig",
     "NodeSpec",
     "PipelineSpec",
     "Ref",
     "TensorDecl",
+    "VariantSpec",
+    "WarmupSpec",
     "parse_ref",
+    "variant_label",
 ]
