@@ -40,8 +40,9 @@ class FakeState:
 class FakeLifecycle:
     def __init__(self) -> None:
         self.states: dict[tuple[str, str], FakeState] = {
-            ("calc", "1"): FakeState("calc", "1", weight=1.0, path="/srv/calc.yaml",
-                                     models=("calc/double",)),  # fmt: skip
+            ("calc", "1"): FakeState(
+                "calc", "1", weight=1.0, path="/srv/calc.yaml", models=("calc/double",)
+            ),
         }
         self.calls: list[tuple[Any, ...]] = []
 

@@ -196,7 +196,7 @@ class _Watched(FakeLifecycle):
 
     async def reload(self, name, version, *, in_place=False):
         self.calls.append(("reload", name, version, in_place))
-        if "broken" in Path(self.states[name, version].path).read_text():
+        if "broken" in Path(self.states[name, version].path).read_text():  # noqa: ASYNC240
             raise DagserveError(f"{self.states[name, version].path}: line 1: broken")
         return self.states[name, version]
 
