@@ -146,7 +146,7 @@ def build_paddle(prefix: Path) -> None:
         warnings.filterwarnings("ignore", "No ccache found")
         import paddle
 
-    class Net(paddle.nn.Layer):  # type: ignore[misc]
+    class Net(paddle.nn.Layer):
         def __init__(self) -> None:
             super().__init__()
             self.conv1 = paddle.nn.Conv2D(3, 16, 3, stride=2, padding=1)
