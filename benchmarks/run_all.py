@@ -75,6 +75,7 @@ SCENARIOS = (
     Scenario("ray_serve", "Ray Serve against dagserve", (), ("--quick",), 480, 90, optional=True),
     Scenario("soak", "Faults under load: bad input, overload, 10x the rate, a worker SIGKILL",
              (), ("--quick",), 150, 60),
+    Scenario("lifecycle", "Versions swapped under load", (), ("--quick",), 150, 90),
 )  # fmt: skip
 
 

@@ -139,6 +139,20 @@ class BatchProbe(ModelPlugin):
         return {"y": batch["x"] * 2, "batch": np.full(n, n, np.int64)}
 
 
+class Weights(ModelPlugin):
+    """y = x * w, w a float32 vector read from the node's ``model:`` file (.npy): a model
+    whose file can change under a running server (lifecycle reloads, --watch)."""
+
+    inputs: ClassVar = {"x": TensorSpec("float32", [-1])}
+    outputs: ClassVar = {"y": TensorSpec("float32", [-1])}
+
+    def load(self, context):
+        self.w = np.load(context.model_path, allow_pickle=False).astype(np.float32)
+
+    def predict(self, batch):
+        return {"y": batch["x"] * self.w}
+
+
 class TokenSum(ModelPlugin):
     """Variable-length int64 ids, padded by the batcher: per-token doubled ids and their sum."""
 
