@@ -30,6 +30,10 @@ class ServerThread:
         return self.server.port
 
     @property
+    def admin_port(self) -> int | None:
+        return self.server.admin_port
+
+    @property
     def engine(self) -> Any:
         return self.server.engine
 

@@ -107,3 +107,71 @@ def test_dagserve_admin_help_is_its_own():
     assert done.returncode == 0
     for verb in ("list", "load", "traffic", "reload", "unload", "--token-file", "--tls-ca"):
         assert verb in done.stdout
+
+
+def _weights_pipeline(folder: Path, name: str, version: str, model: str) -> Path:
+    path = folder / f"{name}_v{version}.yaml"
+    path.write_text(
+        f'name: {name}\nversion: "{version}"\ninputs:\n  x: {{dtype: float32, shape: [2]}}\n'
+        f"nodes:\n  scale:\n    plugin: tests.plugins:Weights\n    runner: thread\n"
+        f"    model: {model}\n    inputs: {{x: $inputs.x}}\noutputs:\n  y: scale.y\n"
+    )
+    return path
+
+
+@pytest.mark.e2e
+def test_every_verb_against_a_real_server(token_file: Path, tmp_path: Path, capsys):
+    import numpy as np
+
+    from engine.transport.client import Client
+    from tests.serving import serving
+
+    np.save(tmp_path / "w1.npy", np.array([1, 1], np.float32))
+    np.save(tmp_path / "w2.npy", np.array([2, 2], np.float32))
+    v1 = _weights_pipeline(tmp_path, "scale", "1", "w1.npy")
+    v2 = _weights_pipeline(tmp_path, "scale", "2", "w2.npy")
+    broken = _weights_pipeline(tmp_path, "scale", "3", "missing.npy")
+    x = {"x": np.ones((1, 2), np.float32)}
+    with (
+        serving([v1], admin_port=0, admin_token_file=token_file) as server,
+        Client("127.0.0.1", server.port) as client,
+    ):
+
+        def answer(**kw):
+            result = client.infer("scale", x, **kw)
+            return result.version, float(result.outputs["y"][0, 0])
+
+        def run(*words: str) -> tuple[int, str, str]:
+            code = admin(server.admin_port, *words, token_file=token_file)
+            out, err = capsys.readouterr()
+            return code, out, err
+
+        code, out, _ = run("list")
+        assert code == 0
+        assert out.splitlines()[1].split()[:4] == ["scale", "1", "ready", "1"]
+        assert run("load", str(v2))[:2] == (0, "loaded scale version 2 (ready, weight 0)\n")
+        assert answer() == ("1", 1.0)  # a later version takes no traffic until told
+        assert answer(version="2") == ("2", 2.0)  # a request naming a version gets it
+        code, _, err = run("load", str(broken))  # fails to load: changes nothing, says why
+        assert code == 1
+        assert "missing.npy" in err
+        assert answer() == ("1", 1.0)
+        code, out, _ = run("traffic", "scale", "1=50", "2=50", "--sticky", "x-user")
+        assert code == 0
+        assert "x-user" in out
+        picks = {answer(headers={"x-user": "ada"}) for _ in range(20)}
+        assert len(picks) == 1  # sticky: one user, one version
+        assert run("traffic", "scale", "2=1")[0] == 0
+        assert answer() == ("2", 2.0)
+        np.save(tmp_path / "w2.npy", np.array([3, 3], np.float32))
+        assert run("reload", "scale", "2")[:2] == (0, "reloaded scale version 2 (ready)\n")
+        assert answer() == ("2", 3.0)
+        assert run("unload", "scale", "1")[:2] == (0, "unloaded scale version 1\n")
+        code, out, _ = run("list")
+        rows = [line.split() for line in out.splitlines()[1:]]
+        assert [row[:3] for row in rows] == [["scale", "2", "ready"], ["scale", "3", "failed"]]
+        assert "missing.npy" in out  # a failed load stays listed, with why
+        code, _, err = run("unload", "scale", "1")
+        assert code == 1
+        assert "refused" in err
+        assert admin(server.admin_port, "list") == 3  # no token

@@ -262,3 +262,41 @@ def test_fingerprint_sees_size_mtime_and_missing_files(tmp_path: Path):
     assert before[str(tmp_path / "gone.pt")] is None
     (tmp_path / "gone.pt").write_bytes(b"now here")
     assert changed_files(before, fingerprint(a)) == [str(tmp_path / "gone.pt")]
+
+
+@pytest.mark.e2e
+def test_serve_watch_reloads_a_changed_model_file_and_ignores_a_broken_yaml(tmp_path: Path):
+    import os
+
+    import numpy as np
+
+    from engine.transport.client import Client
+    from tests.serving import wait_until
+
+    np.save(tmp_path / "w.npy", np.array([1, 1], np.float32))
+    pipeline = tmp_path / "scale.yaml"
+    good = (
+        'name: scale\nversion: "1"\ninputs:\n  x: {dtype: float32, shape: [2]}\n'
+        "nodes:\n  scale:\n    plugin: tests.plugins:Weights\n    runner: thread\n"
+        "    model: w.npy\n    inputs: {x: $inputs.x}\noutputs:\n  y: scale.y\n"
+    )
+    pipeline.write_text(good)
+    x = {"x": np.ones((1, 2), np.float32)}
+    with (
+        serving([pipeline], watch=True, watch_interval_s=0.05) as server,
+        Client("127.0.0.1", server.port) as client,
+    ):
+        watcher = server.server.watcher
+
+        def served() -> float:
+            return float(client.infer("scale", x).outputs["y"][0, 0])
+
+        assert served() == 1.0
+        np.save(tmp_path / "w.npy", np.array([2, 2], np.float32))
+        os.utime(tmp_path / "w.npy", ns=(10**18, 10**18))  # a new mtime even on coarse clocks
+        wait_until(lambda: served() == 2.0, "the changed model file served", timeout_s=20)
+        wait_until(lambda: watcher.reloads == 1, "the reload counted", timeout_s=20)
+        pipeline.write_text(good.replace("nodes:", "nodes: [broken"))
+        wait_until(lambda: watcher.failures == 1, "the broken file refused", timeout_s=20)
+        assert served() == 2.0  # the old version keeps serving
+        assert [v.state for v in server.engine.lifecycle.versions()] == ["ready"]
