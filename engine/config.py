@@ -104,6 +104,10 @@ class ServerConfig(BaseModel):
     """Intra-op threads of each model instance in a worker (torch/OpenMP, BLAS, Paddle, TF).
     ``auto``: a worker's cores (its CPU affinity, capped by a cgroup quota) shared among the
     instances it holds, ``max(1, cores // instances)`` each (README, "Threads in a worker")."""
+    front_processes: Literal["auto"] | PositiveInt = 1
+    """Processes that serve the Thrift port (README, "Front processes"): the first loads the
+    models and batches them; the others decode, check and run the DAG of their connections'
+    requests and send model items to the first.  ``auto``: one per core, at most 8."""
     tls: TlsConfig | None = None
     """TLS on the Thrift port; None: plain TCP (the default, meant for loopback)."""
     admin_port: int | None = Field(None, ge=0, le=65535)
@@ -124,6 +128,10 @@ class ServerConfig(BaseModel):
     """An explicit GPU inventory (tests, or to reserve cards); None: read the GPUs via NVML."""
     gpu_reserve_mb: int = Field(0, ge=0)
     """Memory per GPU that placement leaves free (for the CUDA context and fragmentation)."""
+    state_file: Path | None = None
+    """Where the model lifecycle keeps traffic weights, shadow, sticky header and the versions
+    loaded at runtime (JSON, replaced atomically after every change), restored at startup;
+    relative to the config file.  None: nothing survives a restart."""
 
 
 def load_config(path: Path) -> ServerConfig:
@@ -164,6 +172,8 @@ def load_config(path: Path) -> ServerConfig:
         value = getattr(config, key)
         if value is not None:
             update[key] = base / value
+    if config.state_file is not None:
+        update["state_file"] = base / config.state_file
     return config.model_copy(update=update)
 
 

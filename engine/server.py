@@ -9,14 +9,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shutil
 import signal
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TypeVar
 
 from dag.pipeline import Pipeline
 from engine.config import ServerConfig
+from engine.errors import ConfigError
+from engine.fronts import Fronts, front_count, per_front
 from engine.observability.http import MetricsServer
 from engine.runtime.devices import DeviceInventory
 from engine.runtime.engine import Engine
+from engine.runtime.relay import RelayServer
 from engine.runtime.watch import Watcher
 from engine.runtime.workers.pool import WorkerPool
 from engine.transport.admin import admin_server
@@ -24,6 +30,7 @@ from engine.transport.handler import InferenceHandler
 from engine.transport.thrift import ThriftServer
 
 logger = logging.getLogger("dagserve")
+T = TypeVar("T")
 
 
 class Server:
@@ -31,6 +38,12 @@ class Server:
 
     def __init__(self, config: ServerConfig, pipelines: Sequence[Pipeline]) -> None:
         self.config = config
+        self.front_count = front_count(config.front_processes)
+        #: the files the other front processes load (they cannot be handed the objects)
+        self.pipeline_files = [p.path for p in pipelines if p.path is not None]
+        if self.front_count > 1 and len(self.pipeline_files) < len(pipelines):
+            msg = "front_processes > 1 needs pipelines loaded from files (each front loads them)"
+            raise ConfigError(msg)
         workers = WorkerPool(
             ping_interval_s=config.worker_ping_interval_s,
             ping_timeout_s=config.worker_ping_timeout_s,
@@ -53,9 +66,14 @@ class Server:
             inventory=inventory,
             gpu_reserve_mb=config.gpu_reserve_mb,
             slow_request_ms=config.slow_request_ms,
-            max_inflight=config.max_inflight,
+            max_inflight=per_front(config.max_inflight, self.front_count),
         )
         self.thrift: ThriftServer | None = None
+        # With several front processes (engine.fronts): the relay that gives the others this
+        # process's models, and the processes themselves.
+        self.relay: RelayServer | None = None
+        self.fronts: Fronts | None = None
+        self._relay_dir: str | None = None
         # The admin port (issue 12) and the file watcher act on the engine's lifecycle, where
         # the config asks for them; made here, so that a bad admin setting (a ConfigError)
         # stops the server before any model loads.
@@ -72,6 +90,13 @@ class Server:
     @property
     def metrics_port(self) -> int | None:
         return self.http.port if self.http is not None else None
+
+    @property
+    def ready(self) -> bool:
+        """Every model loaded and every front process serving."""
+        if not self.engine.ready:
+            return False
+        return self.relay is None or self.relay.all_ready(self.front_count)
 
     @property
     def port(self) -> int:
@@ -108,14 +133,19 @@ class Server:
         # The metrics port comes first: /healthz answers and /readyz says 503 while loading.
         if self.config.metrics_port is not None:
             self.http = MetricsServer(
-                self.engine.metrics, lambda: self.engine.ready, self.config.host,
+                self.engine.metrics, lambda: self.ready, self.config.host,
                 self.config.metrics_port,
             )  # fmt: skip
             await self.http.start()
         # Place and load every model: one that fails to load stops the server here.
         await self.engine.start()
+        relay = None
+        if self.front_count > 1:
+            self._relay_dir = tempfile.mkdtemp(prefix="dagserve-fronts-")
+            relay = self.relay = RelayServer(self.engine, os.path.join(self._relay_dir, "relay"))
+            await relay.start()
         self.thrift = ThriftServer(
-            InferenceHandler(self.engine),
+            InferenceHandler(self.engine, health=_async(relay.health) if relay else None),
             host=self.config.host,
             port=self.config.port,
             max_frame_bytes=self.config.max_frame_bytes,
@@ -124,7 +154,14 @@ class Server:
         )
         await self.thrift.start()
         thrift = self.thrift
-        self.engine.metrics.watch(self.engine, lambda: thrift.open_connections)
+        if relay is not None:
+            # The others bind the port this one got (SO_REUSEPORT), also when asked for port 0.
+            config = self.config.model_copy(update={"port": thrift.port, "metrics_port": None})
+            self.fronts = Fronts(config, self.pipeline_files, self.front_count, relay)
+            await self.fronts.start()
+        self.engine.metrics.watch(
+            self.engine, lambda: thrift.open_connections + (relay.connections() if relay else 0)
+        )
         logger.info("dagserve listening on %s:%d", self.config.host, self.thrift.port)
         await self._start_lifecycle_services()
         self.started.set()
@@ -143,12 +180,27 @@ class Server:
         if self.admin is not None:
             await self.admin.aclose(grace_s=self.config.drain_timeout_s)
         # Stop accepting, let requests in flight finish (bounded), then unload the plugins.
-        if self.thrift is not None:
-            await self.thrift.aclose(grace_s=self.config.drain_timeout_s)
+        # The other fronts drain meanwhile; their model items still reach the relay.
+        grace_s = self.config.drain_timeout_s
+        await asyncio.gather(
+            self.thrift.aclose(grace_s=grace_s) if self.thrift else asyncio.sleep(0),
+            self.fronts.drain(grace_s) if self.fronts else asyncio.sleep(0),
+        )
+        if self.relay is not None:
+            await self.relay.aclose()
+        if self._relay_dir is not None:
+            shutil.rmtree(self._relay_dir, ignore_errors=True)
         await self.engine.aclose()
         if self.http is not None:
             await self.http.aclose()
         logger.info("dagserve stopped")
+
+
+def _async(function: Callable[[], T]) -> Callable[[], Awaitable[T]]:
+    async def call() -> T:
+        return function()
+
+    return call
 
 
 __all__ = ["Server"]

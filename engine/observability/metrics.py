@@ -12,6 +12,7 @@ from __future__ import annotations
 import bisect
 import itertools
 import math
+import operator
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
@@ -116,10 +117,75 @@ class Metrics:
             "Time one batch took in the model (worker crossing included).",
             ["model"], LATENCY_BUCKETS,
         )  # fmt: skip
+        # A shadow version gets a copy of each request (engine.runtime.lifecycle): how often,
+        # how far its outputs differ from the served ones, how long it took, how many dropped.
+        shadow = ["pipeline", "version"]
+        self.shadow_requests = Counter(
+            "dagserve_shadow_requests", "Requests mirrored to a shadow version.", shadow
+        )
+        self.shadow_mismatches = Counter(
+            "dagserve_shadow_mismatches",
+            "Mirrored requests whose outputs differ from the served ones (names, dtype, shape, "
+            "or values beyond rtol 1e-5 + atol 1e-8), or that failed on the shadow.",
+            shadow,
+        )
+        self.shadow_max_abs_difference = Gauge(
+            "dagserve_shadow_max_abs_difference",
+            "Largest absolute difference seen between a shadow's output and the served one.",
+            shadow,
+            combine=max,
+        )
+        self.shadow_seconds = Histogram(
+            "dagserve_shadow_duration_seconds", "Latency of mirrored requests on the shadow.",
+            shadow, LATENCY_BUCKETS,
+        )  # fmt: skip
+        self.shadow_dropped = Counter(
+            "dagserve_shadow_dropped",
+            "Copies not mirrored because too many were in flight on the shadow.",
+            shadow,
+        )
         self.registry.register(
             _Families(
                 self.requests, self.request_seconds, self.inflight, self.node_seconds,
                 self.node_errors, self.queue_seconds, self.batch_size, self.compute_seconds,
+                self.shadow_requests, self.shadow_mismatches, self.shadow_max_abs_difference,
+                self.shadow_seconds, self.shadow_dropped,
+            )
+        )  # fmt: skip
+        # A node's shadow variant gets a copy of the node's inputs (engine.runtime.variants);
+        # the same numbers as a shadow version's, per node.  Which variant answered shows in
+        # dagserve_node_duration_seconds, whose node label is then "node@variant".
+        variant = ["pipeline", "node", "variant"]
+        self.variant_shadow_requests = Counter(
+            "dagserve_variant_shadow_requests",
+            "Copies of a node's inputs mirrored to its shadow variant.", variant,
+        )  # fmt: skip
+        self.variant_shadow_mismatches = Counter(
+            "dagserve_variant_shadow_mismatches",
+            "Mirrored copies whose outputs differ from the node's (names, dtype, shape, or "
+            "values beyond rtol 1e-5 + atol 1e-8), or that failed on the shadow variant.",
+            variant,
+        )
+        self.variant_shadow_max_abs_difference = Gauge(
+            "dagserve_variant_shadow_max_abs_difference",
+            "Largest absolute difference seen between a shadow variant's output and the node's.",
+            variant,
+            combine=max,
+        )
+        self.variant_shadow_seconds = Histogram(
+            "dagserve_variant_shadow_duration_seconds",
+            "Latency of mirrored copies on the shadow variant.", variant, LATENCY_BUCKETS,
+        )  # fmt: skip
+        self.variant_shadow_dropped = Counter(
+            "dagserve_variant_shadow_dropped",
+            "Copies not mirrored because too many were in flight on the shadow variant.",
+            variant,
+        )
+        self.registry.register(
+            _Families(
+                self.variant_shadow_requests, self.variant_shadow_mismatches,
+                self.variant_shadow_max_abs_difference, self.variant_shadow_seconds,
+                self.variant_shadow_dropped,
             )
         )  # fmt: skip
 
@@ -137,6 +203,25 @@ class Metrics:
 
         return observe
 
+    def snapshot(self) -> dict[str, Any]:
+        """This front's numbers, for the first front to add to its own (``engine.fronts``)."""
+        return {family.name: family.snapshot() for family in self._families()}
+
+    def absorb(self, front: int, snapshot: dict[str, Any]) -> None:
+        """Add the numbers of another front process of this server, replacing its last ones."""
+        for family in self._families():
+            numbers = snapshot.get(family.name)
+            if numbers is not None:
+                family.absorb(front, numbers)
+
+    def retire(self, front: int) -> None:
+        """The front ended (or restarted): its counts stay in the totals, its gauges go."""
+        for family in self._families():
+            family.retire(front)
+
+    def _families(self) -> list[Counter | Gauge | Histogram]:
+        return [v for v in vars(self).values() if isinstance(v, Counter | Gauge | Histogram)]
+
     def watch(self, engine: Engine, connections: Callable[[], int] | None = None) -> None:
         """Read the engine's live state (queues, workers, GPUs) at every scrape."""
         self.registry.register(_LiveCollector(engine, connections))
@@ -146,10 +231,54 @@ class Metrics:
 # Updated on the event loop's thread only; a scrape (on another thread) copies what it reads.
 
 
-class Counter:
+class _Fronts:
+    """The numbers that other front processes of the server reported (``engine.fronts``).
+
+    A secondary front sends :meth:`snapshot` of its families every second; the primary
+    ``absorb``s it and exports each series as the sum over fronts.  A front that ends is
+    ``retire``d: a counter keeps its counts (a total never goes back), a gauge drops them.
+    """
+
+    _keep_retired = True
+
+    def __init__(self) -> None:
+        #: front -> label values -> its numbers
+        self._remote: dict[int, dict[tuple[str, ...], Any]] = {}
+        self._retired: dict[tuple[str, ...], Any] = {}
+
+    def snapshot(self) -> dict[tuple[str, ...], Any]:
+        raise NotImplementedError
+
+    def absorb(self, front: int, numbers: dict[tuple[str, ...], Any]) -> None:
+        self._remote[front] = numbers
+
+    def retire(self, front: int) -> None:
+        numbers = self._remote.pop(front, None)
+        if numbers and self._keep_retired:
+            for labels, value in numbers.items():
+                old = self._retired.get(labels)
+                self._retired[labels] = value if old is None else self._add(old, value)
+
+    def _merged(self, own: dict[tuple[str, ...], Any]) -> dict[tuple[str, ...], Any]:
+        if not self._remote and not self._retired:
+            return own
+        merged = dict(own)
+        for numbers in (self._retired, *self._remote.values()):
+            for labels, value in numbers.items():
+                old = merged.get(labels)
+                merged[labels] = value if old is None else self._add(old, value)
+        return merged
+
+    @staticmethod
+    def _add(a: Any, b: Any) -> Any:
+        return a + b
+
+
+class Counter(_Fronts):
     """A labelled counter: ``inc(*label_values)``; exported as ``<name>_total``/``_created``."""
 
     def __init__(self, name: str, documentation: str, labelnames: Sequence[str]) -> None:
+        super().__init__()
         self.name, self.documentation, self.labelnames = name, documentation, list(labelnames)
         #: label values -> [count, created]
         self._series: dict[tuple[str, ...], list[float]] = {}
@@ -160,19 +289,36 @@ class Counter:
             series = self._series[labels] = [0.0, time.time()]
         series[0] += 1
 
+    def snapshot(self) -> dict[tuple[str, ...], Any]:
+        return {labels: series[0] for labels, series in list(self._series.items())}
+
     def collect(self) -> Metric:
         family = CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
-        for labels, (count, created) in list(self._series.items()):
-            family.add_metric(labels, count, created=created)
+        own = {labels: series[0] for labels, series in list(self._series.items())}
+        for labels, count in self._merged(own).items():
+            series = self._series.get(labels) or self._series.setdefault(labels, [0.0, time.time()])
+            family.add_metric(labels, count, created=series[1])
         return family
 
 
-class Gauge:
+class Gauge(_Fronts):
     """A labelled gauge that goes up and down: ``inc(*label_values)``, ``dec(...)``."""
 
-    def __init__(self, name: str, documentation: str, labelnames: Sequence[str]) -> None:
+    _keep_retired = False
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        labelnames: Sequence[str],
+        *,
+        combine: Callable[[float, float], float] = operator.add,
+    ) -> None:
+        super().__init__()
         self.name, self.documentation, self.labelnames = name, documentation, list(labelnames)
         self._values: dict[tuple[str, ...], float] = {}
+        #: how the values of several front processes make the server's (``max`` for a maximum)
+        self._add = combine  # type: ignore[method-assign]
 
     def inc(self, *labels: str) -> None:
         self._values[labels] = self._values.get(labels, 0.0) + 1
@@ -180,20 +326,30 @@ class Gauge:
     def dec(self, *labels: str) -> None:
         self._values[labels] = self._values.get(labels, 0.0) - 1
 
+    def set(self, value: float, *labels: str) -> None:
+        self._values[labels] = value
+
+    def get(self, *labels: str) -> float:
+        return self._values.get(labels, 0.0)
+
+    def snapshot(self) -> dict[tuple[str, ...], Any]:
+        return dict(self._values)
+
     def collect(self) -> Metric:
         family = GaugeMetricFamily(self.name, self.documentation, labels=self.labelnames)
-        for labels, value in list(self._values.items()):
+        for labels, value in self._merged(dict(self._values)).items():
             family.add_metric(labels, value)
         return family
 
 
-class Histogram:
+class Histogram(_Fronts):
     """A labelled histogram: ``observe(value, *label_values)``; exported as Prometheus'
     cumulative ``le`` buckets (``+Inf`` added), ``_count``, ``_sum`` and ``_created``."""
 
     def __init__(
         self, name: str, documentation: str, labelnames: Sequence[str], buckets: Sequence[float]
     ) -> None:
+        super().__init__()
         self.name, self.documentation, self.labelnames = name, documentation, list(labelnames)
         bounds = [float(b) for b in buckets]
         if bounds[-1] != math.inf:
@@ -216,9 +372,18 @@ class Histogram:
         series[0][bisect.bisect_left(self._bounds, value)] += 1
         series[1] += value
 
+    def snapshot(self) -> dict[tuple[str, ...], Any]:
+        return {labels: (list(s[0]), s[1]) for labels, s in list(self._series.items())}
+
+    @staticmethod
+    def _add(a: Any, b: Any) -> Any:
+        return [x + y for x, y in zip(a[0], b[0], strict=True)], a[1] + b[1]
+
     def collect(self) -> Metric:
         family = HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
-        for labels, (counts, total, created) in list(self._series.items()):
+        own = {labels: (s[0], s[1]) for labels, s in list(self._series.items())}
+        for labels, (counts, total) in self._merged(own).items():
+            created = self.series(*labels)[2]
             cumulative = itertools.accumulate(list(counts))
             family.add_metric(labels, list(zip(self._les, cumulative, strict=True)), total)
             where = dict(zip(self.labelnames, labels, strict=True))

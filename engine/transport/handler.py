@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import os
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 from thriftpy2.thrift import TException
@@ -86,8 +87,15 @@ def response_to_wire(result: InferenceResult) -> Any:
 class InferenceHandler:
     """The ``InferenceService`` of ``idl/dagserve.thrift``, served by ``transport.thrift``."""
 
-    def __init__(self, engine: EngineLike) -> None:
+    def __init__(
+        self,
+        engine: EngineLike,
+        *,
+        health: Callable[[], Awaitable[HealthReport]] | None = None,
+    ) -> None:
         self.engine = engine
+        #: the server's health, where the engine's own is not all of it (``engine.fronts``)
+        self._health = health
 
     async def infer(self, request: Any) -> Any:
         # map_to_wire's work, without a context manager per request
@@ -109,7 +117,8 @@ class InferenceHandler:
 
     async def health(self) -> Any:
         with map_to_wire("health"):
-            return health_to_wire(self.engine.health())
+            report = await self._health() if self._health else self.engine.health()
+            return health_to_wire(report)
 
 
 __all__ = ["EngineLike", "InferenceHandler", "request_from_wire", "response_to_wire"]
