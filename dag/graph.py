@@ -427,10 +427,10 @@ class _Checker:
         self.outputs[name] = outputs or None
         if plugin_cls is not None and inputs:
             self._check_inputs(name, plugin_cls, inputs, upstream, refs)
-        if plugin_cls is not None:
+        if plugin_cls is not None:  # else reported, and its specs are unknown
             for variant in node.variants:
                 self._check_variant(name, variant, upstream)
-        self._check_node_warmup(name)
+            self._check_node_warmup(name)
 
     def _check_variant(
         self, name: str, variant: str, upstream: Mapping[str, TensorSpec | None]
