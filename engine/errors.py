@@ -5,6 +5,7 @@
     DagserveError (model_plugins.errors)
     ├── ... the SDK's tree (InvalidRequest, PipelineNotFound, Overloaded, ...)
     ├── ConfigError                      the server configuration is unreadable or invalid
+    ├── LifecycleError                   a lifecycle change (load, traffic, reload, unload) refused
     ├── ApplicationError                 the server answered with a Thrift TApplicationException
     │                                    (unknown method, undeclared error, undecodable request)
     └── ClientConnectionError (ConnectionError)   a client cannot reach the server or lost it
@@ -25,6 +26,11 @@ _UNKNOWN = 0
 
 class ConfigError(DagserveError):
     """The server configuration is unreadable or invalid; the message names the file and key."""
+
+
+class LifecycleError(DagserveError):
+    """A lifecycle change was refused (unknown version, a load that failed, invalid weights,
+    not enough GPU memory for blue/green); nothing changed, the message says why."""
 
 
 class ApplicationError(DagserveError):
@@ -57,4 +63,5 @@ __all__ = [
     "ClientConnectionError",
     "ClientTimeout",
     "ConfigError",
+    "LifecycleError",
 ]

@@ -3,9 +3,14 @@ their batchers and their devices."""
 
 from __future__ import annotations
 
+import asyncio
+import functools
+import hashlib
+import itertools
 import json
 import logging
-from collections.abc import Callable, Iterable
+import os
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,6 +68,11 @@ class ServedPipeline:
     pipeline: Pipeline
     runners: dict[str, NodeRunner]
     metrics: Metrics | None = None
+    #: requests executing on it now (``Engine.infer``): a version retired waits for them
+    inflight: int = 0
+    #: set while its models are swapped in place (``Lifecycle.reload(in_place=True)``):
+    #: requests wait for it, then find the version again
+    paused: asyncio.Event | None = None
 
     def observe_node(self, node: str, timing: NodeTiming, error: BaseException | None) -> None:
         if self.metrics is None:
@@ -113,14 +123,46 @@ def model_identity(
     """Nodes whose model is the same thing: loaded once, batched once.
 
     Everything the :class:`Model` takes from its first user is in it: a node with another
-    ``timeout_ms`` (the worker-kill timeout of its calls) gets a model of its own.
+    ``timeout_ms`` (the worker-kill timeout of its calls) gets a model of its own.  So is the
+    model file as it is on disk (:func:`file_stamp`): a file rewritten under the same path is
+    another model, which a reload loads beside the one serving.
     """
     batching = node.batching.model_dump_json() if node.batching else None
     params = json.dumps(node.params, sort_keys=True, default=str)
     return (
         node.plugin, str(model_path), params, device, framework, node.instances, batching,
-        node.timeout_ms,
+        node.timeout_ms, file_stamp(model_path),
     )  # fmt: skip
+
+
+#: files up to this size are told apart by their content, larger ones by size and mtime
+_HASHED_BYTES = 1 << 20
+#: a model folder is stamped by at most this many of its files
+_STAMPED_FILES = 10_000
+
+
+def file_stamp(path: Path | None) -> tuple[Any, ...] | None:
+    """What tells a model file (or folder) apart from itself rewritten: size and mtime of
+    each file, and the content hash of small ones (a rewrite within the mtime's resolution).
+    None: no such path (the plugin may not read one)."""
+    if path is None:
+        return None
+    try:
+        if not path.is_dir():
+            return _stamp_one(path)
+        walked = (os.path.join(root, n) for root, _, names in os.walk(path) for n in names)
+        files = sorted(itertools.islice(walked, _STAMPED_FILES))
+        return tuple((os.path.relpath(f, path), _stamp_one(Path(f))) for f in files)
+    except OSError:
+        return None
+
+
+def _stamp_one(path: Path) -> tuple[Any, ...]:
+    stat = path.stat()
+    digest = None
+    if stat.st_size <= _HASHED_BYTES:
+        digest = hashlib.blake2b(path.read_bytes(), digest_size=16).hexdigest()
+    return (stat.st_size, stat.st_mtime_ns, digest)
 
 
 @dataclass(frozen=True)
@@ -134,7 +176,7 @@ class _ModelNode:
     model_path: Path | None
     framework: str | None
 
-    @property
+    @functools.cached_property
     def identity(self) -> tuple[Any, ...]:
         return model_identity(self.node, self.model_path, self.node.device, self.framework)
 
@@ -156,22 +198,48 @@ def _base(pipeline: Pipeline) -> Path:
 
 
 def plan_placement(
-    pipelines: Iterable[Pipeline], inventory: DeviceInventory, *, reserve_mb: int = 0
+    pipelines: Iterable[Pipeline],
+    inventory: DeviceInventory,
+    *,
+    reserve_mb: int = 0,
+    current: Placement | None = None,
+    loaded: Mapping[tuple[Any, ...], str] | None = None,
 ) -> tuple[Placement, dict[tuple[Any, ...], str]]:
     """Place every model of ``pipelines``; return the placement and each model's id.
 
     Nodes that name the same model (plugin, model file, params, device request, instances,
     batching, timeout_ms: :func:`model_identity`) are one model: placed once, loaded once,
-    batched once.  Its id is ``pipeline/node`` of its first user.
+    batched once.  Its id is ``pipeline/node`` of its first user, or, when another model has
+    that id, ``pipeline:version/node`` (then with ``#2``, ``#3``...).
+
+    ``current`` and ``loaded`` (identity -> id of each model loaded) place pipelines beside
+    those serving (``engine.runtime.lifecycle``): a loaded model keeps its device and its
+    budget, and a new one gets an id that no loaded one has.  Only the models of ``current``
+    that are in ``loaded`` stay placed: with no pipelines, that frees the others' budgets.
 
     Raises:
         PlacementError: a model does not fit; the message says what each device has left.
     """
-    ids: dict[tuple[Any, ...], str] = {}
+    ids: dict[tuple[Any, ...], str] = dict(loaded or {})
+    taken = set(ids.values())
     requests = []
+    for a in current.assignments if current is not None else ():
+        if a.model_id not in taken:
+            continue
+        on_gpu = a.device != "cpu"
+        for pipeline_name, node_name in a.nodes:
+            requests.append(
+                PlacementRequest(
+                    model_id=a.model_id, pipeline=pipeline_name, node=node_name,
+                    device=a.device, gpu_memory_mb=a.memory_mb if on_gpu else None,
+                    gpu_share=(a.share or None) if on_gpu else None,
+                )
+            )  # fmt: skip
     for pipeline in pipelines:
         for m in _model_nodes(pipeline):
-            model_id = ids.setdefault(m.identity, f"{pipeline.name}/{m.name}")
+            model_id = ids.get(m.identity)
+            if model_id is None:
+                model_id = ids[m.identity] = _free_id(pipeline, m.name, taken)
             requests.append(
                 PlacementRequest(
                     model_id=model_id,
@@ -184,6 +252,19 @@ def plan_placement(
                 )
             )
     return place(requests, inventory, reserve_mb=reserve_mb), ids
+
+
+def _free_id(pipeline: Pipeline, node: str, taken: set[str]) -> str:
+    versioned = f"{pipeline.name}:{pipeline.version}/{node}"
+    for model_id in (f"{pipeline.name}/{node}", versioned):
+        if model_id not in taken:
+            taken.add(model_id)
+            return model_id
+    n = 2
+    while f"{versioned}#{n}" in taken:
+        n += 1
+    taken.add(f"{versioned}#{n}")
+    return f"{versioned}#{n}"
 
 
 def serve_pipeline(
@@ -213,6 +294,9 @@ def serve_pipeline(
             device = "cpu"
             model_path = (base / node.model).resolve() if node.model is not None else None
         else:
+            if model_node.identity not in model_ids:  # its file was rewritten since placed
+                msg = f"pipeline {pipeline.name!r}: node {name!r}: model file changed while loading"
+                raise PluginLoadError(msg)
             device = placement.device_of(model_ids[model_node.identity])
             model_path = model_node.model_path
         # A worker sees only its own card, as cuda:0: tell the plugin that one.

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 from dag.executor import Execution, execute
@@ -21,14 +21,13 @@ from engine.observability.metrics import Metrics, status_of
 from engine.observability.tracing import start_request_span
 from engine.runtime.assembly import (
     ModelSource,
-    NodeRunner,
     ServedPipeline,
     plan_placement,
-    serve_pipeline,
 )
 from engine.runtime.devices import DeviceInventory
-from engine.runtime.local import LocalRunner
-from engine.runtime.model import Model, ModelRunner
+from engine.runtime.lifecycle import Lifecycle
+from engine.runtime.lifecycle import version_key as _version_key
+from engine.runtime.model import Model
 from engine.runtime.placement import Placement
 from engine.runtime.types import (
     HealthReport,
@@ -38,19 +37,13 @@ from engine.runtime.types import (
 from engine.runtime.workers.pool import WorkerPool
 from model_plugins.errors import (
     DagserveError,
+    DeadlineExceeded,
     InferenceError,
     Overloaded,
     PipelineNotFound,
-    PluginLoadError,
-    node_label,
 )
 
 logger = logging.getLogger(__name__)
-
-
-def _version_key(version: str) -> tuple[tuple[int, int | str], ...]:
-    # "10" sorts after "9"; "1.10" after "1.9"; text parts compare as text.
-    return tuple((0, int(p)) if p.isdigit() else (1, p) for p in re.split(r"[.\-_]", version))
 
 
 class Engine:
@@ -58,7 +51,9 @@ class Engine:
 
     Lifecycle: ``await start()`` loads every node's plugin, in the front process or in the
     worker of its framework and device (a failure stops startup with the node, the plugin and
-    the plugin's own message); ``await aclose()`` unloads them and stops the workers.
+    the plugin's own message); ``await aclose()`` unloads them and stops the workers.  While
+    it serves, :attr:`lifecycle` loads, routes, mirrors, reloads and unloads versions
+    (``engine.runtime.lifecycle``); ``state_file`` keeps its changes across restarts.
     """
 
     def __init__(
@@ -73,10 +68,11 @@ class Engine:
         slow_request_ms: float | None = None,
         max_inflight: int | None = None,
         model_source: ModelSource | None = None,
+        state_file: Path | None = None,
+        drain_timeout_s: float = 10.0,
     ) -> None:
+        #: name -> version -> the ready versions (routed through ``lifecycle.routes``)
         self._served: dict[str, dict[str, ServedPipeline]] = {}
-        #: name -> its latest version among those served
-        self._latest: dict[str, str] = {}
         self._pending = list(pipelines)
         seen: set[tuple[str, str]] = set()
         for p in self._pending:
@@ -98,6 +94,8 @@ class Engine:
         self.models: dict[tuple[Any, ...], Model] = {}
         #: None: this engine places its models and batches them for its workers
         self.model_source = model_source
+        self.lifecycle = Lifecycle(self, state_file=state_file, drain_timeout_s=drain_timeout_s)
+        self._routes = self.lifecycle.routes
         self.ready = False
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -114,28 +112,8 @@ class Engine:
         for line in self.placement.log_lines():
             logger.info("placement: %s", line)
         try:
-            for pipeline in self._pending:
-                known = set(self.models)
-                served = serve_pipeline(
-                    pipeline, self._pool, self.workers, self.models, self.placement, model_ids,
-                    self.metrics,
-                    new_model=self.model_source.new_model if self.model_source else None,
-                )  # fmt: skip
-                # Register before loading, so that aclose() unloads a half-started pipeline.
-                self._served[pipeline.name][pipeline.version] = served
-                self._latest.pop(pipeline.name, None)
-                for name, runner in served.runners.items():
-                    if not isinstance(runner, ModelRunner):  # models start below, once
-                        await _start_runner(pipeline, name, runner)
-                for key, model in self.models.items():
-                    if key not in known:
-                        await _start_model(model)
-                logger.info(
-                    "serving pipeline %s version %s: %s",
-                    pipeline.name,
-                    pipeline.version,
-                    ", ".join(f"{n} [{_where(r)}]" for n, r in served.runners.items()),
-                )
+            # The same path as a version loaded at runtime; then the state file is restored.
+            await self.lifecycle.start(self._pending, self.placement, model_ids)
         except BaseException:
             await self.aclose()
             raise
@@ -144,10 +122,13 @@ class Engine:
 
     async def aclose(self) -> None:
         self.ready = False
+        await self.lifecycle.aclose()
         for versions in self._served.values():
             for served in versions.values():
                 for runner in served.runners.values():
                     await runner.aclose()
+        for runner in self.lifecycle.runners():  # versions draining or loading
+            await runner.aclose()
         for model in self.models.values():
             await model.aclose()
         await self.workers.aclose()
@@ -155,18 +136,21 @@ class Engine:
 
     # -- the service -------------------------------------------------------------------
 
-    def find(self, name: str, version: str | None = None) -> ServedPipeline:
-        versions = self._served.get(name)
-        if not versions:
-            raise PipelineNotFound(name, None, list(self._served))
+    def find(
+        self, name: str, version: str | None = None, headers: Mapping[str, str] | None = None
+    ) -> ServedPipeline:
+        """The version that serves a request: the one it names, else one picked by the name's
+        traffic weights (by the sticky header's hash when the name has one and the request
+        carries it); see ``engine.runtime.lifecycle``."""
+        route = self._routes.get(name)
+        if route is None:
+            raise PipelineNotFound(name, None, list(self._routes))
         if version is None:
-            latest = self._latest.get(name)
-            if latest not in versions:  # worked out once per set of versions
-                latest = self._latest[name] = max(versions, key=_version_key)
-            return versions[latest]
-        if version not in versions:
-            raise PipelineNotFound(name, version, [f"{name}:{v}" for v in versions])
-        return versions[version]
+            return route.pick(headers)
+        served = route.versions.get(version)
+        if served is None:
+            raise PipelineNotFound(name, version, [f"{name}:{v}" for v in route.versions])
+        return served
 
     async def infer(self, request: InferenceRequest) -> InferenceResult:
         """Serve one request: find its pipeline, run it, and count and log what happened."""
@@ -181,18 +165,25 @@ class Engine:
         trace = span.__enter__()
         trace_token = logs.trace_id.set(trace.trace_id if trace else None)
         try:
-            served = self.find(request.pipeline, request.version)
+            served = self.find(request.pipeline, request.version, request.headers)
+            if served.paused is not None and not served.paused.is_set():
+                served = await self._after_pause(served, request)
             pipeline, version = served.pipeline.name, served.pipeline.version
             if self.max_inflight is not None and self.inflight >= self.max_inflight:
                 msg = f"{self.inflight} requests in flight (max_inflight {self.max_inflight})"
                 raise Overloaded(msg, retry_after_ms=10)
             self.metrics.inflight.inc(pipeline)
             self.inflight += 1
+            served.inflight += 1  # a version retired waits for it
             try:
                 execution = await self.execute(served, request)
             finally:
                 self.metrics.inflight.dec(pipeline)
                 self.inflight -= 1
+                served.inflight -= 1
+            lifecycle = self.lifecycle
+            if lifecycle.shadows:
+                lifecycle.mirror(served, request, execution.outputs)
             return InferenceResult(
                 request_id=request.request_id,
                 outputs=execution.outputs,
@@ -215,6 +206,21 @@ class Engine:
                 span.__exit__(None, None, None)
             else:
                 span.__exit__(type(error), error, error.__traceback__)
+
+    async def _after_pause(
+        self, served: ServedPipeline, request: InferenceRequest
+    ) -> ServedPipeline:
+        """Wait while the version's models are swapped in place, then find it again."""
+        assert served.paused is not None
+        loop = asyncio.get_running_loop()
+        when = None if request.timeout_ms is None else loop.time() + request.timeout_ms / 1000
+        try:
+            async with asyncio.timeout_at(when):
+                await served.paused.wait()
+        except TimeoutError:
+            msg = f"deadline exceeded while pipeline {request.pipeline!r} was being reloaded"
+            raise DeadlineExceeded(msg) from None
+        return self.find(request.pipeline, request.version, request.headers)
 
     def _log_request(
         self,
@@ -300,35 +306,6 @@ class Engine:
         for model_id, reason in self.workers.quarantined().items():
             details[f"quarantined.{model_id}"] = reason
         return HealthReport(live=True, ready=self.ready, details=details)
-
-
-async def _start_runner(pipeline: Pipeline, name: str, runner: LocalRunner) -> None:
-    node = pipeline.spec.nodes[name]
-    try:
-        await runner.start()
-    except Exception as exc:
-        raise _load_failed(pipeline.name, name, node.plugin, "", exc) from exc
-
-
-async def _start_model(model: Model) -> None:
-    b = model.binding
-    try:
-        await model.start()
-    except Exception as exc:
-        where = f" in worker {model.key.name}"
-        raise _load_failed(b.pipeline, b.node, b.plugin, where, exc) from exc
-
-
-def _load_failed(pipeline: str, node: str, plugin: str, where: str, exc: Exception) -> Exception:
-    cause = exc.message if isinstance(exc, DagserveError) else f"{type(exc).__name__}: {exc}"
-    msg = f"pipeline {pipeline!r}: {node_label(node, plugin)} failed to load{where}: {cause}"
-    return PluginLoadError(msg)
-
-
-def _where(runner: NodeRunner) -> str:
-    if isinstance(runner, ModelRunner):
-        return f"worker {runner.model.key.name}, model {runner.model.model_id}"
-    return runner.kind
 
 
 __all__ = ["Engine"]

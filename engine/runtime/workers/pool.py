@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 from engine.runtime.workers.process import Death, WorkerDied, WorkerProcess
 from model_plugins._host import threads
-from model_plugins._host.messages import Loaded, LoadModel, Predict
+from model_plugins._host.messages import Loaded, LoadModel, Predict, Unload
 from model_plugins.errors import DagserveError, DeadlineExceeded, InferenceError
 from model_plugins.plugin import Batch, LoadContext
 
@@ -150,6 +150,26 @@ class WorkerPool:
         slot.models[model_id] = message
         slot.loaded.add(model_id)
         return loaded
+
+    async def unload(self, key: WorkerKey, model_id: str) -> None:
+        """Unload a model from the worker of ``key`` and forget it: a replacement worker does
+        not load it again, and its crashes and quarantine are forgotten (its id may come back).
+
+        The caller has drained it: a call still in flight fails in the worker.  A worker that
+        is being replaced has nothing to unload.
+
+        Raises:
+            DagserveError: the worker failed to unload it (the model is forgotten anyway).
+        """
+        self._quarantined.pop(model_id, None)
+        self._crash_times.pop(model_id, None)
+        slot = self._slots.get(key)
+        if slot is None or slot.models.pop(model_id, None) is None:
+            return
+        loaded = model_id in slot.loaded
+        slot.loaded.discard(model_id)
+        if loaded and slot.ready.is_set() and slot.process is not None:
+            await slot.process.call(Unload(model_id), node=None, plugin=None)
 
     async def predict(
         self,
