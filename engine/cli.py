@@ -44,6 +44,10 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--metrics-port", type=int, help="Prometheus /metrics port")
     serve.add_argument("--admin-port", type=int, help="admin (lifecycle) port; 0 = any free")
     serve.add_argument(
+        "--front-processes", type=_front_processes, metavar="N|auto",
+        help="processes serving the port (default 1; auto = one per core, at most 8)",
+    )  # fmt: skip
+    serve.add_argument(
         "--watch", action="store_true", default=None,
         help="reload a pipeline version when its YAML or model files change",
     )  # fmt: skip
@@ -226,6 +230,19 @@ def _new_plugin(args: argparse.Namespace) -> int:
     return 0
 
 
+def _front_processes(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        count = int(text)
+    except ValueError:
+        count = 0
+    if count < 1:
+        msg = f"expected a count >= 1 or auto (got {text!r})"
+        raise argparse.ArgumentTypeError(msg)
+    return count
+
+
 def _serve(args: argparse.Namespace) -> int:
     from engine.server import Server
     from engine.transport.thrift import run
@@ -249,6 +266,7 @@ def _serve(args: argparse.Namespace) -> int:
             "watch_interval_s": args.watch_interval,
             "log_level": args.log_level,
             "log_format": args.log_format,
+            "front_processes": args.front_processes,
         }.items()
         if value is not None
     }
