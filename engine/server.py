@@ -79,6 +79,13 @@ class Server:
         # stops the server before any model loads.
         self.admin: ThriftServer | None = None
         self.watcher: Watcher | None = None
+        if self.front_count > 1 and (config.admin_port is not None or config.watch):
+            # Each front has its own routes: a change made on the first would not reach them.
+            msg = (
+                "the admin port and watch change the versions of the first front process "
+                f"only: they need front_processes: 1 (got {self.front_count})"
+            )
+            raise ConfigError(msg)
         if config.admin_port is not None:
             self.admin = admin_server(config, self.engine.lifecycle)
         if config.watch:

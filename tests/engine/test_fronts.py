@@ -197,3 +197,16 @@ def test_families_add_other_fronts_numbers_and_keep_a_retired_fronts_counts() ->
     samples = {s.name + s.labels.get("le", ""): s.value for s in histogram.collect().samples}
     assert (samples["h_bucket1.0"], samples["h_bucket+Inf"]) == (2, 4)
     assert (samples["h_count"], samples["h_sum"]) == (4, 5.0)
+
+
+def test_the_admin_port_and_watch_are_refused_with_several_fronts() -> None:
+    from engine.config import ServerConfig
+    from engine.errors import ConfigError
+    from engine.runtime.loading import load_for_serving
+    from engine.server import Server
+
+    pipelines, errors = load_for_serving([PIPELINES / "fronts.yaml"])
+    assert not errors
+    for setting in ({"admin_port": 0}, {"watch": True}):
+        with pytest.raises(ConfigError, match="front_processes: 1"):
+            Server(ServerConfig(port=0, front_processes=2, **setting), pipelines)
