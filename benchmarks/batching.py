@@ -1,23 +1,28 @@
-"""Dynamic batching: served throughput and latency against the same model run offline.
+"""Dynamic batching: served throughput against the same model run offline, and the light
+model against the echo ceiling of the same stack.
 
-    .venv/bin/python -m benchmarks.batching [--quick] [--out DIR]
+    .venv/bin/python -m benchmarks.batching [--quick] [--out DIR] [--json FILE]
 
 Two TorchScript models (fixed seeds): a ResNet-18 ("heavy", 3x224x224 -> 1000) and an MLP
-512-1024-1024-10 ("light"). Each is served by one-node pipelines, with batching
-(``max_batch_size: 32, max_delay_ms: 0``) and without, by ``dagserve serve`` in a SUBPROCESS
-(the load generator runs in this process and does not share the server's GIL). Offline figures
-come from ``torch`` called directly in another subprocess (``torch.inference_mode()``, torch's
-default thread count, as in the worker), measured before AND after the served runs; the
-better of the two is used, which makes every served/offline ratio conservative.
+512-1024-1024-10 ("light"). Each is served by a one-node pipeline with batching
+(``max_batch_size: 32, max_delay_ms: 0``) by ``dagserve serve`` in a SUBPROCESS (the load
+generator runs in this process and does not share the server's GIL). Offline figures come
+from ``torch`` called directly in another subprocess (``torch.inference_mode()``, torch's
+default thread count, as in the worker) at batch sizes 1, 4, 8, 16 and 32 (the served
+``max_batch_size``), before the served runs; the best size of each model is measured again
+after them, and the better figure is used, which makes every served/offline ratio
+conservative.
 
-Scenarios (all in one run, side by side):
-  1. heavy, closed loop at concurrency 64, batched: items/s against the best offline items/s
-  2. light, the same
-  3. concurrency 1: served p50 against the offline batch-1 latency, both models
-  4. concurrency 32, batched against not batched, both models
+Windows (all in one run, side by side), closed loops of one-item requests at concurrency 64:
+
+  1. heavy, batched: items/s against the offline best batch's items/s (target >= 0.9);
+  2. light, batched, and the **echo ceiling**: ``benchmarks.rpc_overhead``'s bare same-stack
+     server (dagserve's own ``ThriftServer`` answering the request's tensors undecoded) under
+     the same load and payload, in halves ordered light, echo, echo, light; target: light
+     items/s >= 0.5 of the lesser of its offline best batch and the echo ceiling.
 
 Mean batch sizes come from the server's health details (``model.<pipeline>/<node>``),
-differenced over each measurement window.
+differenced over each measurement window.  Idle latency at batch 1 is ``benchmarks.idle``'s.
 """
 
 from __future__ import annotations
@@ -40,8 +45,13 @@ from engine.tools.ports import free_port, wait_ready
 from engine.transport.client import Client
 
 ROOT = Path(__file__).resolve().parent.parent
-BATCH_SIZES = (1, 8, 16, 32, 64)
+#: offline batch sizes (the served max_batch_size is the largest)
+BATCH_SIZES = (1, 4, 8, 16, 32)
 QUICK_BATCH_SIZES = (1, 8, 32)
+MAX_BATCH = 32
+CONCURRENCY = 64
+#: issue 15's targets: heavy served / offline best; light served / min(offline best, echo)
+TARGETS = {"heavy": 0.9, "light": 0.5}
 
 MODELS = {
     "heavy": {"file": "resnet18.pt", "input": "pixels", "shape": [3, 224, 224], "out": "logits"},
@@ -87,31 +97,34 @@ def export_models(folder: Path) -> None:
 
 
 def measure_offline(
-    folder: Path, seconds: float, sizes: tuple[int, ...] = BATCH_SIZES
+    folder: Path, seconds: float, sizes: dict[str, tuple[int, ...]]
 ) -> dict[str, dict[str, float]]:
-    """Per model: items/s at each batch size (median time per call) and batch-1 latency."""
-    quick = seconds < 1
+    """Per model: items/s at each of its batch sizes (median time per call), and the batch-1
+    latency where batch 1 is among them."""
     import warnings
 
     import torch
 
     result: dict[str, dict[str, float]] = {"threads": {"torch": float(torch.get_num_threads())}}
     rng = np.random.default_rng(0)
-    for key in ("heavy", "light"):
+    for key, model_sizes in sizes.items():
         spec = MODELS[key]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             module = torch.jit.load(str(folder / spec["file"]))
         module.eval()
+        with torch.inference_mode():  # TorchScript profiles its first calls
+            for _ in range(2):
+                module(torch.zeros((1, *spec["shape"])))
         row: dict[str, float] = {}
-        for size in sizes:
+        for size in model_sizes:
             x = torch.from_numpy(rng.random((size, *spec["shape"]), dtype=np.float32))
             times: list[float] = []
             with torch.inference_mode():
-                for _ in range(2):  # warm up (TorchScript profiles the first calls)
-                    module(x)
+                module(x)  # warm this size up
                 until = time.perf_counter() + seconds
-                while time.perf_counter() < until or len(times) < (3 if quick else 5):
+                # a few calls at least: a large batch on a busy machine may take seconds
+                while time.perf_counter() < until or len(times) < 3:
                     start = time.perf_counter()
                     module(x)
                     times.append(time.perf_counter() - start)
@@ -123,10 +136,13 @@ def measure_offline(
     return result
 
 
-def offline_in_subprocess(folder: Path, seconds: float) -> dict[str, dict[str, float]]:
+def offline_in_subprocess(
+    folder: Path, seconds: float, sizes: dict[str, tuple[int, ...]]
+) -> dict[str, dict[str, float]]:
     out = subprocess.run(
         [sys.executable, "-m", "benchmarks.batching", "--_offline", str(folder),
-         "--_seconds", str(seconds)] + (["--quick"] if seconds < 1 else []),
+         "--_seconds", str(seconds), "--_sizes", json.dumps(sizes)]
+        + (["--quick"] if seconds < 1 else []),
         cwd=ROOT, check=True, capture_output=True, text=True,
     )  # fmt: skip
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -243,7 +259,9 @@ async def served(
     result = await run_bench(load_spec(port, pipeline, concurrency, duration, 0.0))
     c1 = {name: cpu_seconds(pid) for name, pid in PIDS.items()}
     b1, i1 = batch_counters(port, pipeline)
-    CPU[f"{pipeline} c{concurrency}"] = {name: c1[name] - c0[name] for name in c0}
+    used = CPU.setdefault(f"{pipeline} c{concurrency}", {})  # summed over a load's windows
+    for name in c0:
+        used[name] = used.get(name, 0.0) + c1[name] - c0[name]
     batches = b1 - b0
     mean = (i1 - i0) / batches if batches else float("nan")
     return result, mean, batches
@@ -265,6 +283,60 @@ def _row(result: BenchResult, mean_batch: float, batches: int) -> dict[str, obje
     }
 
 
+def merged_window(
+    runs: list[tuple[BenchResult, float, int]],
+) -> tuple[BenchResult, float, int]:
+    """Several windows against one pipeline as one (requests, windows and batches summed)."""
+    from benchmarks.rpc_overhead import merge
+
+    result = merge([run[0] for run in runs])
+    result.concurrency = runs[0][0].concurrency
+    batches = sum(run[2] for run in runs)
+    items = sum(run[1] * run[2] for run in runs if run[2])
+    return result, items / batches if batches else float("nan"), batches
+
+
+def best_batch(figures: dict[str, float]) -> tuple[int, float]:
+    """(size, items/s) of the batch size with the most items/s."""
+    sizes = [int(k.split("@")[1]) for k in figures if k.startswith("items/s@")]
+    size = max(sizes, key=lambda s: figures[f"items/s@{s}"])
+    return size, figures[f"items/s@{size}"]
+
+
+def target_rows(
+    offline: dict[str, dict[str, float]],
+    served: dict[str, tuple[BenchResult, float, int]],
+    echo_items_s: float,
+) -> list[dict[str, object]]:
+    """The issue's two batching targets, one row per model."""
+    rows: list[dict[str, object]] = []
+    for key in ("heavy", "light"):
+        size, best = best_batch(offline[key])
+        result, mean_batch, _ = served[key]
+        served_tput = result.throughput_items_s
+        reference = best if key == "heavy" else min(best, echo_items_s)
+        ratio = served_tput / reference if reference else float("nan")
+        rows.append({
+            "model": key, "clients": CONCURRENCY, "served items/s": served_tput,
+            "mean batch": mean_batch, "offline best batch (size, items/s)": f"{size}, {best:.0f}",
+            "echo ceiling": echo_items_s if key == "light" else "-",
+            "ratio": ratio, "target": f">= {TARGETS[key]}",
+            "met?": "yes" if ratio >= TARGETS[key] else "NO",
+        })  # fmt: skip
+    return rows
+
+
+def reading(rows: list[dict[str, object]]) -> str:
+    parts = [
+        f"{r['model']} {float(r['ratio']):.2f} of "  # type: ignore[arg-type]
+        + ("its offline best batch" if r["model"] == "heavy" else
+           "min(offline best batch, echo ceiling)")
+        + f" (target {r['target']}: {'met' if r['met?'] == 'yes' else 'NOT met'})"
+        for r in rows
+    ]  # fmt: skip
+    return f"served items/s under {CONCURRENCY} clients: " + "; ".join(parts)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="a short smoke run (< ~60 s)")
@@ -272,22 +344,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="also write every figure to this JSON file")
     parser.add_argument("--_offline", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--_export", type=Path, help=argparse.SUPPRESS)
-    parser.add_argument("--_seconds", type=float, default=2.0, help=argparse.SUPPRESS)
+    parser.add_argument("--_seconds", type=float, default=1.5, help=argparse.SUPPRESS)
+    parser.add_argument("--_sizes", type=json.loads, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args._export:
         export_models(args._export)
         return 0
     if args._offline:
-        sizes = QUICK_BATCH_SIZES if args.quick else BATCH_SIZES
-        print(json.dumps(measure_offline(args._offline, args._seconds, sizes)))
+        print(json.dumps(measure_offline(args._offline, args._seconds, args._sizes)))
         return 0
+
+    from benchmarks._serving import measure, serving
 
     quick = args.quick
     # (warm-up s, window s) per load; offline seconds per batch size
-    heavy_w, heavy_d = (1.0, 3.0) if quick else (5.0, 25.0)
-    light_w, light_d = (0.5, 2.0) if quick else (3.0, 15.0)
-    idle_w, idle_d = (0.5, 1.5) if quick else (2.0, 10.0)
-    offline_s = 0.3 if quick else 2.5
+    heavy_w, heavy_d = (1.0, 3.0) if quick else (3.0, 12.0)
+    light_w, light_d = (0.5, 2.0) if quick else (2.0, 8.0)
+    echo_d = 1.0 if quick else 6.0
+    offline_s = 0.3 if quick else 1.5
     sizes = QUICK_BATCH_SIZES if quick else BATCH_SIZES
     started = time.perf_counter()
     tmp = None
@@ -298,16 +372,19 @@ def main(argv: list[str] | None = None) -> int:
         folder = args.out
         folder.mkdir(parents=True, exist_ok=True)
 
-    print(f"models and pipelines in {folder}", flush=True)
+    print(f"models and pipelines in {folder}", file=sys.stderr, flush=True)
     subprocess.run(
         [sys.executable, "-m", "benchmarks.batching", "--_export", str(folder)],
         cwd=ROOT, check=True,
     )  # fmt: skip
-    paths = write_pipelines(folder, max_batch=32)
-    print("offline (before) ...", flush=True)
-    offline_before = offline_in_subprocess(folder, offline_s)
-    print("starting the server ...", flush=True)
+    paths = [p for p in write_pipelines(folder, MAX_BATCH) if "nobatch" not in p.name]
+    print("offline (before) ...", file=sys.stderr, flush=True)
+    offline_before = offline_in_subprocess(folder, offline_s, {k: sizes for k in MODELS})
+    print("starting the servers ...", file=sys.stderr, flush=True)
     process, port = start_server(paths, folder / "server.log")
+    echo_port = free_port()
+    echo_command = [sys.executable, "-m", "benchmarks.rpc_overhead", "--_bare", "same-stack",
+                    str(echo_port)]  # fmt: skip
     figures: dict[str, object] = {"offline_before": offline_before}
     try:
         with Client("127.0.0.1", port) as client:
@@ -316,24 +393,25 @@ def main(argv: list[str] | None = None) -> int:
         figures["workers"] = workers
         PIDS.update(server_pids(port, process.pid))
 
-        async def scenarios() -> dict[str, tuple[BenchResult, float, int]]:
-            out: dict[str, tuple[BenchResult, float, int]] = {}
-            plan = [
-                ("s1 heavy c64", "heavy", 64, heavy_d, heavy_w),
-                ("s2 light c64", "light", 64, light_d, light_w),
-                ("s3 heavy c1", "heavy", 1, idle_d, idle_w),
-                ("s3 light c1", "light", 1, idle_d, idle_w),
-                ("s4 heavy c32 batched", "heavy", 32, heavy_d * 0.6, heavy_w),
-                ("s4 heavy c32 not batched", "heavy_nobatch", 32, heavy_d * 0.6, heavy_w),
-                ("s4 light c32 batched", "light", 32, light_d, light_w),
-                ("s4 light c32 not batched", "light_nobatch", 32, light_d, light_w),
-            ]
-            for label, pipeline, concurrency, duration, warmup in plan:
-                print(f"{label} ({warmup:.0f} s warm-up + {duration:.0f} s) ...", flush=True)
-                out[label] = await served(port, pipeline, concurrency, duration, warmup)
-            return out
+        async def heavy_and_light() -> dict[str, tuple[BenchResult, float, int]]:
+            print(f"heavy x{CONCURRENCY} ({heavy_w:.0f} s warm-up + {heavy_d:.0f} s) ...",
+                  file=sys.stderr, flush=True)  # fmt: skip
+            heavy = await served(port, "heavy", CONCURRENCY, heavy_d, heavy_w)
+            print(f"light x{CONCURRENCY} ({light_w:.0f} s warm-up + {light_d:.0f} s), in halves "
+                  "around the echo ceiling ...", file=sys.stderr, flush=True)  # fmt: skip
+            first = await served(port, "light", CONCURRENCY, light_d / 2, light_w)
+            return {"heavy": heavy, "light": first}
 
-        runs = asyncio.run(scenarios())
+        runs = asyncio.run(heavy_and_light())
+        light_x = load_spec(port, "light", 1, 1, 0).samples
+        with serving(echo_command, echo_port):
+            echo = merge_echo([
+                measure(echo_port, "light", light_x, concurrency=CONCURRENCY,
+                        duration_s=echo_d / 2, warmup_s=0.5)
+                for _ in range(2)
+            ])  # fmt: skip
+        second = asyncio.run(served(port, "light", CONCURRENCY, light_d / 2, 0.5))
+        runs["light"] = merged_window([runs["light"], second])
     finally:
         process.terminate()
         try:
@@ -341,105 +419,67 @@ def main(argv: list[str] | None = None) -> int:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
-    print("offline (after) ...", flush=True)
-    offline_after = offline_in_subprocess(folder, offline_s)
+    print("offline (after) ...", file=sys.stderr, flush=True)
+    best_sizes: dict[str, tuple[int, ...]] = {
+        k: (best_batch(offline_before[k])[0],) for k in MODELS
+    }
+    offline_after = offline_in_subprocess(folder, offline_s, best_sizes)
     figures["offline_after"] = offline_after
 
-    # offline: the better of before/after, per batch size
+    # offline: the better of before/after, per batch size measured both times
     offline: dict[str, dict[str, float]] = {}
-    for key in ("heavy", "light"):
-        merged = {}
-        for k in offline_before[key]:
-            a, b = offline_before[key][k], offline_after[key][k]
-            merged[k] = min(a, b) if k.endswith("ms") else max(a, b)
+    for key in MODELS:
+        merged = dict(offline_before[key])
+        for k, b in offline_after[key].items():
+            merged[k] = min(merged[k], b) if k.endswith("ms") else max(merged[k], b)
         offline[key] = merged
 
-    print()
     print(
         f"torch threads: {int(offline_before['threads']['torch'])} (offline), "
         f"server workers: {figures['workers']}"
     )
+    print(f"\n### 1-2. Served at concurrency {CONCURRENCY} against offline and the echo "
+          "ceiling\n")  # fmt: skip
+    rows = target_rows(offline, runs, echo.throughput_items_s)
+    print(render_table(rows))
+    print(
+        "\nratio: heavy served / offline best batch; light served / the lesser of offline "
+        "best batch and the echo ceiling (the bare same-stack echo server's req/s under the "
+        f"same {CONCURRENCY} clients and payload)"
+    )
+
     print("\n### Offline (torch directly, inference_mode; better of before/after)\n")
-    rows = []
-    for key in ("heavy", "light"):
+    table = []
+    for key in MODELS:
         for when, data in (("before", offline_before), ("after", offline_after),
                            ("used (better)", offline)):  # fmt: skip
-            row: dict[str, object] = {"model": key, "measured": when,
-                                      "batch-1 ms": data[key]["batch1 ms"]}  # fmt: skip
+            row: dict[str, object] = {"model": key, "measured": when}
             for size in sizes:
-                row[f"items/s @{size}"] = data[key][f"items/s@{size}"]
-            rows.append(row)
-        spread = max(
-            abs(offline_before[key][k] / offline_after[key][k] - 1) for k in offline_before[key]
-        )
-        if spread > 0.2:
+                row[f"items/s @{size}"] = data[key].get(f"items/s@{size}", float("nan"))
+            table.append(row)
+        size = best_sizes[key][0]
+        a, b = offline_before[key][f"items/s@{size}"], offline_after[key][f"items/s@{size}"]
+        if abs(a / b - 1) > 0.2:
             print(
-                f"NOTE: {key}: before and after differ by up to {spread:.0%}: "
+                f"NOTE: {key}: before and after differ by {abs(a / b - 1):.0%} at batch {size}: "
                 "the machine was busy (other work) during one of them"
             )
-    print(render_table(rows))
+    print(render_table(table))
 
-    print("\n### Served runs\n")
-    print(render_table([{"scenario": label, **_row(*run)} for label, run in runs.items()]))
-
-    print("\n### 1-2. Batching efficiency at concurrency 64 (target heavy >= 0.9, light >= 0.4)\n")
-    rows = []
-    summary: dict[str, object] = {}
-    for key, label, target in (("heavy", "s1 heavy c64", 0.9), ("light", "s2 light c64", 0.4)):
-        best_size = max(sizes, key=lambda s: offline[key][f"items/s@{s}"])
-        best = offline[key][f"items/s@{best_size}"]
-        at32 = offline[key]["items/s@32"]
-        served_tput = runs[label][0].throughput_items_s
-        ratio = served_tput / best
-        rows.append({
-            "model": key, "served items/s": served_tput, "mean batch": runs[label][1],
-            "offline best items/s": best, "best batch": best_size,
-            "served / offline best": ratio, "served / offline@32": served_tput / at32,
-            "target": target, "met": "yes" if ratio >= target else "NO",
-        })  # fmt: skip
-        summary[f"efficiency_{key}"] = ratio
-    print(render_table(rows))
-
-    print("\n### 3. Idle latency, concurrency 1 (target: served p50 <= offline batch-1 + 1 ms)\n")
-    rows = []
-    for key in ("heavy", "light"):
-        result = runs[f"s3 {key} c1"][0]
-        p50 = result.latency_ms(50)
-        base = offline[key]["batch1 ms"]
-        rows.append({
-            "model": key, "served p50 ms": p50, "served p99 ms": result.latency_ms(99),
-            "offline batch-1 ms": base, "difference ms": p50 - base,
-            "met": "yes" if p50 - base <= 1.0 else "NO",
-        })  # fmt: skip
-        summary[f"idle_overhead_ms_{key}"] = p50 - base
-    print(render_table(rows))
-
-    print("\n### 4. Batched against not batched, concurrency 32\n")
-    rows = []
-    for key in ("heavy", "light"):
-        on = runs[f"s4 {key} c32 batched"]
-        off = runs[f"s4 {key} c32 not batched"]
-        rows.append({
-            "model": key,
-            "batched items/s": on[0].throughput_items_s, "batched p99 ms": on[0].latency_ms(99),
-            "mean batch": on[1],
-            "not batched items/s": off[0].throughput_items_s,
-            "not batched p99 ms": off[0].latency_ms(99),
-            "speed-up": on[0].throughput_items_s / off[0].throughput_items_s
-            if off[0].throughput_items_s else float("nan"),
-        })  # fmt: skip
-        summary[f"speedup_{key}"] = rows[-1]["speed-up"]
-    print(render_table(rows))
+    print("\n### Served windows\n")
+    served_rows = [{"scenario": f"{key} batched", **_row(*run)} for key, run in runs.items()]
+    served_rows.append({"scenario": "echo ceiling (same stack)", **_row(echo, float("nan"), 0)})
+    print(render_table(served_rows))
     print("\n### Where the CPU went in each window (CPU seconds / window seconds; 2 cores = 2.0)\n")
-    rows = []
+    cpu_rows = []
     for label, run in runs.items():
         used = CPU.get(f"{run[0].pipeline} c{run[0].concurrency}", {})
-        row = {"scenario": label}
+        cpu_row: dict[str, object] = {"scenario": label}
         for name in ("front", "worker", "loadgen"):
-            row[name] = used.get(name, float("nan")) / run[0].window_s
-        row["items/s"] = run[0].throughput_items_s
-        rows.append(row)
-    print(render_table(rows))
+            cpu_row[name] = used.get(name, float("nan")) / run[0].window_s
+        cpu_row["items/s"] = run[0].throughput_items_s
+        cpu_rows.append(cpu_row)
+    print(render_table(cpu_rows))
     figures["cpu"] = CPU
     errors = {label: run[0].errors for label, run in runs.items() if run[0].errors}
     print(f"\nerrors in the windows: {errors or 'none'}")
@@ -447,15 +487,25 @@ def main(argv: list[str] | None = None) -> int:
         for kind, message in run[0].error_examples.items():
             print(f"  {label}: first {kind}: {message}")
     print(f"total {time.perf_counter() - started:.0f} s")
+    print(f"\nReading: {reading(rows)}")
 
     if args.json:
         figures["offline"] = offline
         figures["served"] = {label: {**_row(*run)} for label, run in runs.items()}
-        figures["summary"] = summary
+        figures["echo_items_s"] = echo.throughput_items_s
+        figures["targets"] = rows
         args.json.write_text(json.dumps(figures, indent=2, default=str))
     if tmp is not None:
         tmp.cleanup()
     return 0
+
+
+def merge_echo(results: list[BenchResult]) -> BenchResult:
+    from benchmarks.rpc_overhead import merge
+
+    merged = merge(results)
+    merged.concurrency = results[0].concurrency
+    return merged
 
 
 if __name__ == "__main__":

@@ -10,9 +10,10 @@ import subprocess
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from benchmarks import run_all, soak
+from benchmarks import batching, idle, rpc_overhead, run_all, soak
 from engine.tools.bench import BenchResult
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -163,3 +164,85 @@ def test_the_gpu_section_copies_the_separate_run_and_says_so(tmp_path, monkeypat
     assert "Code: abc123." in text
     assert "### The GPU tests" in text  # its sections sit under ours
     assert "# GPU results" not in text
+
+
+# -- idle, batching, rpc_overhead: the targets each scenario reports -------------------------
+
+
+def test_idle_target_is_1_1_offline_plus_the_bare_round_trip_plus_1_ms():
+    assert idle.target_ms(10.0, 2.0) == pytest.approx(14.0)
+    met = idle.table_row("cnn", 602.0, {"offline": [0.010] * 3, "bare": [0.002] * 3,
+                                         "served": [0.014] * 3})  # fmt: skip
+    assert met["target ms"] == pytest.approx(14.0)
+    assert met["met?"] == "yes"
+    missed = idle.table_row("cnn", 602.0, {"offline": [0.010], "bare": [0.002],
+                                            "served": [0.0141, 0.0141, 0.001]})  # fmt: skip
+    assert missed["served p50 ms"] == pytest.approx(14.1)
+    assert missed["met?"] == "NO"
+    assert "cnn 14.10 ms against 14.00 (NOT met)" in idle.reading([missed])
+
+
+def test_idle_writes_one_pipeline_per_model(tmp_path):
+    import yaml
+
+    paths = idle.write_pipelines(tmp_path, list(idle.MODELS.values()))
+    docs = {path.stem: yaml.safe_load(path.read_text()) for path in paths}
+    assert sorted(docs) == ["idle_cnn", "idle_matvec", "idle_paddle", "idle_tf"]
+    tf = docs["idle_tf"]
+    assert tf["inputs"]["x"] == {"dtype": "float32", "shape": [64, 64, 3]}
+    assert tf["nodes"]["model"]["plugin"] == "tensorflow"
+    assert tf["nodes"]["model"]["params"] == {"output_map": {"y": "output_0"}}
+    assert docs["idle_paddle"]["nodes"]["model"]["model"] == "paddle_model/inference"
+    assert all(doc["outputs"] == {"y": "model.y"} for doc in docs.values())
+
+
+def test_idle_matvec_runs_on_one_blas_thread():
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    from model_plugins import LoadContext
+
+    with threadpool_limits(limits=None, user_api="blas"):  # this process's threads come back
+        plugin = idle.MatVec()
+        plugin.load(LoadContext(node="model", plugin="benchmarks.idle:MatVec"))
+        x = np.random.default_rng(0).random((2, 4096), dtype=np.float32)
+        y = plugin.predict({"x": x})["y"]
+        np.testing.assert_allclose(y, x @ plugin.w.T, rtol=1e-5)
+        blas = {pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"}
+        assert blas == {1}
+
+
+def test_batching_targets_heavy_against_offline_light_against_the_lesser_ceiling():
+    def window(items_s: float) -> tuple[BenchResult, float, int]:
+        result = BenchResult("m", "closed", 10.0, concurrency=64)
+        result.items = int(items_s * 10)
+        return result, 8.0, 10
+
+    offline = {
+        "heavy": {"items/s@1": 10.0, "items/s@8": 40.0, "items/s@32": 30.0},
+        "light": {"items/s@1": 500.0, "items/s@32": 20000.0},
+    }
+    rows = batching.target_rows(offline, {"heavy": window(36.0), "light": window(500.0)}, 1000.0)
+    heavy, light = rows
+    assert heavy["offline best batch (size, items/s)"] == "8, 40"
+    assert heavy["ratio"] == pytest.approx(0.9)
+    assert heavy["met?"] == "yes"
+    assert light["ratio"] == pytest.approx(0.5)  # against the echo ceiling, the lesser
+    assert light["met?"] == "yes"
+    rows = batching.target_rows(offline, {"heavy": window(35.0), "light": window(400.0)}, 1000.0)
+    assert [r["met?"] for r in rows] == ["NO", "NO"]
+
+
+def test_rpc_overhead_target_compares_the_pipeline_with_the_stock_echo_at_16():
+    rows = [
+        {"payload": payload, "concurrency": c, "server": server, "req/s": rps, "p50 ms": 1.0}
+        for payload in rpc_overhead.PAYLOADS
+        for c in rpc_overhead.CONCURRENCIES
+        for server, rps in (("dagserve", 590.0 if c == 16 else 1.0),
+                            ("bare (same stack)", 2000.0), ("bare (thriftpy2 stock)", 1000.0))
+    ]  # fmt: skip
+    targets = rpc_overhead.target_rows(rows)
+    assert [t["ratio"] for t in targets] == [pytest.approx(0.59)] * 2
+    assert {t["met?"] for t in targets} == {"NO"}
+    assert "(target >= 0.6): tiny 1x4 0.59 (NOT met)" in rpc_overhead.reading(
+        rpc_overhead.with_ratios(rows), targets
+    )
