@@ -18,13 +18,14 @@ from typing import Any, Protocol
 
 from dag.executor import NodeTiming
 from dag.pipeline import Pipeline
-from dag.schema import NodeSpec
+from dag.schema import NodeSpec, variant_label
 from engine.observability.metrics import Metrics, error_type
 from engine.runtime.devices import DeviceInventory
 from engine.runtime.inspector import InspectedPlugin
 from engine.runtime.local import InlineRunner, LocalRunner, NodeBinding, ThreadPoolRunner
 from engine.runtime.model import Model, ModelRunner
 from engine.runtime.placement import Placement, PlacementRequest, place
+from engine.runtime.variants import VariantRunner, node_arms, with_variants
 from engine.runtime.workers.pool import WorkerKey, WorkerPool, worker_key
 from model_plugins.errors import PluginLoadError
 from model_plugins.plugin import LoadContext, ModelPlugin
@@ -34,7 +35,7 @@ logger = logging.getLogger(__name__)
 
 
 #: the engine's runners of a node (each implements ``dag.runner.Runner``)
-NodeRunner = LocalRunner | ModelRunner
+NodeRunner = LocalRunner | ModelRunner | VariantRunner
 
 #: makes the model of a worker node: ``(model_id, binding, node, key) -> Model``
 NewModel = Callable[[str, NodeBinding, NodeSpec, WorkerKey], Model]
@@ -78,6 +79,8 @@ class ServedPipeline:
         if self.metrics is None:
             return
         name = self.pipeline.name
+        if timing.variant is not None:  # a variant ran it: its label is node@variant
+            node = variant_label(node, timing.variant)
         self.metrics.node_seconds.observe(timing.end - timing.start, name, node)
         if error is not None:
             self.metrics.node_errors.inc(name, node, error_type(error))
@@ -184,8 +187,8 @@ class _ModelNode:
 def _model_nodes(pipeline: Pipeline) -> list[_ModelNode]:
     base = _base(pipeline)
     found = []
-    for name, node in pipeline.spec.nodes.items():
-        plugin_class = pipeline.plugin_classes[name]
+    # each variant of a node is a model of its own (or shares one), named node@variant
+    for name, _, _, node, plugin_class in node_arms(pipeline):
         if runner_kind(node, plugin_class) == "worker":
             model_path = (base / node.model).resolve() if node.model is not None else None
             framework = framework_of(node, plugin_class)
@@ -286,8 +289,7 @@ def serve_pipeline(
     runners: dict[str, NodeRunner] = {}
     base = _base(pipeline)
     model_nodes = {m.name: m for m in _model_nodes(pipeline)}
-    for name, node in pipeline.spec.nodes.items():
-        plugin_class = pipeline.plugin_classes[name]
+    for name, of_node, _, node, plugin_class in node_arms(pipeline):
         model_node = model_nodes.get(name)
         if model_node is None:
             plugin_class = _in_process_class(pipeline, name, node, plugin_class)
@@ -318,7 +320,7 @@ def serve_pipeline(
             node=name,
             plugin=node.plugin,
             plugin_class=plugin_class,
-            outputs=pipeline.node_signatures[name][1],
+            outputs=pipeline.node_signatures[of_node][1],
             contexts=contexts,
         )
         if model_node is not None:
@@ -338,7 +340,8 @@ def serve_pipeline(
             runners[name] = InlineRunner(binding)
         else:
             runners[name] = ThreadPoolRunner(binding, pool)
-    return ServedPipeline(pipeline, runners, metrics)
+    # a node with variants answers through a VariantRunner over its arms' runners
+    return ServedPipeline(pipeline, with_variants(pipeline, runners, metrics), metrics)
 
 
 __all__ = [
