@@ -259,6 +259,11 @@ class Engine:
         deadline = None
         if request.timeout_ms is not None:  # > 0: InferenceRequest checks it
             deadline = asyncio.get_running_loop().time() + request.timeout_ms / 1000.0
+        key = None
+        if served.pipeline.plan.variant_nodes:  # variants pick by the name's sticky header
+            route = self._routes.get(served.pipeline.name)
+            if route is not None and route.sticky is not None:
+                key = request.headers.get(route.sticky)
         return await execute(
             served.pipeline.plan,
             request.inputs,
@@ -266,6 +271,7 @@ class Engine:
             deadline=deadline,
             wanted=request.outputs,
             observer=served.observe_node,
+            request_key=key,
         )
 
     def list_pipelines(self) -> list[PipelineDescription]:

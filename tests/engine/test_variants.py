@@ -13,6 +13,10 @@ import pytest
 
 from dag.runner import VariantScope, variant_scope
 from engine.observability.metrics import Metrics
+from engine.runtime.devices import CpuInfo, DeviceInventory
+from engine.runtime.engine import Engine
+from engine.runtime.loading import load_for_serving
+from engine.runtime.types import InferenceRequest
 from engine.runtime.variants import VariantRunner, set_variant_weights
 from engine.transport.client import Client
 from model_plugins.errors import InferenceError
@@ -175,6 +179,26 @@ async def test_which_variant_ran_is_recorded_in_the_scope():
         variant_scope.reset(token)
     assert scope.ran == {"n": "a"}
     np.testing.assert_array_equal(answer["y"], X * 2)
+
+
+async def test_the_pipeline_sticky_header_keeps_a_user_on_one_variant():
+    pipelines, errors = load_for_serving([VARIANTS / "split.yaml"])
+    assert not errors
+    engine = Engine(pipelines, inventory=DeviceInventory.cpu_only(CpuInfo(2, 4000)))
+    await engine.start()
+    try:
+        await engine.lifecycle.set_traffic("split", {"1": 1.0}, sticky_header="user")
+
+        async def factor(user: str) -> float:
+            request = InferenceRequest("split", {"x": X}, "r", headers={"user": user})
+            return float((await engine.infer(request)).outputs["y"][0, 0])
+
+        users = [f"u{i}" for i in range(300)]
+        first = [await factor(user) for user in users]
+        assert first == [await factor(user) for user in users]
+        assert 0.04 < first.count(2.0) / len(users) < 0.16  # the canary's 10 %
+    finally:
+        await engine.aclose()
 
 
 # -- through a real server ----------------------------------------------------------------------
