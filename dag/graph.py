@@ -365,8 +365,8 @@ class _Checker:
                 self.error(("nodes", name, "plugin"), result, node=name)
             else:
                 self.plugin_classes[name] = result
-            for variant, overrides in node.variants.items():
-                plugin = overrides.plugin or node.plugin
+            for variant in node.variants:
+                plugin = node.variant(variant).plugin
                 if plugin not in found:
                     found[plugin] = self._resolve(plugin)
                 result = found[plugin]

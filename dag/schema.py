@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import re
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
@@ -192,35 +192,18 @@ class NodeSpec(_Strict):
         return self.model_copy(update={**overrides, "variants": {}})
 
 
-def _variant_spec() -> type[BaseModel]:
-    """A model with every key of :class:`NodeSpec` but ``inputs`` and ``variants``, each
-    optional (absent: the node's), plus ``weight`` and ``shadow``: made from NodeSpec's own
-    fields, so that a key added to a node can be overridden by a variant at once."""
-    fields: dict[str, Any] = {}
-    for name, info in NodeSpec.model_fields.items():
-        if name in _NOT_OVERRIDDEN:
-            continue
-        copied = copy.copy(info)
-        copied.default, copied.default_factory = None, None
-        fields[name] = (info.annotation | None, copied)  # type: ignore[operator]
-    fields["weight"] = (float, Field(0.0, ge=0, le=ALL_WEIGHT))
-    fields["shadow"] = (bool, False)
-    return create_model(  # type: ignore[call-overload,no-any-return]
-        "VariantSpec",
-        __base__=_VariantBase,
-        __module__=__name__,
-        __doc__=_VariantBase.__doc__,
-        **fields,
-    )
-
-
 #: node keys a variant cannot override
 _NOT_OVERRIDDEN = frozenset({"inputs", "variants"})
 
 
-class _VariantBase(_Strict):
-    """One variant of a node: the keys it overrides, its ``weight`` (percent of the node's
-    requests) and whether it is the node's ``shadow`` (mirrored copies, never answers)."""
+class VariantBase(_Strict):
+    """One variant of a node: its share of the node's requests, or its role as the node's
+    shadow; :data:`VariantSpec` adds the node keys it may override."""
+
+    weight: float = Field(0.0, ge=0, le=ALL_WEIGHT)
+    """The percent of the node's requests it answers (the node keeps what its variants leave)."""
+    shadow: bool = False
+    """It gets a copy of the node's inputs after the node answered, and never answers."""
 
     @model_validator(mode="before")
     @classmethod
@@ -232,19 +215,40 @@ class _VariantBase(_Strict):
         return data
 
     @model_validator(mode="after")
-    def _shadow_has_no_weight(self) -> _VariantBase:
-        if getattr(self, "shadow", False) and getattr(self, "weight", 0.0):
-            msg = f"a shadow variant never answers: its weight must be 0 (got {self.weight:g})"  # type: ignore[attr-defined]
+    def _shadow_has_no_weight(self) -> VariantBase:
+        if self.shadow and self.weight:
+            msg = f"a shadow variant never answers: its weight must be 0 (got {self.weight:g})"
             raise ValueError(msg)
         return self
 
     @property
     def overrides(self) -> list[str]:
         """The node keys this variant sets."""
-        return [key for key in self.model_fields_set if key not in ("weight", "shadow")]
+        return [key for key in self.model_fields_set if key not in VariantBase.model_fields]
 
 
-VariantSpec = _variant_spec()
+def _variant_spec() -> type[VariantBase]:
+    """:class:`VariantBase` with every key of :class:`NodeSpec` but ``inputs`` and
+    ``variants``, each optional (absent: the node's), made from NodeSpec's own fields (their
+    constraints and validators included), so that a key added to a node can be overridden by a
+    variant at once."""
+    fields: dict[str, Any] = {}
+    for name, info in NodeSpec.model_fields.items():
+        if name in _NOT_OVERRIDDEN:
+            continue
+        copied = copy.copy(info)
+        copied.default, copied.default_factory = None, None
+        fields[name] = (info.annotation | None, copied)  # type: ignore[operator]
+    model: type[VariantBase] = create_model(
+        "VariantSpec", __base__=VariantBase, __module__=__name__, **fields
+    )
+    return model
+
+
+if TYPE_CHECKING:  # the keys it overrides are read through NodeSpec.variant()
+    VariantSpec = VariantBase
+else:
+    VariantSpec = _variant_spec()
 NodeSpec.model_rebuild()
 
 
@@ -326,6 +330,7 @@ __all__ = [
     "PipelineSpec",
     "Ref",
     "TensorDecl",
+    "VariantBase",
     "VariantSpec",
     "WarmupSpec",
     "parse_ref",

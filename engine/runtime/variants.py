@@ -269,7 +269,7 @@ class VariantRunner:
 
 
 def with_variants(
-    pipeline: Pipeline, runners: Mapping[str, ArmRunner], metrics: Metrics | None
+    pipeline: Pipeline, runners: Mapping[str, ArmRunner | VariantRunner], metrics: Metrics | None
 ) -> dict[str, ArmRunner | VariantRunner]:
     """The runners of ``pipeline``'s nodes, from those of its arms (keyed by label): each
     node with variants gets a :class:`VariantRunner` over its arms' runners."""
@@ -278,8 +278,11 @@ def with_variants(
         if not node.variants:
             served[name] = runners[name]
             continue
-        arms: dict[str | None, ArmRunner] = {None: runners[name]}
-        arms.update({v: runners[variant_label(name, v)] for v in node.variants})
+        arms: dict[str | None, ArmRunner] = {}
+        for variant in (None, *node.variants):
+            arm = runners[variant_label(name, variant)]
+            assert not isinstance(arm, VariantRunner), "an arm is a node's own runner"
+            arms[variant] = arm
         shadow = next((v for v, spec in node.variants.items() if spec.shadow), None)
         weights = {v: spec.weight for v, spec in node.variants.items() if not spec.shadow}
         served[name] = VariantRunner(
