@@ -67,7 +67,9 @@ async def started(paths: list[Path], **options) -> Engine:
     return engine
 
 
-async def factor_of(engine: Engine, version: str | None = None, **headers: str) -> tuple[str, float]:
+async def factor_of(
+    engine: Engine, version: str | None = None, **headers: str
+) -> tuple[str, float]:
     """(the version that answered, the factor it applied)."""
     result = await engine.infer(request(version, headers))
     return result.version, float(result.outputs["y"][0, 0])
@@ -359,12 +361,125 @@ async def test_blue_green_needs_room_for_both_or_reloads_in_place(tmp_path):
         assert "in place" in str(refused.value)
         assert await factor_of(engine) == ("1", 2.0)
         # in place: the version's requests wait while its model is swapped
+        old = engine.find("scale", "1")
+        reloading = asyncio.create_task(engine.lifecycle.reload("scale", "1", in_place=True))
+        await _until(lambda: old.paused is not None)
         waiting = [asyncio.create_task(factor_of(engine)) for _ in range(5)]
-        state = await engine.lifecycle.reload("scale", "1", in_place=True)
-        answers = set(await asyncio.gather(*waiting))
-        assert answers <= {("1", 2.0), ("1", 5.0)}
-        assert await factor_of(engine) == ("1", 5.0)
+        state = await reloading
+        assert set(await asyncio.gather(*waiting)) == {("1", 5.0)}
         assert engine.placement.models == {state.models[0]: "cuda:0"}
         assert engine.placement.budgets["cuda:0"].memory_committed_mb == 6000
     finally:
         await engine.aclose()
+
+
+# -- a real server under closed-loop load ---------------------------------------------------------
+
+
+class Load:
+    """Client threads in closed loop on pipeline ``scale``; each answer is kept as (the phase
+    when it was sent, the version that answered, the factor it applied)."""
+
+    def __init__(self, port: int, clients: int = 4, headers: dict[str, str] | None = None):
+        self.port = port
+        self.phase = "start"
+        self.answers: list[tuple[str, str, float]] = []
+        self.failures: list[str] = []
+        self.wrong: list[str] = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._loop) for _ in range(clients)]
+
+    def __enter__(self) -> Load:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(30)
+
+    def _loop(self) -> None:
+        with Client("127.0.0.1", self.port, timeout_s=30) as client:
+            while not self._stop.is_set():
+                phase = self.phase
+                try:
+                    result = client.infer("scale", {"x": X})
+                except Exception as exc:  # every failure counts, whatever it is
+                    self.failures.append(f"{phase}: {type(exc).__name__}: {exc}")
+                    continue
+                y = result.outputs["y"]
+                factor = float(y[0, 0])
+                if not np.array_equal(y, X * np.float32(factor)):
+                    self.wrong.append(f"{phase}: {y!r}")
+                self.answers.append((phase, result.version, factor))
+
+    def at(self, phase: str) -> Counter[tuple[str, float]]:
+        return Counter((v, f) for p, v, f in self.answers if p == phase)
+
+    def wait(self, phase: str, count: int, timeout_s: float = 120) -> None:
+        wait_until(lambda: sum(self.at(phase).values()) >= count, f"{count} in {phase}", timeout_s)
+
+
+@pytest.mark.e2e
+def test_a_rollout_under_load_fails_no_request(tmp_path):
+    v1, v2 = versions_in(tmp_path, ("1", 2), ("2", 3))
+    with serving([v1]) as server, Load(server.port) as load:
+        lifecycle = server.engine.lifecycle
+        # A phase names what was served when a request was sent; a request sent while a
+        # change is being made is counted under "changing" (either side of it may answer).
+        steps = [
+            ("loaded", lambda: lifecycle.load(v2)),
+            ("canary", lambda: lifecycle.set_traffic("scale", {"1": 0.9, "2": 0.1})),
+            ("promoted", lambda: lifecycle.set_traffic("scale", {"2": 1})),
+            ("reloaded", lambda: lifecycle.reload("scale", "2")),
+            ("v2", lambda: lifecycle.unload("scale", "1")),
+        ]
+        load.phase = "v1"
+        load.wait("v1", 100)
+        for phase, change in steps:
+            load.phase = "changing"
+            if phase == "reloaded":
+                (tmp_path / "factor_v2.txt").write_text("5\n")
+            server.run(change())
+            load.phase = phase
+            load.wait(phase, 3000 if phase == "canary" else 100)
+    assert load.failures == []
+    assert load.wrong == []
+    versions = {("1", 2.0), ("2", 3.0), ("2", 5.0)}  # every answer is one version's output
+    assert set(Counter((v, f) for _, v, f in load.answers)) <= versions
+    assert set(load.at("v1")) == set(load.at("loaded")) == {("1", 2.0)}
+    canary = load.at("canary")
+    share = canary[("2", 3.0)] / sum(canary.values())
+    assert abs(share - 0.1) <= 0.03, canary
+    assert set(load.at("promoted")) == {("2", 3.0)}
+    assert set(load.at("reloaded")) == set(load.at("v2")) == {("2", 5.0)}
+    assert load.at("changing")  # requests ran while every change was made
+
+
+@pytest.mark.e2e
+def test_a_broken_version_leaves_every_request_to_the_old_and_sticky_users_stay(tmp_path):
+    v1, v2 = versions_in(tmp_path, ("1", 2), ("2", 3))
+    (tmp_path / "factor_v2.txt").write_text("three\n")
+    with serving([v1]) as server:
+        lifecycle = server.engine.lifecycle
+        with Load(server.port) as load:
+            load.phase = "broken"
+            with pytest.raises(LifecycleError, match="could not convert string to float"):
+                server.run(lifecycle.load(v2))
+            load.wait("broken", 100)
+        assert load.failures == []
+        assert set(Counter((v, f) for _, v, f in load.answers)) == {("1", 2.0)}
+        (tmp_path / "factor_v2.txt").write_text("3\n")
+        server.run(lifecycle.load(v2))
+        server.run(lifecycle.set_traffic("scale", {"1": 1, "2": 1}, sticky_header="x-user"))
+        with Client("127.0.0.1", server.port) as client:
+            picks = {
+                user: {
+                    client.infer("scale", {"x": X}, headers={"x-user": user}).version
+                    for _ in range(3)
+                }
+                for user in (f"user-{i}" for i in range(40))
+            }
+        assert all(len(v) == 1 for v in picks.values()), picks
+        assert {v for (v,) in picks.values()} == {"1", "2"}
