@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import asyncio
 import bisect
-import hashlib
 import json
 import logging
 import math
@@ -59,9 +58,12 @@ from dag.pipeline import Pipeline
 from engine.errors import LifecycleError
 from engine.runtime.assembly import NodeRunner, ServedPipeline, plan_placement, serve_pipeline
 from engine.runtime.loading import load_for_serving
+from engine.runtime.local import LocalRunner
 from engine.runtime.model import Model, ModelRunner
 from engine.runtime.placement import Placement, PlacementError
+from engine.runtime.shadow import compare_outputs
 from engine.runtime.types import InferenceRequest
+from engine.runtime.variants import VariantRunner, sticky_point
 from engine.runtime.variants import set_variant_weights as set_node_variant_weights
 from engine.runtime.warmup import warm_up
 from model_plugins.errors import DagserveError, PipelineNotFound, PluginLoadError, node_label
@@ -75,14 +77,8 @@ logger = logging.getLogger(__name__)
 #: the state file's layout; a file of another format is ignored (logged)
 STATE_FORMAT = 1
 
-#: shadow outputs equal the served ones within numpy.allclose's defaults
-SHADOW_RTOL = 1e-5
-SHADOW_ATOL = 1e-8
-
 #: a mirrored copy has this long to finish on the shadow (past it, it counts as a mismatch)
 SHADOW_TIMEOUT_S = 30.0
-
-_TWO_64 = float(1 << 64)
 
 
 def version_key(version: str) -> tuple[tuple[int, int | str], ...]:
@@ -153,11 +149,7 @@ class Route:
         if not self.choices:  # weights all 0: only requests that name a version are served
             raise PipelineNotFound(self.name, None, [f"{self.name}:{v}" for v in self.versions])
         value = headers.get(self.sticky) if headers and self.sticky is not None else None
-        if value is None:
-            point = random.random()
-        else:
-            digest = hashlib.blake2b(value.encode(), digest_size=8).digest()
-            point = int.from_bytes(digest, "big") / _TWO_64
+        point = random.random() if value is None else sticky_point(value)
         return self.choices[bisect.bisect_right(self.bounds, point)]
 
 
@@ -582,10 +574,16 @@ class Lifecycle:
         return served
 
     async def _warm_up(self, served: ServedPipeline) -> None:
-        """One request of zeros (one item; -1 dimensions of size 1), so that the first real one
-        meets no cold start.  A pipeline that refuses zeros is not failed for it (logged); on
-        a failure that is not the request's, its models are unloaded again."""
+        """For a version loaded or reloaded at runtime that declares no ``warmup:`` (those
+        ran in ``_bring_up``): one request of zeros (one item; -1 dimensions of size 1), so
+        that the first real one meets no cold start.  A pipeline that refuses zeros is not
+        failed for it (logged); on a failure that is not the request's, its models are
+        unloaded again."""
         pipeline = served.pipeline
+        if pipeline.spec.warmup is not None or any(
+            node.warmup is not None for node in pipeline.spec.nodes.values()
+        ):
+            return
         inputs = {}
         for name, spec in pipeline.input_specs.items():
             if spec.optional:
@@ -881,35 +879,6 @@ class Lifecycle:
             )  # fmt: skip
 
 
-def compare_outputs(
-    served: Mapping[str, np.ndarray], shadow: Mapping[str, np.ndarray]
-) -> tuple[float, bool]:
-    """How far a shadow's outputs are from the served ones: the largest absolute difference
-    over numeric outputs of equal dtype and shape, and whether they match (same names,
-    dtypes and shapes, numbers within ``numpy.allclose``'s tolerances, the rest equal)."""
-    same = served.keys() == shadow.keys()
-    worst = 0.0
-    for name, a in served.items():
-        b = shadow.get(name)
-        if b is None:
-            continue
-        a, b = np.asarray(a), np.asarray(b)
-        if a.dtype != b.dtype or a.shape != b.shape:
-            same = False
-            continue
-        if a.dtype.kind in "biuf":
-            if a.size:
-                diff = np.abs(a.astype(np.float64) - b.astype(np.float64))
-                diff = diff[~np.isnan(diff)]
-                if diff.size:
-                    worst = max(worst, float(diff.max()))
-                if not np.allclose(a, b, rtol=SHADOW_RTOL, atol=SHADOW_ATOL, equal_nan=True):
-                    same = False
-        elif not np.array_equal(a, b):
-            same = False
-    return worst, same
-
-
 def _models(served: ServedPipeline) -> list[Model]:
     """The models a version uses, its nodes' variants included."""
     found: dict[int, Model] = {}
@@ -957,7 +926,7 @@ def _log_serving(served: ServedPipeline) -> None:
     )
 
 
-async def _start_runner(pipeline: Pipeline, name: str, runner: NodeRunner) -> None:
+async def _start_runner(pipeline: Pipeline, name: str, runner: LocalRunner | VariantRunner) -> None:
     node = pipeline.spec.nodes[name]
     try:
         await runner.start()
@@ -986,4 +955,4 @@ def _where(runner: NodeRunner) -> str:
     return runner.kind
 
 
-__all__ = ["Lifecycle", "Route", "VersionState", "compare_outputs", "version_key"]
+__all__ = ["Lifecycle", "Route", "VersionState", "version_key"]

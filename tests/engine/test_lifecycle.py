@@ -22,8 +22,9 @@ from engine.errors import LifecycleError
 from engine.runtime.assembly import ServedPipeline, file_stamp, plan_placement
 from engine.runtime.devices import CpuInfo, DeviceInventory
 from engine.runtime.engine import Engine
-from engine.runtime.lifecycle import Route, compare_outputs
+from engine.runtime.lifecycle import Route
 from engine.runtime.loading import load_for_serving
+from engine.runtime.shadow import compare_outputs
 from engine.runtime.types import InferenceRequest
 from engine.runtime.workers.pool import WorkerPool
 from engine.transport.client import Client
