@@ -269,8 +269,7 @@ class _Fronts:
                 merged[labels] = value if old is None else self._add(old, value)
         return merged
 
-    @staticmethod
-    def _add(a: Any, b: Any) -> Any:
+    def _add(self, a: Any, b: Any) -> Any:
         return a + b
 
 
@@ -318,7 +317,7 @@ class Gauge(_Fronts):
         self.name, self.documentation, self.labelnames = name, documentation, list(labelnames)
         self._values: dict[tuple[str, ...], float] = {}
         #: how the values of several front processes make the server's (``max`` for a maximum)
-        self._add = combine  # type: ignore[method-assign]
+        self._combine = combine
 
     def inc(self, *labels: str) -> None:
         self._values[labels] = self._values.get(labels, 0.0) + 1
@@ -334,6 +333,9 @@ class Gauge(_Fronts):
 
     def snapshot(self) -> dict[tuple[str, ...], Any]:
         return dict(self._values)
+
+    def _add(self, a: Any, b: Any) -> Any:
+        return self._combine(a, b)
 
     def collect(self) -> Metric:
         family = GaugeMetricFamily(self.name, self.documentation, labels=self.labelnames)
@@ -375,8 +377,7 @@ class Histogram(_Fronts):
     def snapshot(self) -> dict[tuple[str, ...], Any]:
         return {labels: (list(s[0]), s[1]) for labels, s in list(self._series.items())}
 
-    @staticmethod
-    def _add(a: Any, b: Any) -> Any:
+    def _add(self, a: Any, b: Any) -> Any:
         return [x + y for x, y in zip(a[0], b[0], strict=True)], a[1] + b[1]
 
     def collect(self) -> Metric:
