@@ -274,7 +274,12 @@ class Lifecycle:
                 if total <= 0:
                     msg = f"pipeline {name!r}: at least one weight must be > 0"
                     raise LifecycleError(msg)
-                self._weights[name] = {v: w / total for v, w in weights.items() if w > 0}
+            new = {v: w / total for v, w in weights.items() if w > 0} if weights else None
+            if shadow is not None and (new or self._weights.get(name, {})).get(shadow, 0) > 0:
+                msg = f"pipeline {name!r} version {shadow!r} takes traffic: a shadow never answers"
+                raise LifecycleError(msg)
+            if new is not None:
+                self._weights[name] = new
             _set(self._shadow_version, name, shadow)
             _set(self._sticky, name, sticky_header or None)
             self._route(name)

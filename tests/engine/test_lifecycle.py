@@ -168,6 +168,8 @@ async def test_a_loaded_version_takes_no_traffic_until_promoted(tmp_path):
             await engine.lifecycle.set_traffic("scale", {"7": 1})
         with pytest.raises(LifecycleError, match="at least one weight"):
             await engine.lifecycle.set_traffic("scale", {"1": 0})
+        with pytest.raises(LifecycleError, match="a shadow never answers"):
+            await engine.lifecycle.set_traffic("scale", {}, shadow="2")
         with pytest.raises(LifecycleError, match="already served"):
             await engine.lifecycle.load(v2)
     finally:
@@ -221,6 +223,9 @@ async def test_reload_swaps_a_rewritten_model_file_blue_green(tmp_path):
         assert new != old
         assert worker_models(engine) == {new}  # the old model is unloaded from its worker
         assert [m.model_id for m in engine.models.values()] == [new]
+        # nothing changed: the version is served again by the same model
+        assert (await engine.lifecycle.reload("scale", "1")).models == (new,)
+        assert worker_models(engine) == {new}
         # a file that no longer loads: refused, the version keeps serving as it was
         (tmp_path / "factor_v1.txt").write_text("broken\n")
         with pytest.raises(LifecycleError, match="ValueError"):
