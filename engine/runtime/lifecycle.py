@@ -48,7 +48,7 @@ import random
 import re
 import time
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -106,6 +106,10 @@ class VersionState:
     """The YAML it came from."""
     models: tuple[str, ...] = ()
     """Ids of the models it uses."""
+    variants: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
+    """Node -> its variants that may answer -> weight (percent); the node answers the rest."""
+    variant_shadows: Mapping[str, str] = field(default_factory=dict)
+    """Node -> its shadow variant."""
 
 
 class Route:
@@ -781,6 +785,7 @@ class Lifecycle:
 
     def _state(self, served: ServedPipeline, state: str, *, weight: float = 0.0) -> VersionState:
         name, version = served.pipeline.name, served.pipeline.version
+        splits = {n: r for n, r in served.runners.items() if isinstance(r, VariantRunner)}
         return VersionState(
             pipeline=name,
             version=version,
@@ -791,6 +796,8 @@ class Lifecycle:
             inflight=served.inflight,
             path=_text(served.pipeline.path),
             models=tuple(sorted({m.model_id for m in _models(served)})),
+            variants={n: dict(r.weights) for n, r in splits.items()},
+            variant_shadows={n: r.shadow for n, r in splits.items() if r.shadow},
         )
 
     def _names_hint(self) -> str:
