@@ -11,7 +11,7 @@ FAST_STAMP := $(VENV)/.installed-dev-$(shell cksum setup.py | cut -d' ' -f1)
 # scrapes a real server); see system-deps.
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: all test test-fast gpu-check demo bench lint check system-deps clean
+.PHONY: all test test-fast gpu-check demo bench ray-venv lint check system-deps clean
 
 all: test
 
@@ -55,7 +55,21 @@ gpu-check: $(STAMP)
 demo: system-deps $(STAMP)
 	$(PY) examples/post_understanding/demo.py
 
-bench: system-deps $(STAMP)
+# Ray Serve for benchmarks.ray_serve, in a venv of its own (Ray pins its own dependencies);
+# installed before the run, so that the scenario measures and never installs. Keep the pins
+# alike in benchmarks/ray_serve.py (RAY_REQUIREMENTS).
+RAY_VENV  := benchmarks/.ray-venv
+RAY_PINS  := 'ray[serve]==2.60.0' 'torch==2.13.0' 'numpy==2.4.6'
+RAY_STAMP := $(RAY_VENV)/.installed-ray-2.60.0
+
+$(RAY_STAMP):
+	test -x $(RAY_VENV)/bin/python || $(PYTHON) -m venv $(RAY_VENV)
+	$(RAY_VENV)/bin/python -m pip install -q $(RAY_PINS)
+	rm -f $(RAY_VENV)/.installed-*; touch $@
+
+ray-venv: $(RAY_STAMP)
+
+bench: system-deps $(STAMP) $(RAY_STAMP)
 	$(PY) -m benchmarks.run_all
 
 lint: $(STAMP)

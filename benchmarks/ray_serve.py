@@ -1,4 +1,4 @@
-"""Ray Serve ``@serve.batch`` against dagserve, on the same two models, in one run.
+"""Ray Serve ``@serve.batch`` against dagserve, on the same two models, twice in one run.
 
     .venv/bin/python -m benchmarks.ray_serve [--quick] [--skip-ours] [--skip-handle]
 
@@ -9,20 +9,28 @@ The models are those of ``benchmarks.batching`` (TorchScript ResNet-18 "heavy", 
 - dagserve: ``dagserve serve`` in a subprocess (``max_batch_size: 32, max_delay_ms: 0``),
   called over Thrift with the closed loop of ``engine.tools.bench``;
 - Ray Serve, HTTP: one replica, ``@serve.batch(max_batch_size=32, batch_wait_timeout_s=0)``
-  (matched to ``max_delay_ms: 0``), ``max_ongoing_requests`` = the concurrency, called over
+  (matched to ``max_delay_ms: 0``), ``max_ongoing_requests`` >= the concurrency, called over
   HTTP/1.1 keep-alive on 127.0.0.1 (one connection per task, raw float32 body): the fair
   comparison with our RPC;
 - Ray Serve, HTTP, Ray's default ``batch_wait_timeout_s=0.01`` (concurrency 64 only);
 - Ray Serve through a ``DeploymentHandle`` from the driver: Ray's best case (no HTTP proxy).
 
-Ray runs from its own venv, ``benchmarks/.ray-venv`` (created here on first use:
-``ray[serve]``, ``torch==2.13.0``, ``numpy``), kept on 127.0.0.1
+The comparison runs twice (issue 15), both servers up from start to end and loaded in turn:
+round 1 dagserve then Ray, round 2 Ray then dagserve (a drift of the shared machine then weighs
+on both alike).  Round 1 runs every Ray variant above; round 2 (and ``--quick``) the fair one
+(HTTP, wait 0).  Steps of one model and batch wait share one Ray deployment, whose
+``max_ongoing_requests`` is their largest concurrency.
+
+Ray runs from its own venv, ``benchmarks/.ray-venv``, which ``make bench`` installs beforehand
+(``make ray-venv``: the pinned versions of :data:`RAY_REQUIREMENTS`); this scenario never
+installs anything, it checks that Ray imports there and stops if not.  Ray is kept on 127.0.0.1
 (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, ``ray.init(_node_ip_address="127.0.0.1")``), and
 stopped with ``serve.shutdown()`` / ``ray.shutdown()`` by the driver that started it (never
 ``ray stop``). Its logs are then searched for any IPv4 address other than 127.0.0.1/0.0.0.0.
 
 This file runs in two interpreters: the project's (dagserve side, orchestration) and the Ray
-venv's (``--_ray-driver``); the Ray side imports nothing from the project.
+venv's (``--_ray-driver``: one Ray session for both rounds, a plan per line on its stdin, a
+``RESULT`` line per plan on its stdout); the Ray side imports nothing from the project.
 """
 
 from __future__ import annotations
@@ -40,6 +48,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RAY_VENV = ROOT / "benchmarks" / ".ray-venv"
+#: what the Makefile's ray-venv target installs there (keep the two alike)
+RAY_REQUIREMENTS = ("ray[serve]==2.60.0", "torch==2.13.0", "numpy==2.4.6")
+#: the driver's answer to a plan: this prefix, then JSON
+RESULT = "RESULT "
 MODELS_DIR = ROOT / "benchmarks" / ".cache" / "batching"
 MODELS = {
     "heavy": {"file": "resnet18.pt", "input": "pixels", "shape": [3, 224, 224], "out": "logits"},
@@ -153,8 +165,10 @@ def _figures(lat: list[float], duration: float, errors: dict, example: dict) -> 
     }  # fmt: skip
 
 
-def ray_driver(plan: list[dict[str, object]], models_dir: Path, http_port: int) -> dict:
-    """Runs in the Ray venv: deploy each configuration, load it, return the figures."""
+def ray_driver(models_dir: Path, http_port: int) -> dict:
+    """Runs in the Ray venv: one Ray session; for each plan (a JSON line on stdin) deploy each
+    configuration, load it and answer the figures (a ``RESULT`` line on stdout); at the end of
+    stdin shut Ray down and return where its logs are and what addresses they name."""
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     import numpy as np
     import ray
@@ -209,17 +223,26 @@ def ray_driver(plan: list[dict[str, object]], models_dir: Path, http_port: int) 
         logging_level="warning", log_to_driver=False,
     )  # fmt: skip
     session_dir = ray._private.worker._global_node.get_session_dir_path()
-    results = []
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": http_port})
-        for step in plan:
+
+    def run_plan(plan: list[dict[str, object]]) -> list[dict[str, object]]:
+        """Each step's figures; consecutive steps of one (model, wait) share a deployment,
+        ``max_ongoing_requests`` their largest concurrency (a deployment takes ~8 s here)."""
+        results = []
+        deployed: tuple[str, float] | None = None
+        for i, step in enumerate(plan):
             key = str(step["model"])
             spec = MODELS[key]
             concurrency = int(step["concurrency"])
-            app = Model.options(max_ongoing_requests=concurrency).bind(
-                str(models_dir / spec["file"]), spec["shape"], 32, float(step["wait_s"])
-            )
-            handle = serve.run(app, name=key, route_prefix=f"/{key}", blocking=False)
+            same = (key, float(step["wait_s"]))
+            if deployed != same:
+                if deployed is not None:
+                    serve.delete(deployed[0])
+                group = [s for s in plan[i:] if (s["model"], float(s["wait_s"])) == same]
+                app = Model.options(
+                    max_ongoing_requests=max(int(s["concurrency"]) for s in group)
+                ).bind(str(models_dir / spec["file"]), spec["shape"], 32, same[1])
+                handle = serve.run(app, name=key, route_prefix=f"/{key}", blocking=False)
+                deployed = same
             x = np.random.default_rng(1).random(spec["shape"], dtype=np.float32)
             started = time.perf_counter()
             if step["via"] == "http":
@@ -244,11 +267,19 @@ def ray_driver(plan: list[dict[str, object]], models_dir: Path, http_port: int) 
             figures["wall s"] = time.perf_counter() - started
             print(json.dumps(figures), file=sys.stderr, flush=True)
             results.append(figures)
-            serve.delete(key)
+        if deployed is not None:
+            serve.delete(deployed[0])
+        return results
+
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": http_port})
+        for line in sys.stdin:
+            results = run_plan(json.loads(line))
+            print(RESULT + json.dumps(results), flush=True)
     finally:
         serve.shutdown()
         ray.shutdown()
-    return {"results": results, "session_dir": session_dir, "addresses": scan_logs(session_dir)}
+    return {"session_dir": session_dir, "addresses": scan_logs(session_dir)}
 
 
 def scan_logs(session_dir: str) -> dict[str, object]:
@@ -273,53 +304,128 @@ def scan_logs(session_dir: str) -> dict[str, object]:
 # --- project side --------------------------------------------------------------------------
 
 
-def ensure_ray_venv() -> Path:
+def ray_python() -> Path:
+    """The Ray venv's interpreter, once Ray Serve, torch and numpy import there (never installs)."""
     python = RAY_VENV / "bin" / "python"
     probe = [str(python), "-c", "import ray, ray.serve, torch, numpy; print(ray.__version__)"]
-    if python.exists() and subprocess.run(probe, capture_output=True).returncode == 0:
-        return python
-    print(f"creating {RAY_VENV} (ray[serve], torch==2.13.0, numpy) ...", flush=True)
-    subprocess.run([sys.executable.replace(sys.prefix, sys.base_prefix), "-m", "venv",
-                    str(RAY_VENV)], check=True)  # fmt: skip
-    subprocess.run([str(python), "-m", "pip", "install", "-q", "ray[serve]", "torch==2.13.0",
-                    "numpy"], check=True)  # fmt: skip
+    done = (
+        subprocess.run(probe, capture_output=True, text=True, timeout=300)
+        if python.exists()
+        else None
+    )
+    if done is None or done.returncode != 0:
+        why = "it does not exist" if done is None else done.stderr.strip()[-500:]
+        msg = (
+            f"Ray Serve is not importable from {RAY_VENV} ({why}): install it with "
+            f"`make ray-venv` ({', '.join(RAY_REQUIREMENTS)}; `make bench` does it first)"
+        )
+        raise SystemExit(msg)
     return python
 
 
-def run_ours(plan: list[dict[str, object]]) -> list[dict[str, object]]:
+class RayDriver:
+    """The Ray venv's driver process: one Ray session, a plan at a time."""
+
+    def __init__(self, python: Path, http_port: int, log: Path) -> None:
+        env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "PYTHONPATH": str(ROOT)}
+        self.log = log
+        self._sink = log.open("w")
+        self.process = subprocess.Popen(
+            [str(python), "-m", "benchmarks.ray_serve", "--_ray-driver",
+             "--http-port", str(http_port)],
+            cwd=ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=self._sink, text=True,
+        )  # fmt: skip
+
+    def run(self, plan: list[dict[str, object]]) -> list[dict[str, object]]:
+        assert self.process.stdin is not None
+        assert self.process.stdout is not None
+        self.process.stdin.write(json.dumps(plan) + "\n")
+        self.process.stdin.flush()
+        for line in self.process.stdout:
+            if line.startswith(RESULT):
+                results: list[dict[str, object]] = json.loads(line[len(RESULT) :])
+                return results
+        msg = f"the Ray driver ended ({self.process.wait()}) mid-plan; its stderr: {self.log}"
+        raise RuntimeError(msg)
+
+    def close(self) -> dict[str, object]:
+        """End the session (Ray shuts down): where its logs are and what they name."""
+        assert self.process.stdin is not None
+        assert self.process.stdout is not None
+        self.process.stdin.close()
+        out = self.process.stdout.read()
+        self.process.wait(120)
+        self._sink.close()
+        lines = out.strip().splitlines()
+        last: dict[str, object] = json.loads(lines[-1]) if lines else {}
+        return last
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        self._sink.close()
+
+
+def run_ours(port: int, plan: list[dict[str, object]]) -> list[dict[str, object]]:
     import numpy as np
 
-    from benchmarks.batching import batch_counters, start_server, write_pipelines
+    from benchmarks.batching import batch_counters
     from engine.tools.bench import BenchSpec, run_bench
 
-    paths = [p for p in write_pipelines(MODELS_DIR, max_batch=32) if "nobatch" not in p.name]
-    process, port = start_server(paths, MODELS_DIR / "server-ray-compare.log")
     rows = []
-    try:
-        for step in plan:
-            key = str(step["model"])
-            spec = MODELS[key]
-            x = np.random.default_rng(1).random((1, *spec["shape"]), dtype=np.float32)
-            load = BenchSpec(
-                "127.0.0.1", port, key, [{spec["input"]: x}],
-                concurrency=int(step["concurrency"]), duration_s=float(step["duration"]),
-                warmup_s=float(step["warmup"]), timeout_ms=60_000,
-            )  # fmt: skip
-            b0, i0 = batch_counters(port, key)
-            result = asyncio.run(run_bench(load))
-            b1, i1 = batch_counters(port, key)
-            row = {
-                **step, "requests": result.ok, "items/s": result.throughput_items_s,
-                "p50 ms": result.latency_ms(50), "p95 ms": result.latency_ms(95),
-                "p99 ms": result.latency_ms(99), "errors": dict(result.errors),
-                "error_examples": result.error_examples,
-                "mean batch (whole run)": (i1 - i0) / (b1 - b0) if b1 > b0 else math.nan,
-            }  # fmt: skip
-            print(json.dumps(row, default=str), flush=True)
-            rows.append(row)
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
+    for step in plan:
+        key = str(step["model"])
+        spec = MODELS[key]
+        x = np.random.default_rng(1).random((1, *spec["shape"]), dtype=np.float32)
+        load = BenchSpec(
+            "127.0.0.1", port, key, [{spec["input"]: x}],
+            concurrency=int(step["concurrency"]), duration_s=float(step["duration"]),
+            warmup_s=float(step["warmup"]), timeout_ms=60_000,
+        )  # fmt: skip
+        b0, i0 = batch_counters(port, key)
+        result = asyncio.run(run_bench(load))
+        b1, i1 = batch_counters(port, key)
+        row = {
+            **step, "requests": result.ok, "items/s": result.throughput_items_s,
+            "p50 ms": result.latency_ms(50), "p95 ms": result.latency_ms(95),
+            "p99 ms": result.latency_ms(99), "errors": dict(result.errors),
+            "error_examples": result.error_examples,
+            "mean batch (whole run)": (i1 - i0) / (b1 - b0) if b1 > b0 else math.nan,
+        }  # fmt: skip
+        print(json.dumps(row, default=str), file=sys.stderr, flush=True)
+        rows.append(row)
+    return rows
+
+
+def cells(row: dict[str, object], who: str, round_: int) -> dict[str, object]:
+    errors = row["errors"]
+    return {
+        "round": round_, "server": who, "model": row["model"],
+        "concurrency": row["concurrency"], "items/s": row["items/s"], "p50 ms": row["p50 ms"],
+        "p99 ms": row["p99 ms"], "mean batch": row.get("mean batch (whole run)", math.nan),
+        "errors": sum(errors.values()) if isinstance(errors, dict) else 0,
+    }  # fmt: skip
+
+
+def ratio_rows(
+    ours: list[dict[str, object]], ray: list[dict[str, object]], round_: int
+) -> list[dict[str, object]]:
+    """dagserve over each Ray variant at the same model and concurrency, in one round."""
+    rows = []
+    for o in ours:
+        for r in ray:
+            if r["model"] != o["model"] or r["concurrency"] != o["concurrency"]:
+                continue
+            ours_tput, ray_tput = float(o["items/s"]), float(r["items/s"])  # type: ignore[arg-type]
+            ours_p99, ray_p99 = float(o["p99 ms"]), float(r["p99 ms"])  # type: ignore[arg-type]
+            rows.append({
+                "round": round_, "model": o["model"], "concurrency": o["concurrency"],
+                "Ray": f"{r['via']}, wait {r['wait_s']}",
+                "items/s ours / Ray": ours_tput / ray_tput if ray_tput else math.nan,
+                "p99 ours / Ray": ours_p99 / ray_p99 if ray_p99 else math.nan,
+            })  # fmt: skip
     return rows
 
 
@@ -331,91 +437,106 @@ def main() -> int:
     parser.add_argument("--skip-default-wait", action="store_true")
     parser.add_argument("--http-port", type=int, default=18123)
     parser.add_argument("--json", type=Path)
-    parser.add_argument("--_ray-driver", dest="ray_driver", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--_ray-driver", dest="ray_driver", action="store_true",
+                        help=argparse.SUPPRESS)  # fmt: skip
     args = parser.parse_args()
     if args.ray_driver:
-        plan = json.loads(args.ray_driver.read_text())
-        print(json.dumps(ray_driver(plan, MODELS_DIR, args.http_port)))
+        print(json.dumps(ray_driver(MODELS_DIR, args.http_port)))
         return 0
 
-    heavy = (2.0, 4.0) if args.quick else (5.0, 20.0)
-    light = (1.0, 3.0) if args.quick else (3.0, 12.0)
-    idle = (0.5, 2.0) if args.quick else (2.0, 8.0)
+    heavy = (1.0, 3.0) if args.quick else (3.0, 10.0)
+    light = (0.5, 2.0) if args.quick else (2.0, 6.0)
+    idle = (0.5, 1.5) if args.quick else (1.0, 4.0)
 
     def step(model: str, c: int, wd: tuple[float, float], **extra: object) -> dict[str, object]:
         return {"model": model, "concurrency": c, "warmup": wd[0], "duration": wd[1], **extra}
 
-    base = [step("heavy", 64, heavy), step("light", 64, light), step("heavy", 1, idle),
+    base = [step("heavy", 64, heavy), step("heavy", 1, idle), step("light", 64, light),
             step("light", 1, idle)]  # fmt: skip
-    ray_plan = [{**s, "via": "http", "wait_s": 0.0} for s in base]
+    # Ray's steps in deployment order (one deployment per model and wait); round 2 and
+    # --quick run the fair comparison alone
+    fair = [{**s, "via": "http", "wait_s": 0.0} for s in base]
+    full = []
+    for model in MODELS:
+        full += [s for s in fair if s["model"] == model]
+        if not args.skip_handle:
+            full += [{**s, "via": "handle", "wait_s": 0.0} for s in base
+                     if s["model"] == model and s["concurrency"] > 1]  # fmt: skip
     if not args.skip_default_wait:
-        ray_plan += [{**s, "via": "http", "wait_s": 0.01} for s in base if s["concurrency"] > 1]
-    if not args.skip_handle:
-        ray_plan += [{**s, "via": "handle", "wait_s": 0.0} for s in base if s["concurrency"] > 1]
+        full += [{**s, "via": "http", "wait_s": 0.01} for s in base if s["concurrency"] > 1]
+    if args.quick:
+        full = fair
 
-    started = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "benchmarks.batching", "--_export", str(MODELS_DIR)],
-                   cwd=ROOT, check=True)  # fmt: skip
-    ours = [] if args.skip_ours else run_ours(base)
-
-    python = ensure_ray_venv()
-    plan_file = MODELS_DIR / "ray_plan.json"
-    plan_file.write_text(json.dumps(ray_plan))
-    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "PYTHONPATH": str(ROOT)}
-    print("Ray Serve ...", flush=True)
-    proc = subprocess.run(
-        [str(python), "-m", "benchmarks.ray_serve", "--_ray-driver", str(plan_file),
-         "--http-port", str(args.http_port)],
-        cwd=ROOT, env=env, capture_output=True, text=True,
-    )  # fmt: skip
-    ray_log = MODELS_DIR / "ray_driver.log"
-    ray_log.write_text(proc.stderr)
-    if proc.returncode != 0:
-        print(f"the Ray driver failed ({proc.returncode}); its stderr is in {ray_log}:")
-        print(proc.stderr[-4000:])
-        return 1
-    ray = json.loads(proc.stdout.strip().splitlines()[-1])
-
+    from benchmarks.batching import start_server, write_pipelines
     from engine.tools.bench import render_table
 
-    def cells(row: dict[str, object], who: str) -> dict[str, object]:
-        return {
-            "server": who, "model": row["model"], "concurrency": row["concurrency"],
-            "items/s": row["items/s"], "p50 ms": row["p50 ms"], "p99 ms": row["p99 ms"],
-            "mean batch": row.get("mean batch (whole run)", math.nan),
-            "errors": sum(row["errors"].values()) if row["errors"] else 0,  # type: ignore[union-attr]
-        }  # fmt: skip
+    started = time.perf_counter()
+    python = ray_python()
+    subprocess.run([sys.executable, "-m", "benchmarks.batching", "--_export", str(MODELS_DIR)],
+                   cwd=ROOT, check=True)  # fmt: skip
+    paths = [p for p in write_pipelines(MODELS_DIR, max_batch=32) if "nobatch" not in p.name]
+    ours: dict[int, list[dict[str, object]]] = {}
+    ray: dict[int, list[dict[str, object]]] = {}
+    process = port = None
+    if not args.skip_ours:
+        print("dagserve ...", file=sys.stderr, flush=True)
+        process, port = start_server(paths, MODELS_DIR / "server-ray-compare.log")
+    print("Ray Serve ...", file=sys.stderr, flush=True)
+    driver = RayDriver(python, args.http_port, MODELS_DIR / "ray_driver.log")
+    try:
+        # round 1: dagserve, then Ray (every variant); round 2: Ray (the fair one), dagserve
+        for round_, order in ((1, ("ours", "ray")), (2, ("ray", "ours"))):
+            for who in order:
+                print(f"round {round_}: {who} ...", file=sys.stderr, flush=True)
+                if who == "ours" and port is not None:
+                    ours[round_] = run_ours(port, base)
+                elif who == "ray":
+                    ray[round_] = driver.run(full if round_ == 1 else fair)
+        addresses = driver.close()
+    except BaseException:
+        driver.kill()
+        raise
+    finally:
+        if process is not None:
+            process.terminate()
+            process.wait(timeout=30)
 
-    rows = [cells(r, "dagserve (Thrift)") for r in ours]
-    for r in ray["results"]:
-        via = "HTTP" if r["via"] == "http" else "handle"
-        rows.append(cells(r, f"Ray Serve {via}, wait {r['wait_s']}"))
-    print("\n### dagserve against Ray Serve (@serve.batch, max_batch_size 32)\n")
+    rows, ratios = [], []
+    for round_ in (1, 2):
+        rows += [cells(r, "dagserve (Thrift)", round_) for r in ours.get(round_, [])]
+        for r in ray[round_]:
+            via = "HTTP" if r["via"] == "http" else "handle"
+            rows.append(cells(r, f"Ray Serve {via}, wait {r['wait_s']}", round_))
+        ratios += ratio_rows(ours.get(round_, []), ray[round_], round_)
+    print("### dagserve against Ray Serve (@serve.batch, max_batch_size 32), two rounds\n")
     print(render_table(rows))
-    ratios = []
-    for o in ours:
-        for r in ray["results"]:
-            if r["model"] == o["model"] and r["concurrency"] == o["concurrency"]:
-                ratios.append({
-                    "model": o["model"], "concurrency": o["concurrency"],
-                    "Ray": f"{r['via']}, wait {r['wait_s']}",
-                    "items/s ours / Ray": o["items/s"] / r["items/s"] if r["items/s"] else math.nan,  # type: ignore[operator]
-                    "p99 ours / Ray": o["p99 ms"] / r["p99 ms"] if r["p99 ms"] else math.nan,  # type: ignore[operator]
-                })  # fmt: skip
-    print("\n### Ratios\n")
+    print("\n### Ratios, per round\n")
     print(render_table(ratios))
-    print(f"\nRay replica torch threads: {[r['replica torch threads'] for r in ray['results']]}")
+    replica = [r["replica torch threads"] for round_ in (1, 2) for r in ray[round_]]
+    print(f"\nRay replica torch threads: {replica}")
+    found = addresses.get("addresses") or {}
     print(
-        f"Ray logs: {ray['session_dir']}: {ray['addresses']['files_scanned']} files, "
+        f"Ray logs: {addresses.get('session_dir')}: {found.get('files_scanned')} files, "  # type: ignore[union-attr]
         f"addresses other than 127.0.0.1/0.0.0.0: "
-        f"{json.dumps(ray['addresses']['other_addresses'], indent=1) or 'none'}"
+        f"{json.dumps(found.get('other_addresses'), indent=1) or 'none'}"  # type: ignore[union-attr]
     )
-    for r in ours + ray["results"]:
-        for kind, message in (r.get("error_examples") or {}).items():  # type: ignore[union-attr]
+    for r in [row for rows_ in (*ours.values(), *ray.values()) for row in rows_]:
+        for kind, message in (r.get("error_examples") or {}).items():  # type: ignore[attr-defined]
             print(f"  {r['model']} c{r['concurrency']} {r.get('via', 'ours')}: {kind}: {message}")
     print(f"total {time.perf_counter() - started:.0f} s")
+    fair_ratios = [
+        f"round {r['round']} {r['model']} x{r['concurrency']} {r['items/s ours / Ray']:.2f}"
+        for r in ratios
+        if r["Ray"] == "http, wait 0.0"
+    ]
+    print(
+        "\nReading: dagserve items/s / Ray Serve's (HTTP, batch wait 0), two rounds: "
+        + ("; ".join(fair_ratios) or "no dagserve rows (--skip-ours)")
+    )
     if args.json:
-        args.json.write_text(json.dumps({"ours": ours, "ray": ray}, indent=2, default=str))
+        args.json.write_text(
+            json.dumps({"ours": ours, "ray": ray, "ray_logs": addresses}, indent=2, default=str)
+        )
     return 0
 
 
