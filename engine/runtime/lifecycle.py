@@ -189,8 +189,8 @@ class Lifecycle:
         self._shadow_version: dict[str, str] = {}
         #: (name, version) -> the YAML of a version loaded through :meth:`load`
         self._runtime: dict[tuple[str, str], Path] = {}
-        #: (name, version) -> why its last load failed
-        self._failed: dict[tuple[str, str], str] = {}
+        #: (name, version) -> why its last load failed, and its file
+        self._failed: dict[tuple[str, str], tuple[str, Path | None]] = {}
         #: versions whose models are loading (not routed yet)
         self._loading: dict[tuple[str, str], Path | None] = {}
         #: versions retired or replaced, still finishing their requests
@@ -216,9 +216,8 @@ class Lifecycle:
             states.append(VersionState(name, version, "loading", path=_text(path)))
         for s in self._draining:
             states.append(self._state(s, "draining"))
-        for (name, version), why in self._failed.items():
+        for (name, version), (why, path) in self._failed.items():
             if version not in served.get(name, {}):
-                path = self._runtime.get((name, version))
                 states.append(VersionState(name, version, "failed", why=why, path=_text(path)))
         return states
 
@@ -516,7 +515,7 @@ class Lifecycle:
             served = await self._bring_up(pipeline, placement, model_ids)
             await self._warm_up(served)
         except DagserveError as exc:
-            self._failed[key] = exc.message
+            self._failed[key] = (exc.message, path)
             if isinstance(exc, LifecycleError):
                 raise
             raise LifecycleError(exc.message) from exc
@@ -656,7 +655,8 @@ class Lifecycle:
                     placement, model_ids = self._plan([old.pipeline])
                     back = await self._bring_up(old.pipeline, placement, model_ids)
                 except DagserveError as again:
-                    self._failed[(name, version)] = f"{exc.message}; then the old: {again}"
+                    why = f"{exc.message}; then the old: {again}"
+                    self._failed[(name, version)] = (why, old.pipeline.path)
                     del versions[version]
                     self._forget(name, version)
                     raise exc from None
@@ -859,7 +859,10 @@ class Lifecycle:
                 try:
                     served = await self._load(Path(yaml_path))
                 except LifecycleError as exc:
+                    # kept (listed as failed, and in the state file) until unloaded
                     logger.error("lifecycle state: %s:%s not restored: %s", name, version, exc)
+                    self._failed[(name, version)] = (exc.message, Path(yaml_path))
+                    self._runtime[(name, version)] = Path(yaml_path)
                     continue
                 if (served.pipeline.name, served.pipeline.version) != (name, version):
                     logger.warning(

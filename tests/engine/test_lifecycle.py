@@ -344,6 +344,12 @@ async def test_the_state_file_brings_back_runtime_versions_and_weights(tmp_path,
         assert "3 not restored" in caplog.text
         picked = {await factor_of(engine, user="alice") for _ in range(20)}
         assert len(picked) == 1
+        # a version that did not come back stays in the state until it is unloaded
+        assert engine.lifecycle.versions()[-1].path == str(v3)
+        await engine.lifecycle.set_traffic("scale", {"2": 1})
+        assert set(json.loads(state_file.read_text())["pipelines"]["scale"]["loaded"]) == {"2", "3"}
+        await engine.lifecycle.unload("scale", "3")
+        assert set(json.loads(state_file.read_text())["pipelines"]["scale"]["loaded"]) == {"2"}
     finally:
         await engine.aclose()
 
