@@ -67,6 +67,8 @@ class Server:
             gpu_reserve_mb=config.gpu_reserve_mb,
             slow_request_ms=config.slow_request_ms,
             max_inflight=per_front(config.max_inflight, self.front_count),
+            state_file=config.state_file,
+            drain_timeout_s=config.drain_timeout_s,
         )
         self.thrift: ThriftServer | None = None
         # With several front processes (engine.fronts): the relay that gives the others this
@@ -79,11 +81,12 @@ class Server:
         # stops the server before any model loads.
         self.admin: ThriftServer | None = None
         self.watcher: Watcher | None = None
-        if self.front_count > 1 and (config.admin_port is not None or config.watch):
+        lifecycle = config.admin_port is not None or config.watch or config.state_file
+        if self.front_count > 1 and lifecycle:
             # Each front has its own routes: a change made on the first would not reach them.
             msg = (
-                "the admin port and watch change the versions of the first front process "
-                f"only: they need front_processes: 1 (got {self.front_count})"
+                "the admin port, watch and state_file change the versions of the first front "
+                f"process only: they need front_processes: 1 (got {self.front_count})"
             )
             raise ConfigError(msg)
         if config.admin_port is not None:

@@ -207,6 +207,6 @@ def test_the_admin_port_and_watch_are_refused_with_several_fronts() -> None:
 
     pipelines, errors = load_for_serving([PIPELINES / "fronts.yaml"])
     assert not errors
-    for setting in ({"admin_port": 0}, {"watch": True}):
+    for setting in ({"admin_port": 0}, {"watch": True}, {"state_file": PIPELINES / "x.json"}):
         with pytest.raises(ConfigError, match="front_processes: 1"):
             Server(ServerConfig(port=0, front_processes=2, **setting), pipelines)
