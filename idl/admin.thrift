@@ -1,5 +1,5 @@
 /*
- * dagserve admin contract: the model lifecycle (load, traffic, reload, unload).
+ * dagserve admin contract: the model lifecycle (load, traffic, variants, reload, unload).
  *
  * Served on its own port (`admin_port` in the server config, off by default), never on the
  * inference port.  Transport: framed.  Protocol: binary.  Any Apache Thrift client (C++,
@@ -18,6 +18,14 @@ namespace cpp dagserve.admin
 namespace java io.dagserve.thrift.admin
 namespace go dagserveadmin
 
+/* The variants of one node (`variants:` in the pipeline YAML), as they split its requests now.
+ * Weights are percents of the node's requests; the node itself answers the rest. */
+struct NodeVariants {
+  1: required map<string, double> weights,  // each variant that may answer -> its percent
+  2: required double own_weight,            // the node's own share: 100 - the sum of weights
+  3: optional string shadow,                // the variant that gets mirrored copies (no weight)
+}
+
 /* One version of one pipeline, as the server holds it now. */
 struct VersionInfo {
   1: required string pipeline,
@@ -30,6 +38,7 @@ struct VersionInfo {
   8: required i32 inflight,           // requests running on it now
   9: optional string path,            // the YAML it was loaded from, as the server sees it
   10: optional list<string> models,   // model ids it uses
+  11: optional map<string, NodeVariants> variants,  // node -> its variants (nodes that have any)
 }
 
 /* The server refused the change (unknown pipeline or version, a load that failed, invalid
@@ -65,6 +74,16 @@ service AdminService {
   /* Re-read the version's YAML and model files and swap them in blue/green (`in_place`:
    * accept a pause instead when the device cannot hold both). */
   VersionInfo reload(1: string token, 2: string pipeline, 3: string version, 4: bool in_place)
+    throws (1: Unauthorized unauthorized, 2: AdminError error),
+
+  /* Set the weights (percent of the node's requests) of the variants of `node` in one ready
+   * version; variants not named keep theirs, the node itself answers what they all leave.
+   * Refused, changing nothing: an unknown version, node or variant, a node without variants,
+   * the shadow given weight, a weight not from 0 to 100, or weights adding up to over 100.
+   * A reload of the version starts again from its YAML's weights.  Answers the version after
+   * the change (its `variants`). */
+  VersionInfo variants(1: string token, 2: string pipeline, 3: string version, 4: string node,
+                       5: map<string, double> weights)
     throws (1: Unauthorized unauthorized, 2: AdminError error),
 
   /* Stop routing to the version, drain its requests in flight, free its models. */

@@ -14,6 +14,7 @@ import pytest
 from engine.cli import main
 from engine.tools.admin_cli import parse_weights, render
 from engine.tools.ports import free_port
+from engine.transport.admin import version_to_wire
 from tests.engine.fake_lifecycle import FakeLifecycle, FakeState, admin_serving
 from tests.serving import ROOT
 
@@ -37,22 +38,29 @@ def test_parse_weights():
     for bad in ("1", "=3", "1=x", "1=-1", "1=nan"):
         with pytest.raises(ValueError, match="VERSION=NUMBER"):
             parse_weights([bad])
+    with pytest.raises(ValueError, match="VARIANT=NUMBER"):
+        parse_weights(["fast"], "VARIANT")
 
 
 def test_render_aligns_every_column():
-    table = render([
+    table = render([version_to_wire(state) for state in (
         FakeState("calc", "1", weight=0.9, inflight=3),
         FakeState("calc", "2", state="failed", why="no such file", shadow=True,
                   sticky_header="x-user"),
-    ])  # fmt: skip
+        FakeState("calc", "3", variants={"b": {"x": 0}, "a": {"x": 10, "y": 2.5}},
+                  variant_shadows={"a": "z"}),
+    )])  # fmt: skip
     lines = table.splitlines()
     assert lines[0].split() == [
-        "pipeline", "version", "state", "weight", "shadow", "sticky", "inflight", "why"
+        "pipeline", "version", "state", "weight", "shadow", "sticky", "inflight", "variants",
+        "why",
     ]  # fmt: skip
     assert lines[1].split() == ["calc", "1", "ready", "0.9", "3"]
     assert lines[2].split()[:7] == ["calc", "2", "failed", "0", "yes", "x-user", "0"]
     assert lines[2].endswith("  no such file")
     assert lines[1].index("0.9") == lines[0].index("weight")
+    # each node's variants (percent), the shadow named, nodes in order
+    assert lines[3][lines[0].index("variants") :] == "a: x=10 y=2.5 z(shadow); b: x=0"
 
 
 @pytest.mark.e2e
@@ -72,6 +80,13 @@ def test_verbs_output_and_exit_codes(token_file: Path, tmp_path: Path, capsys):
         assert code == 0
         assert lifecycle.calls[-1] == ("traffic", "calc", {"1": 90.0, "2": 10.0}, "2", "x-user")
         assert "x-user" in capsys.readouterr().out
+        assert admin(port, "variants", "calc", "1", "double", "fast=30", token_file=token_file) == 0
+        assert lifecycle.calls[-1] == ("variants", "calc", "1", "double", {"fast": 30.0})
+        assert "double: fast=30 next(shadow)" in capsys.readouterr().out
+        assert admin(port, "variants", "calc", "1", "post", "fast=1", token_file=token_file) == 1
+        assert "refused: no node 'post' with variants" in capsys.readouterr().err
+        assert admin(port, "variants", "calc", "1", "double", "fast", token_file=token_file) == 2
+        assert "VARIANT=NUMBER" in capsys.readouterr().err
         assert admin(port, "reload", "calc", "2", "--in-place", token_file=token_file) == 0
         assert lifecycle.calls[-1] == ("reload", "calc", "2", True)
         assert admin(port, "unload", "calc", "1", token_file=token_file) == 0
@@ -105,7 +120,7 @@ def test_dagserve_admin_help_is_its_own():
         text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)},
     )  # fmt: skip
     assert done.returncode == 0
-    for verb in ("list", "load", "traffic", "reload", "unload", "--token-file", "--tls-ca"):
+    for verb in ("list", "load", "traffic", "variants", "reload", "unload", "--token-file"):
         assert verb in done.stdout
 
 
@@ -175,3 +190,68 @@ def test_every_verb_against_a_real_server(token_file: Path, tmp_path: Path, caps
         assert code == 1
         assert "refused" in err
         assert admin(server.admin_port, "list") == 3  # no token
+
+
+@pytest.mark.e2e
+def test_variants_verb_moves_a_node_split_on_a_real_server(token_file: Path, capsys):
+    """``variants`` against a real server serving a node with a canary and a shadow
+    (tests/pipelines/variants/split.yaml): the split follows the new weights at once."""
+    import numpy as np
+
+    from engine.transport.admin_client import AdminClient, AdminUnauthorized
+    from engine.transport.client import Client
+    from tests.serving import PIPELINES, serving
+
+    x = {"x": np.ones((1, 2), np.float32)}
+    with (
+        serving([PIPELINES / "variants" / "split.yaml"], admin_port=0,
+                admin_token_file=token_file) as server,
+        Client("127.0.0.1", server.port) as client,
+    ):  # fmt: skip
+
+        def run(*words: str) -> tuple[int, str, str]:
+            code = admin(server.admin_port, *words, token_file=token_file)
+            out, err = capsys.readouterr()
+            return code, out, err
+
+        def labels(requests: int) -> set[tuple[str, float]]:
+            """(the embed node's label in node_latency_us, y) of each reply."""
+            replies = [client.infer("split", x) for _ in range(requests)]
+            return {
+                (next(k for k in r.node_latency_us if k.startswith("embed")), r.outputs["y"][0, 0])
+                for r in replies
+            }
+
+        code, out, _ = run("list")
+        assert code == 0
+        assert "embed: candidate=10 next(shadow)" in out  # the YAML's weights
+        code, out, _ = run("variants", "split", "1", "embed", "candidate=100")
+        assert code == 0
+        assert "embed: candidate=100 next(shadow)" in out
+        assert labels(40) == {("embed@candidate", 2.0)}  # every reply from the canary
+        assert run("variants", "split", "1", "embed", "candidate=0")[0] == 0
+        assert labels(40) == {("embed", 1.0)}  # every reply from the node itself
+        # refused, with the reason, changing nothing: an unknown variant, the shadow, a node
+        # without variants, a version that is not served, weights over 100
+        for words, why in [
+            (("embed", "nope=5"), "variant 'nope' is not one of its variants"),
+            (("embed", "next=5"), "variant 'next' is the shadow"),
+            (("post", "candidate=5"), "node 'post' has no variants"),
+            (("embed", "candidate=101"), "a weight is a percent from 0 to 100"),
+        ]:
+            code, _, err = run("variants", "split", "1", *words)
+            assert code == 1, words
+            assert "refused: pipeline 'split' version '1': " in err
+            assert why in err
+        code, _, err = run("variants", "split", "9", "embed", "candidate=5")
+        assert (code, "no ready version '9'" in err) == (1, True)
+        assert "embed: candidate=0 next(shadow)" in run("list")[1]
+        assert labels(20) == {("embed", 1.0)}
+        # no token: Unauthorized, and nothing changed
+        assert admin(server.admin_port, "variants", "split", "1", "embed", "candidate=100") == 3
+        assert "unauthorized" in capsys.readouterr().err
+        with pytest.raises(AdminUnauthorized):
+            AdminClient("127.0.0.1", server.admin_port, timeout_s=5).variants(
+                "split", "1", "embed", {"candidate": 100}
+            )
+        assert labels(20) == {("embed", 1.0)}

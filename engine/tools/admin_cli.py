@@ -7,6 +7,7 @@
       list                                   every pipeline version: state, traffic, in flight
       load FILE.yaml                         load a version beside those serving
       traffic NAME V=W ... [--shadow V] [--sticky HEADER]
+      variants NAME V NODE VARIANT=W ...     weights (percent) of a node's variants in V
       reload NAME V [--in-place]             re-read its files, swap blue/green
       unload NAME V                          stop routing, drain, free its models
 
@@ -31,7 +32,9 @@ from engine.transport.client import tls_context
 #: exit codes (the module docstring)
 OK, REFUSED, USAGE, UNREACHABLE = 0, 1, 2, 3
 
-COLUMNS = ("pipeline", "version", "state", "weight", "shadow", "sticky", "inflight", "why")
+COLUMNS = (
+    "pipeline", "version", "state", "weight", "shadow", "sticky", "inflight", "variants", "why"
+)  # fmt: skip
 
 
 def parser(prog: str = "dagserve admin") -> argparse.ArgumentParser:
@@ -56,6 +59,15 @@ def parser(prog: str = "dagserve admin") -> argparse.ArgumentParser:
     traffic.add_argument("weights", nargs="+", metavar="V=W")
     traffic.add_argument("--shadow", metavar="V", help="mirror each request to V (never answers)")
     traffic.add_argument("--sticky", metavar="HEADER", help="hash this header to pick a version")
+    variants = verbs.add_parser(
+        "variants", help="set the weights (percent) of a node's variants in one version"
+    )
+    variants.add_argument("name")
+    variants.add_argument("version")
+    variants.add_argument("node")
+    variants.add_argument(
+        "weights", nargs="+", metavar="VARIANT=W", help="percent; the node answers the rest"
+    )
     reload = verbs.add_parser("reload", help="re-read a version's files and swap them in")
     reload.add_argument("name")
     reload.add_argument("version")
@@ -66,8 +78,9 @@ def parser(prog: str = "dagserve admin") -> argparse.ArgumentParser:
     return p
 
 
-def parse_weights(texts: Sequence[str]) -> dict[str, float]:
-    """``["1=90", "2=10"]`` -> ``{"1": 90.0, "2": 10.0}``; raises ValueError naming the bad one."""
+def parse_weights(texts: Sequence[str], what: str = "VERSION") -> dict[str, float]:
+    """``["1=90", "2=10"]`` -> ``{"1": 90.0, "2": 10.0}``; raises ValueError naming the bad one
+    (``what``: the word for the key in the message, e.g. ``VARIANT``)."""
     weights: dict[str, float] = {}
     for text in texts:
         version, sep, value = text.rpartition("=")
@@ -76,7 +89,7 @@ def parse_weights(texts: Sequence[str]) -> dict[str, float]:
         except ValueError:
             weight = -1.0
         if not sep or not version or weight < 0 or weight != weight:  # NaN is not >= 0 either
-            msg = f"a weight is VERSION=NUMBER, the number >= 0 (got {text!r})"
+            msg = f"a weight is {what}=NUMBER, the number >= 0 (got {text!r})"
             raise ValueError(msg)
         weights[version] = weight
     return weights
@@ -96,7 +109,19 @@ def _row(v: Any) -> tuple[str, ...]:
     shadow = "yes" if v.shadow else ""
     weight = f"{v.weight:.3g}"
     return (v.pipeline, v.version, v.state, weight, shadow, v.sticky_header or "",
-            str(v.inflight), v.why or "")  # fmt: skip
+            str(v.inflight), render_variants(v.variants), v.why or "")  # fmt: skip
+
+
+def render_variants(variants: Any) -> str:
+    """A version's node variants, compactly: ``embed: candidate=10 next(shadow); ...`` (weights
+    in percent; each node answers what its variants leave)."""
+    parts = []
+    for node, split in sorted((variants or {}).items()):
+        arms = [f"{v}={w:g}" for v, w in split.weights.items()]
+        if split.shadow:
+            arms.append(f"{split.shadow}(shadow)")
+        parts.append(f"{node}: {' '.join(arms)}")
+    return "; ".join(parts)
 
 
 def main(argv: Sequence[str] | None = None, prog: str = "dagserve admin") -> int:
@@ -153,6 +178,9 @@ def _run(client: AdminClient, args: argparse.Namespace) -> int:
         print(render(client.traffic(
             args.name, weights, shadow=args.shadow, sticky_header=args.sticky
         )))  # fmt: skip
+    elif args.verb == "variants":
+        weights = parse_weights(args.weights, "VARIANT")
+        print(render([client.variants(args.name, args.version, args.node, weights)]))
     elif args.verb == "reload":
         state = client.reload(args.name, args.version, in_place=args.in_place)
         print(f"reloaded {state.pipeline} version {state.version} ({state.state})")

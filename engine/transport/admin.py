@@ -2,7 +2,8 @@
 
 :class:`AdminHandler` is a thin adapter over ``engine.lifecycle`` (the engine's
 :class:`~engine.runtime.lifecycle.Lifecycle`), as the inference handler is over the engine:
-check the token, call the lifecycle, convert the answer.  Refusals (``LifecycleError``, and
+check the token, call the lifecycle, convert the answer (``variants``, a node's variant
+weights, goes to ``Lifecycle.set_variant_weights``).  Refusals (``LifecycleError``, and
 any other of our errors) become the IDL's ``AdminError`` with their message; a wrong or missing
 token becomes ``Unauthorized``, without detail.
 
@@ -31,6 +32,7 @@ from typing import Any, Protocol
 
 from thriftpy2.thrift import TException
 
+from dag.schema import ALL_WEIGHT
 from engine.config import ServerConfig
 from engine.errors import ConfigError
 from engine.transport.thrift import ThriftServer
@@ -59,6 +61,10 @@ class LifecycleLike(Protocol):
         sticky_header: str | None = None,
     ) -> Sequence[Any]: ...
 
+    async def set_variant_weights(
+        self, name: str, version: str, node: str, weights: dict[str, float]
+    ) -> Any: ...
+
     async def reload(self, name: str, version: str, *, in_place: bool = False) -> Any: ...
 
     async def unload(self, name: str, version: str) -> None: ...
@@ -77,6 +83,15 @@ def version_to_wire(state: Any) -> Any:
         inflight=int(state.inflight),
         path=str(state.path) if state.path is not None else None,
         models=list(state.models),
+        variants={
+            node: admin_thrift.NodeVariants(
+                weights={v: float(w) for v, w in weights.items()},
+                own_weight=max(0.0, ALL_WEIGHT - sum(weights.values())),
+                shadow=state.variant_shadows.get(node),
+            )
+            for node, weights in state.variants.items()
+        }
+        or None,
     )
 
 
@@ -138,6 +153,25 @@ class AdminHandler:
                 f", sticky on {sticky_header}" if sticky_header else "",
             )  # fmt: skip
             return [version_to_wire(s) for s in states]
+
+    async def variants(
+        self,
+        token: str | None,
+        pipeline: str | None,
+        version: str | None,
+        node: str | None,
+        weights: dict[str, float] | None,
+    ) -> Any:
+        self._authorize(token, "variants")
+        with _refusals("variants"):
+            state = await self.lifecycle.set_variant_weights(
+                pipeline or "", version or "", node or "", dict(weights or {})
+            )
+            logger.info(
+                "admin: variant weights of %s version %s node %s: %s", pipeline, version, node,
+                ", ".join(f"{v}={w:g}" for v, w in (weights or {}).items()) or "none",
+            )  # fmt: skip
+            return version_to_wire(state)
 
     async def reload(
         self, token: str | None, pipeline: str | None, version: str | None, in_place: bool | None

@@ -12,7 +12,8 @@ one connection per call, with a generous ``timeout_s``, and never retries (a ``l
   :class:`~engine.errors.ClientConnectionError`.
 
 Answers are the IDL's ``VersionInfo`` structs: ``pipeline``, ``version``, ``state``, ``why``,
-``weight``, ``shadow``, ``sticky_header``, ``inflight``, ``path``, ``models``.
+``weight``, ``shadow``, ``sticky_header``, ``inflight``, ``path``, ``models``, ``variants``
+(node -> ``NodeVariants``: ``weights``, ``own_weight``, ``shadow``).
 """
 
 from __future__ import annotations
@@ -90,6 +91,13 @@ class AdminClient:
             sticky_header=sticky_header,
         )  # fmt: skip
         return list(answer)
+
+    def variants(self, pipeline: str, version: str, node: str, weights: Mapping[str, float]) -> Any:
+        """Set the weights (percent) of ``node``'s variants in one version (those not named
+        keep theirs); the version's ``VersionInfo`` after."""
+        return self._call(
+            "variants", pipeline=pipeline, version=version, node=node, weights=dict(weights)
+        )
 
     def reload(self, pipeline: str, version: str, *, in_place: bool = False) -> Any:
         """Re-read the version's files and swap them in; its ``VersionInfo`` after."""

@@ -3,17 +3,18 @@ background loop.
 
 ``FakeLifecycle`` keeps versions in a dict and records every call; a path or name containing
 ``broken`` is refused with a ``LifecycleError``-like ``DagserveError``, ``crash`` raises a
-``RuntimeError`` (an internal error).  It checks nothing else: the real lifecycle's rules are
-tested with the real one (tests/engine/test_admin.py's e2e tests).
+``RuntimeError`` (an internal error); ``set_variant_weights`` refuses a node that has no
+variants.  It checks nothing else: the real lifecycle's rules are tested with the real one
+(tests/engine/test_admin.py's e2e tests, tests/test_admin_cli.py's real servers).
 """
 
 from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,15 +36,18 @@ class FakeState:
     inflight: int = 0
     path: str | None = None
     models: tuple[str, ...] = ()
+    variants: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
+    variant_shadows: Mapping[str, str] = field(default_factory=dict)
 
 
 class FakeLifecycle:
     def __init__(self) -> None:
         self.states: dict[tuple[str, str], FakeState] = {
             ("calc", "1"): FakeState(
-                "calc", "1", weight=1.0, path="/srv/calc.yaml", models=("calc/double",)
+                "calc", "1", weight=1.0, path="/srv/calc.yaml", models=("calc/double",),
+                variants={"double": {"fast": 10.0}}, variant_shadows={"double": "next"},
             ),
-        }
+        }  # fmt: skip
         self.calls: list[tuple[Any, ...]] = []
 
     @staticmethod
@@ -79,6 +83,18 @@ class FakeLifecycle:
                     sticky_header=sticky_header,
                 )  # fmt: skip
         return [s for k, s in self.states.items() if k[0] == name]
+
+    async def set_variant_weights(
+        self, name: str, version: str, node: str, weights: dict[str, float]
+    ) -> FakeState:
+        self.calls.append(("variants", name, version, node, weights))
+        self._check(name, version, node, *weights)
+        state = self.states.get((name, version))
+        if state is None or node not in state.variants:
+            raise DagserveError(f"no node {node!r} with variants in {name!r} {version!r}")
+        merged = {**state.variants, node: {**state.variants[node], **weights}}
+        self.states[name, version] = replace(state, variants=merged)
+        return self.states[name, version]
 
     async def reload(self, name: str, version: str, *, in_place: bool = False) -> FakeState:
         self.calls.append(("reload", name, version, in_place))

@@ -23,7 +23,7 @@ from engine.transport.admin_client import AdminClient, AdminRefused, AdminUnauth
 from engine.transport.client import tls_context
 from idl import admin_thrift
 from model_plugins.errors import DagserveError
-from tests.engine.fake_lifecycle import FakeLifecycle, admin_serving
+from tests.engine.fake_lifecycle import FakeLifecycle, FakeState, admin_serving
 from tests.engine.test_tls import pki  # noqa: F401 (a fixture)
 from tests.serving import PIPELINES, serving
 
@@ -74,6 +74,27 @@ async def test_version_info_carries_every_field():
     assert (info.pipeline, info.version, info.state, info.weight) == ("calc", "1", "ready", 1.0)
     assert (info.shadow, info.sticky_header, info.inflight) == (False, None, 0)
     assert (info.path, info.models, info.why) == ("/srv/calc.yaml", ["calc/double"], None)
+    assert info.variants == {
+        "double": admin_thrift.NodeVariants(weights={"fast": 10.0}, own_weight=90.0, shadow="next")
+    }
+
+
+async def test_variants_checks_the_token_and_refusals_become_admin_errors():
+    lifecycle = FakeLifecycle()
+    handler = AdminHandler(lifecycle, TOKEN)
+    with pytest.raises(admin_thrift.Unauthorized):
+        await handler.variants("", "calc", "1", "double", {"fast": 50.0})
+    assert lifecycle.calls == []
+    info = await handler.variants(TOKEN, "calc", "1", "double", {"fast": 50.0})
+    assert (info.variants["double"].weights, info.variants["double"].own_weight) == (
+        {"fast": 50.0}, 50.0,
+    )  # fmt: skip
+    assert lifecycle.calls == [("variants", "calc", "1", "double", {"fast": 50.0})]
+    with pytest.raises(admin_thrift.AdminError, match="no node 'post' with variants"):
+        await handler.variants(TOKEN, "calc", "1", "post", {"fast": 1.0})
+    # a version without variants sends none (the field is optional, not an empty map)
+    lifecycle.states["calc", "2"] = FakeState("calc", "2")
+    assert (await handler.list_versions(TOKEN))[1].variants is None
 
 
 # --- who may reach the port (config) -------------------------------------------------------
@@ -126,6 +147,8 @@ def test_no_token_wrong_token_right_token_over_the_wire(token_file: Path):
                 client.list_versions()
             with pytest.raises(AdminUnauthorized):
                 client.unload("calc", "1")
+            with pytest.raises(AdminUnauthorized):
+                client.variants("calc", "1", "double", {"fast": 1})
         assert lifecycle.calls == []  # nothing reached the lifecycle
         client = AdminClient("127.0.0.1", admin.port, token=TOKEN, timeout_s=5)
         assert [v.version for v in client.list_versions()] == ["1"]
@@ -134,6 +157,8 @@ def test_no_token_wrong_token_right_token_over_the_wire(token_file: Path):
         split = client.traffic("calc", {"1": 9, "2": 1}, shadow="2", sticky_header="x-user")
         assert {v.version: round(v.weight, 3) for v in split} == {"1": 0.9, "2": 0.1}
         assert [v.shadow for v in split] == [False, True]
+        double = client.variants("calc", "1", "double", {"fast": 25}).variants["double"]
+        assert (double.weights, double.own_weight, double.shadow) == ({"fast": 25.0}, 75.0, "next")
         assert client.reload("calc", "2", in_place=True).version == "2"
         client.unload("calc", "1")
         assert lifecycle.calls[-2:] == [("reload", "calc", "2", True), ("unload", "calc", "1")]
