@@ -31,11 +31,13 @@ import os
 import signal
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from engine.config import ServerConfig
 from engine.errors import ConfigError
 from engine.runtime.relay import REPORT_INTERVAL_S, RelayClient, RelayServer
 from model_plugins._host import threads
+from model_plugins.errors import InferenceError
 
 logger = logging.getLogger("dagserve")
 
@@ -197,7 +199,7 @@ async def serve_front(index: int, config: ServerConfig, paths: list[Path], relay
     from engine.runtime.devices import DeviceInventory
     from engine.runtime.engine import Engine
     from engine.runtime.loading import load_for_serving
-    from engine.runtime.relay import Hello, Plan, RelayedModels, Report, health_from
+    from engine.runtime.relay import Hello, Plan, RelayedModels, Report, Sync, health_from
     from engine.transport.handler import InferenceHandler
     from engine.transport.thrift import ThriftServer
 
@@ -221,6 +223,24 @@ async def serve_front(index: int, config: ServerConfig, paths: list[Path], relay
         model_source=RelayedModels(relay, plan),
     )
     await engine.start()
+    models = engine.model_source
+    assert isinstance(models, RelayedModels)
+    following = asyncio.Lock()
+
+    async def follow(message: Any) -> None:
+        """Serve the versions and routes of the first front (an admin call changed them)."""
+        if not isinstance(message, Sync):
+            msg = f"front {index} answers no {type(message).__name__}"
+            raise InferenceError(msg)
+        async with following:
+            models.update(message.plan)
+            if message.plan.state is not None:
+                await engine.lifecycle.follow(message.plan.state)
+
+    relay.on_request = follow
+    if plan.state is not None:  # versions loaded at runtime, weights: as the first front has them
+        async with following:
+            await engine.lifecycle.follow(plan.state)
     thrift = ThriftServer(
         InferenceHandler(engine, health=health_from(relay)),
         host=config.host,

@@ -81,14 +81,6 @@ class Server:
         # stops the server before any model loads.
         self.admin: ThriftServer | None = None
         self.watcher: Watcher | None = None
-        lifecycle = config.admin_port is not None or config.watch or config.state_file
-        if self.front_count > 1 and lifecycle:
-            # Each front has its own routes: a change made on the first would not reach them.
-            msg = (
-                "the admin port, watch and state_file change the versions of the first front "
-                f"process only: they need front_processes: 1 (got {self.front_count})"
-            )
-            raise ConfigError(msg)
         if config.admin_port is not None:
             self.admin = admin_server(config, self.engine.lifecycle)
         if config.watch:
@@ -154,6 +146,8 @@ class Server:
             self._relay_dir = tempfile.mkdtemp(prefix="dagserve-fronts-")
             relay = self.relay = RelayServer(self.engine, os.path.join(self._relay_dir, "relay"))
             await relay.start()
+            # An admin change (or --watch) reaches every front before its call returns.
+            self.engine.lifecycle.on_change = relay.sync
         self.thrift = ThriftServer(
             InferenceHandler(self.engine, health=_async(relay.health) if relay else None),
             host=self.config.host,

@@ -47,7 +47,7 @@ import os
 import random
 import re
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -84,6 +84,18 @@ SHADOW_TIMEOUT_S = 30.0
 def version_key(version: str) -> tuple[tuple[int, int | str], ...]:
     """Sort key of versions: "10" after "9", "1.10" after "1.9"; text parts compare as text."""
     return tuple((0, int(p)) if p.isdigit() else (1, p) for p in re.split(r"[.\-_]", version))
+
+
+@dataclass(frozen=True)
+class PeerState:
+    """What another front process of the server needs to serve as this one does
+    (``engine.fronts``): the versions and the models they use, the routes, the variant weights.
+    """
+
+    versions: dict[tuple[str, str], VersionState]
+    """(name, version) -> its state (``path``, ``models`` and ``variants`` are what count)."""
+    routes: dict[str, tuple[dict[str, float], str | None, str | None]]
+    """Name -> (weights, shadow version, sticky header)."""
 
 
 @dataclass(frozen=True)
@@ -200,6 +212,10 @@ class Lifecycle:
         self._shadow_tasks: set[asyncio.Task[None]] = set()
         self._shadow_inflight = 0
         self._lock = asyncio.Lock()
+        #: with several front processes: brings the others to this one's versions and routes
+        #: (``RelayServer.sync``), called once a change is made and before a version retires,
+        #: so that no front still routes to a model that unloads
+        self.on_change: Callable[[], Awaitable[None]] | None = None
 
     # -- what the admin API calls -------------------------------------------------------
 
@@ -235,6 +251,7 @@ class Lifecycle:
         async with self._lock:
             served = await self._load(Path(path))
             self._save()
+            await self._tell_peers()
             return self._state(served, "ready")
 
     async def set_traffic(
@@ -287,6 +304,7 @@ class Lifecycle:
             _set(self._sticky, name, sticky_header or None)
             self._route(name)
             self._save()
+            await self._tell_peers()
             logger.info(
                 "pipeline %s: weights %s, shadow %s, sticky header %s",
                 name, self._weights.get(name), shadow, sticky_header,
@@ -314,6 +332,10 @@ class Lifecycle:
                 raise LifecycleError(msg)
             if old.pipeline.path is None:
                 msg = f"pipeline {name!r} version {version!r} has no file to read again"
+                raise LifecycleError(msg)
+            if in_place and self.on_change is not None:
+                # The other fronts would send items to the old models while they are gone.
+                msg = "an in-place reload needs front_processes: 1; reload beside the old one"
                 raise LifecycleError(msg)
             pipeline = await self._read(old.pipeline.path, expect=(name, version))
             try:
@@ -385,19 +407,73 @@ class Lifecycle:
             LifecycleError: unknown version or node, a node without variants, an unknown
                 variant, the shadow given weight, or weights over 100; nothing changes.
         """
-        served = self.engine._served.get(name, {}).get(version)
-        if served is None:
-            msg = f"pipeline {name!r} has no ready version {version!r}"
-            raise LifecycleError(msg)
+        async with self._lock:  # not onto a runner that a reload is replacing
+            served = self.engine._served.get(name, {}).get(version)
+            if served is None:
+                msg = f"pipeline {name!r} has no ready version {version!r}"
+                raise LifecycleError(msg)
+            try:
+                set_node_variant_weights(served.runners, node, weights)
+            except ValueError as exc:
+                msg = f"pipeline {name!r} version {version!r}: {exc}"
+                raise LifecycleError(msg) from exc
+            logger.info(
+                "pipeline %s version %s node %s: variant weights %s", name, version, node, weights
+            )
+            await self._tell_peers()
+            weight = self._weights.get(name, {}).get(version, 0.0)
+            return self._state(served, "ready", weight=weight)
+
+    # -- several front processes -------------------------------------------------------
+
+    def peer_state(self) -> PeerState:
+        """This front's versions and routes, for the others to :meth:`follow`."""
+        versions = {
+            (name, version): self._state(served, "ready")
+            for name, served_versions in self.engine._served.items()
+            for version, served in served_versions.items()
+        }
+        routes = {
+            name: (dict(self._weights.get(name, {})), self._shadow_version.get(name),
+                   self._sticky.get(name))
+            for name in self.engine._served
+        }  # fmt: skip
+        return PeerState(versions, routes)
+
+    async def follow(self, state: PeerState) -> None:
+        """Serve ``state`` (the first front's): load and reload what differs, take its routes,
+        then unload what it no longer serves, each as the admin calls do it (an unload drains
+        this front's requests before it returns)."""
+        served = self.engine._served
+        for (name, version), want in state.versions.items():
+            have = served.get(name, {}).get(version)
+            if have is None:
+                if want.path is None:
+                    logger.error("pipeline %s version %s: no file to load it from", name, version)
+                    continue
+                await self.load(Path(want.path))
+            elif tuple(sorted({m.model_id for m in _models(have)})) != tuple(sorted(want.models)):
+                await self.reload(name, version)
+        for name, (weights, shadow, sticky) in state.routes.items():
+            if served.get(name) and weights:
+                await self.set_traffic(name, weights, shadow=shadow, sticky_header=sticky)
+        for name in list(served):
+            for version in list(served.get(name, {})):
+                if (name, version) not in state.versions:
+                    await self.unload(name, version)
+        for (name, version), want in state.versions.items():
+            have_state = self._state(served[name][version], "ready")
+            for node, split in want.variants.items():
+                if dict(have_state.variants.get(node, {})) != dict(split):
+                    await self.set_variant_weights(name, version, node, dict(split))
+
+    async def _tell_peers(self) -> None:
+        if self.on_change is None:
+            return
         try:
-            set_node_variant_weights(served.runners, node, weights)
-        except ValueError as exc:
-            msg = f"pipeline {name!r} version {version!r}: {exc}"
-            raise LifecycleError(msg) from exc
-        logger.info(
-            "pipeline %s version %s node %s: variant weights %s", name, version, node, weights
-        )
-        return self._state(served, "ready", weight=self._weights.get(name, {}).get(version, 0.0))
+            await self.on_change()
+        except Exception:  # the change stands here; a front that did not follow says why
+            logger.exception("the other front processes did not all follow the change")
 
     # -- startup, restore, shutdown -----------------------------------------------------
 
@@ -685,6 +761,7 @@ class Lifecycle:
         """Wait for a version no longer routed to finish its requests, then unload it."""
         self._draining.append(served)
         try:
+            await self._tell_peers()  # the other fronts drain theirs first
             await self._drain(served)
         finally:
             _discard(self._draining, served)

@@ -33,7 +33,7 @@ import itertools
 import logging
 import os
 import socket
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -53,6 +53,7 @@ from model_plugins.specs import TensorSpec
 
 if TYPE_CHECKING:
     from engine.runtime.engine import Engine
+    from engine.runtime.lifecycle import PeerState
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +81,16 @@ class Plan:
     """Model identity (``assembly.model_identity``) -> model id, as the primary planned them."""
     outputs: dict[str, dict[str, TensorSpec]]
     """Model id -> its outputs, completed at load by what the model reported."""
+    state: PeerState | None = None
+    """The versions and routes to serve (``Lifecycle.follow``)."""
+
+
+@dataclass(frozen=True)
+class Sync:
+    """The primary's versions or routes changed (an admin call): serve them as it does; the
+    reply comes once this front has (an unload has drained here)."""
+
+    plan: Plan
 
 
 @dataclass(frozen=True)
@@ -182,6 +193,9 @@ class FrontState:
     ready: bool = False
     connections: int = 0
     connected: bool = True
+    writer: FrameWriter | None = None
+    #: the primary's own calls to it (:class:`Sync`), by call id
+    pending: dict[int, asyncio.Future[Any]] = field(default_factory=dict)
 
 
 class RelayServer:
@@ -197,6 +211,7 @@ class RelayServer:
         #: front index -> its state
         self.fronts: dict[int, FrontState] = {}
         self._models: dict[str, Any] = {}
+        self._ids = itertools.count(1)
         self._sock: socket.socket | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._accepting: asyncio.Task[None] | None = None
@@ -256,7 +271,35 @@ class RelayServer:
         assert engine.placement is not None, "the engine has not started"
         ids = {identity: model.model_id for identity, model in engine.models.items()}
         outputs = {model.model_id: dict(model.outputs) for model in engine.models.values()}
-        return Plan(engine.placement, ids, outputs)
+        return Plan(engine.placement, ids, outputs, engine.lifecycle.peer_state())
+
+    async def sync(self, timeout_s: float = 300.0) -> None:
+        """Bring every connected secondary to the primary's versions and routes, and wait
+        until each has (``Lifecycle.on_change``).
+
+        Raises:
+            InferenceError: a front refused or did not answer in ``timeout_s`` (the others
+                went on; the message names each one and why).
+        """
+        loop = asyncio.get_running_loop()
+        message = Sync(self.plan())
+        calls = {}
+        for index, front in self.fronts.items():
+            if front.connected and front.writer is not None:
+                call_id = next(self._ids)
+                future = front.pending[call_id] = loop.create_future()
+                front.writer.write((call_id, message))
+                calls[index] = future
+        if not calls:
+            return
+        done = await asyncio.gather(
+            *(asyncio.wait_for(f, timeout_s) for f in calls.values()), return_exceptions=True
+        )
+        failed = {i: r for i, r in zip(calls, done, strict=True) if isinstance(r, BaseException)}
+        if failed:
+            why = "; ".join(f"front {i}: {type(r).__name__}: {r}" for i, r in failed.items())
+            msg = f"fronts did not follow the change: {why}"
+            raise InferenceError(msg)
 
     async def _accept(self) -> None:
         assert self._sock is not None
@@ -297,9 +340,17 @@ class RelayServer:
                 elif isinstance(message, Report):
                     front = message.front
                     self._absorb(message)
+                elif isinstance(message, Reply):  # to a Sync of ours
+                    pending = self.fronts[front].pending if front is not None else {}
+                    future = pending.pop(message.id, None)
+                    if future is not None and not future.done():
+                        if message.error is None:
+                            future.set_result(message.value)
+                        else:
+                            future.set_exception(message.error)  # type: ignore[arg-type]
                 elif isinstance(message, Hello):
                     front = message.front
-                    self.fronts[front] = FrontState(message.pid)
+                    self.fronts[front] = FrontState(message.pid, writer=writer)
                     writer.write(Reply(call_id, value=self.plan()))
                 elif isinstance(message, Health):
                     writer.write(Reply(call_id, value=self.health()))
@@ -340,7 +391,7 @@ class RelayServer:
         writer.write(reply)
 
     def _absorb(self, report: Report) -> None:
-        state = self.fronts.setdefault(report.front, FrontState(report.pid))
+        state = self.fronts[report.front]
         if state.pid != report.pid:  # a restarted front starts its counts again
             self.engine.metrics.retire(report.front)
             state.pid = report.pid
@@ -353,6 +404,10 @@ class RelayServer:
         if state is not None:
             state.connected = False
             state.ready = False
+            for future in state.pending.values():
+                if not future.done():
+                    future.set_exception(InferenceError(f"front {front} went away"))
+            state.pending.clear()
         # Its counts stay in the totals (counters never go back); its gauges drop out.
         self.engine.metrics.retire(front)
         self._changed.set()
@@ -372,6 +427,9 @@ class RelayClient:
         self._reading: asyncio.Task[None] | None = None
         #: set when the primary went away: the secondary stops
         self.closed = asyncio.Event()
+        #: answers the primary's own calls (a :class:`Sync`): message -> value
+        self.on_request: Callable[[Any], Awaitable[Any]] | None = None
+        self._requests: set[asyncio.Task[None]] = set()
 
     async def connect(self, path: str) -> None:
         loop = asyncio.get_running_loop()
@@ -412,6 +470,19 @@ class RelayClient:
         if self._writer is not None and not self.closed.is_set():
             self._writer.write((0, message))
 
+    async def _answer(self, call_id: int, message: Any) -> None:
+        try:
+            if self.on_request is None:
+                msg = f"this front answers no {type(message).__name__}"
+                raise InferenceError(msg)
+            reply = Reply(call_id, value=await self.on_request(message))
+        except DagserveError as exc:
+            reply = Reply(call_id, error=exc)
+        except Exception as exc:
+            logger.exception("answering the first front's %s failed", type(message).__name__)
+            reply = Reply(call_id, error=InferenceError(f"{type(exc).__name__}: {exc}"))
+        self.tell(reply)
+
     async def submit(self, model_id: str, inputs: Batch, *, deadline: float | None) -> Batch:
         timeout_s = None
         if deadline is not None:
@@ -427,14 +498,19 @@ class RelayClient:
         reader = wire.FrameReader(asyncio.get_running_loop(), self._sock)
         try:
             while True:
-                reply: Reply = await reader.read()
+                reply = await reader.read()
+                if isinstance(reply, tuple):  # a call of the primary's
+                    task = asyncio.create_task(self._answer(*reply))
+                    self._requests.add(task)
+                    task.add_done_callback(self._requests.discard)
+                    continue
                 future = self._calls.pop(reply.id, None)
                 if future is None or future.done():
                     continue
                 if reply.error is None:
                     future.set_result(reply.value)
                 else:
-                    future.set_exception(reply.error)  # type: ignore[arg-type]
+                    future.set_exception(reply.error)
         except (EOFError, ConnectionError, OSError):
             pass
         except Exception:
@@ -499,10 +575,17 @@ class RelayedModel:
 
 
 class RelayedModels:
-    """The :class:`~engine.runtime.assembly.ModelSource` of a secondary front."""
+    """The :class:`~engine.runtime.assembly.ModelSource` of a secondary front.
+
+    ``plan`` is the primary's latest: a :class:`Sync` replaces it before the secondary loads
+    or reloads the versions it names.
+    """
 
     def __init__(self, relay: RelayClient, plan: Plan) -> None:
         self.relay = relay
+        self._plan = plan
+
+    def update(self, plan: Plan) -> None:
         self._plan = plan
 
     def plan(self, pipelines: Iterable[Pipeline]) -> tuple[Placement, dict[tuple[Any, ...], str]]:
@@ -536,4 +619,5 @@ __all__ = [
     "RelayedModels",
     "Report",
     "Submit",
+    "Sync",
 ]

@@ -37,10 +37,12 @@ def _infer(port: int, value: float, **options) -> dict[str, np.ndarray]:
         return client.infer("fronts", {"x": x}, **options).outputs
 
 
-def _requests_by_front(engine) -> tuple[float, float]:
-    """Requests counted by the first front itself, and reported by the second."""
-    own = sum(engine.metrics.requests.snapshot().values())
-    remote = sum(engine.metrics.requests._remote.get(1, {}).values())
+def _requests_by_front(engine, pipeline: str = "fronts") -> tuple[float, float]:
+    """Requests of ``pipeline`` counted by the first front itself, and reported by the second."""
+    own = sum(v for k, v in engine.metrics.requests.snapshot().items() if k[0] == pipeline)
+    remote = sum(
+        v for k, v in engine.metrics.requests._remote.get(1, {}).items() if k[0] == pipeline
+    )
     return own, remote
 
 
@@ -199,14 +201,43 @@ def test_families_add_other_fronts_numbers_and_keep_a_retired_fronts_counts() ->
     assert (samples["h_count"], samples["h_sum"]) == (4, 5.0)
 
 
-def test_the_admin_port_and_watch_are_refused_with_several_fronts() -> None:
-    from engine.config import ServerConfig
-    from engine.errors import ConfigError
-    from engine.runtime.loading import load_for_serving
-    from engine.server import Server
+@pytest.mark.e2e
+def test_a_rollout_under_load_reaches_every_front_and_fails_no_request(tmp_path):
+    # Each admin change returns once every front serves it: a front still routing to a
+    # version whose models the first front unloads would fail its requests.
+    from tests.engine.test_lifecycle import Load, versions_in
 
-    pipelines, errors = load_for_serving([PIPELINES / "fronts.yaml"])
-    assert not errors
-    for setting in ({"admin_port": 0}, {"watch": True}, {"state_file": PIPELINES / "x.json"}):
-        with pytest.raises(ConfigError, match="front_processes: 1"):
-            Server(ServerConfig(port=0, front_processes=2, **setting), pipelines)
+    v1, v2 = versions_in(tmp_path, ("1", 2), ("2", 3))
+    with (
+        serving([v1], front_processes=2, state_file=tmp_path / "state.json") as server,
+        Load(server.port, clients=8) as load,
+    ):
+        lifecycle = server.engine.lifecycle
+        steps = [
+            ("loaded", lambda: lifecycle.load(v2)),
+            ("canary", lambda: lifecycle.set_traffic("scale", {"1": 0.5, "2": 0.5})),
+            ("promoted", lambda: lifecycle.set_traffic("scale", {"2": 1})),
+            ("reloaded", lambda: lifecycle.reload("scale", "2")),
+            ("v2", lambda: lifecycle.unload("scale", "1")),
+        ]
+        load.phase = "v1"
+        load.wait("v1", 100)
+        for phase, change in steps:
+            load.phase = "changing"
+            if phase == "reloaded":
+                (tmp_path / "factor_v2.txt").write_text("5\n")
+            server.run(change(), timeout_s=120)
+            load.phase = phase
+            load.wait(phase, 200)
+        own, _ = wait_until(
+            lambda: (counts := _requests_by_front(server.engine, "scale"))[1] > 0 and counts,
+            "the second front served some of the requests",
+        )
+        assert own > 0
+    assert load.failures == []
+    assert load.wrong == []
+    assert set(load.at("v1")) == set(load.at("loaded")) == {("1", 2.0)}
+    assert set(load.at("canary")) == {("1", 2.0), ("2", 3.0)}
+    assert set(load.at("promoted")) == {("2", 3.0)}
+    # after the reload and the unload, no front answers with the old file or the old version
+    assert set(load.at("reloaded")) == set(load.at("v2")) == {("2", 5.0)}
