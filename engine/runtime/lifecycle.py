@@ -65,7 +65,7 @@ from engine.runtime.shadow import compare_outputs
 from engine.runtime.types import InferenceRequest
 from engine.runtime.variants import VariantRunner, sticky_point
 from engine.runtime.variants import set_variant_weights as set_node_variant_weights
-from engine.runtime.warmup import warm_up
+from engine.runtime.warmup import declares_warmup, warm_up
 from model_plugins.errors import DagserveError, PipelineNotFound, PluginLoadError, node_label
 from model_plugins.specs import NUMPY_DTYPES, OBJECT_DTYPES
 
@@ -658,15 +658,14 @@ class Lifecycle:
         return served
 
     async def _warm_up(self, served: ServedPipeline) -> None:
-        """For a version loaded or reloaded at runtime that declares no ``warmup:`` (those
-        ran in ``_bring_up``): one request of zeros (one item; -1 dimensions of size 1), so
-        that the first real one meets no cold start.  A pipeline that refuses zeros is not
-        failed for it (logged); on a failure that is not the request's, its models are
-        unloaded again."""
+        """For a version loaded or reloaded at runtime that declares no ``warmup:`` anywhere
+        (pipeline, node or variant; those ran in ``_bring_up``, and a second, unasked request
+        would run through models that a plugin counting its calls, or a stateful one, sees):
+        one request of zeros (one item; -1 dimensions of size 1), so that the first real one
+        meets no cold start.  A pipeline that refuses zeros is not failed for it (logged); on
+        a failure that is not the request's, its models are unloaded again."""
         pipeline = served.pipeline
-        if pipeline.spec.warmup is not None or any(
-            node.warmup is not None for node in pipeline.spec.nodes.values()
-        ):
+        if declares_warmup(pipeline):
             return
         inputs = {}
         for name, spec in pipeline.input_specs.items():

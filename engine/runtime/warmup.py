@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from dag.executor import execute
+from dag.pipeline import Pipeline
 from dag.schema import WarmupSpec, variant_label
 from engine.runtime.assembly import NodeRunner, ServedPipeline
 from engine.runtime.variants import ArmRunner, VariantRunner
@@ -110,6 +111,16 @@ async def warm_up(served: ServedPipeline, *, timeout_s: float = WARMUP_TIMEOUT_S
             _what(served), seconds * 1000, whole, single,
         )  # fmt: skip
     return WarmupReport(whole, single, seconds)
+
+
+def declares_warmup(pipeline: Pipeline) -> bool:
+    """Whether :func:`warm_up` runs anything for ``pipeline``: the pipeline, a node or a
+    node's variant (which takes its node's unless it sets its own) declares ``warmup:``."""
+    return pipeline.spec.warmup is not None or any(
+        spec.warmup is not None
+        for node in pipeline.spec.nodes.values()
+        for spec in [node, *(node.variant(name) for name in node.variants)]
+    )
 
 
 class _EveryArm:
@@ -207,4 +218,4 @@ def _failed(
     return PluginLoadError(msg)
 
 
-__all__ = ["WARMUP_TIMEOUT_S", "WarmupReport", "warm_up"]
+__all__ = ["WARMUP_TIMEOUT_S", "WarmupReport", "declares_warmup", "warm_up"]

@@ -495,3 +495,40 @@ def test_a_broken_version_leaves_every_request_to_the_old_and_sticky_users_stay(
             }
         assert all(len(v) == 1 for v in picks.values()), picks
         assert {v for (v,) in picks.values()} == {"1", "2"}
+
+
+@pytest.mark.e2e
+def test_a_restarted_server_comes_back_with_the_state_file_s_versions_and_traffic(tmp_path):
+    from engine.transport.admin_client import AdminClient
+
+    v1, v2, v3 = versions_in(tmp_path, ("1", 2), ("2", 3), ("3", 4))
+    state_file = tmp_path / "state.json"
+    with serving([v1], state_file=state_file, admin_port=0) as server:
+        admin = AdminClient("127.0.0.1", server.admin_port, timeout_s=60)
+        admin.load(str(v2))
+        admin.load(str(v3))
+        admin.traffic("scale", {"1": 1, "2": 3}, shadow="3", sticky_header="x-user")
+    assert state_file.exists()
+    # a new server, started from the config's version 1 alone
+    with serving([v1], state_file=state_file, admin_port=0) as server:
+        states = {
+            s.version: (s.state, s.weight, s.shadow, s.sticky_header)
+            for s in server.engine.lifecycle.versions()
+        }
+        assert states == {
+            "1": ("ready", 0.25, False, "x-user"),
+            "2": ("ready", 0.75, False, "x-user"),
+            "3": ("ready", 0.0, True, "x-user"),
+        }
+        with Client("127.0.0.1", server.port) as client:
+            pinned = client.infer("scale", {"x": X}, version="3")  # loaded at runtime, back
+            assert (pinned.version, float(pinned.outputs["y"][0, 0])) == ("3", 4.0)
+            picks = {
+                user: {
+                    client.infer("scale", {"x": X}, headers={"x-user": user}).version
+                    for _ in range(2)
+                }
+                for user in (f"user-{i}" for i in range(30))
+            }
+        assert all(len(v) == 1 for v in picks.values()), picks  # sticky, as before
+        assert {v for (v,) in picks.values()} == {"1", "2"}  # the shadow never answers

@@ -155,3 +155,32 @@ async def test_a_version_loaded_at_run_time_whose_warmup_fails_is_refused(tmp_pa
         assert [s.version for s in engine.lifecycle.versions() if s.state == "ready"] == ["1"]
     finally:
         await engine.aclose()
+
+
+@pytest.mark.parametrize(
+    ("options", "node_calls_before"),
+    [
+        ({}, 1),  # nothing declared: one request of zeros warms the node
+        # a variant's warmup: the zeros request does not run through the node
+        ({"variants": "    variants:\n      canary: {warmup: {samples: 2}}\n"}, 0),
+        ({"node_warmup": "    warmup: {samples: 2}\n"}, 2),
+    ],
+)
+async def test_a_version_loaded_at_run_time_gets_zeros_only_when_it_declares_no_warmup(
+    tmp_path, options, node_calls_before
+):
+    (tmp_path / "v2").mkdir()
+    loaded = write(tmp_path / "v2", **options)
+    loaded.write_text(loaded.read_text().replace("name: w\n", 'name: w\nversion: "2"\n'))
+    engine = engine_of([write(tmp_path)])
+    try:
+        await engine.start()
+        await engine.lifecycle.load(loaded)
+        result = await engine.infer(InferenceRequest("w", {"x": X}, "r", version="2"))
+        assert int(result.outputs["call"][0]) == node_calls_before + 1
+        if "variants" in options:  # the canary ran its own 2 samples, and nothing else
+            await engine.lifecycle.set_variant_weights("w", "2", "check", {"canary": 100})
+            canary = await engine.infer(InferenceRequest("w", {"x": X}, "r", version="2"))
+            assert int(canary.outputs["call"][0]) == 3
+    finally:
+        await engine.aclose()
