@@ -25,7 +25,8 @@ X = np.ones((1, 4), np.float32)
 @pytest.fixture(scope="module")
 def server():
     paths = [PIPELINES / "workers.yaml", PIPELINES / "isolated.yaml"]
-    with serving(paths, worker_ping_interval_s=0.2, worker_ping_timeout_s=1.0) as thread:
+    # A loaded machine may hold a ping up for a second: 3 s tells a hung worker all the same.
+    with serving(paths, worker_ping_interval_s=0.2, worker_ping_timeout_s=3.0) as thread:
         yield thread
 
 
