@@ -11,8 +11,13 @@ with thriftpy2's Cython codec (``engine.transport.codec``), and raise OUR errors
   (a ``ConnectionError``; :class:`~engine.errors.ClientTimeout` after ``timeout_s``).
 
 A connection that broke, timed out or answered garbage is closed, never put back in the pool.
-A typed error leaves the connection usable.  No call is retried: ``infer`` may not be
-idempotent for every pipeline.
+A typed error leaves the connection usable.  A client of one ``host:port`` retries nothing.
+
+``targets=["host:port", ...]`` or ``targets="dns:///name:port"`` makes a client that balances
+over replicas (:mod:`engine.transport.balancer`: least outstanding of two random choices,
+ejection with backoff, DNS followed): a call whose replica died before answering is retried
+once on another, ``Overloaded`` moves it to a replica with room.  Each replica has its own
+pool of connections.
 """
 
 from __future__ import annotations
@@ -33,6 +38,17 @@ from thriftpy2.thrift import TApplicationException, TMessageType
 from dag.pipeline import PipelineDescription
 from engine.errors import ApplicationError, ClientConnectionError, ClientTimeout
 from engine.runtime.types import HealthReport, InferenceResult
+from engine.transport.balancer import (
+    Attempts,
+    Balancer,
+    Replica,
+    ReplicaStats,
+    Resolver,
+    Targets,
+    args_timeout,
+    call_deadline_s,
+    shorten_deadline,
+)
 from engine.transport.codec import (
     decode_tensors,
     encode_message,
@@ -55,6 +71,10 @@ _SERVICE = dagserve_thrift.InferenceService
 
 class _BadReply(Exception):
     """The reply cannot be trusted: the connection must be closed."""
+
+
+class _NotSent(ClientConnectionError):
+    """No connection could be made: nothing was sent, another replica may take the call."""
 
 
 def _infer_args(
@@ -162,6 +182,8 @@ class _Endpoint:
         self.ssl_context = ssl_context
         # next() on itertools.count is atomic under the GIL: safe across threads
         self._seqids = itertools.count(1)
+        #: the replicas of ``targets``; None: one ``host:port``
+        self._balancer: Balancer[Any] | None = None
 
     def _next_seqid(self) -> int:
         return next(self._seqids) % 2**31
@@ -172,10 +194,38 @@ class _Endpoint:
             return ClientTimeout(
                 f"{where}: no answer to {what} within {self.timeout_s} s", self.host, self.port
             )
-        return ClientConnectionError(f"{where}: {what} failed: {exc}", self.host, self.port)
+        kind = _NotSent if what == "connect" else ClientConnectionError
+        return kind(f"{where}: {what} failed: {exc}", self.host, self.port)
 
     def __repr__(self) -> str:
+        if self._balancer is not None:
+            return f"{type(self).__name__}(targets={str(self._balancer.targets)!r})"
         return f"{type(self).__name__}({self.host!r}, {self.port})"
+
+    def _balance(
+        self,
+        targets: str | Sequence[str] | None,
+        make: Any,
+        close: Any,
+        resolve_interval_s: float,
+        resolver: Resolver | None,
+    ) -> None:
+        if targets is not None:
+            parsed = Targets.parse(targets)
+            self._balancer = Balancer(
+                parsed, make, close, resolve_interval_s=resolve_interval_s, resolver=resolver
+            )
+            self.host, self.port = str(parsed), 0
+
+    def replica_stats(self) -> dict[str, ReplicaStats]:
+        """What this client saw of each replica, by ``"host:port"`` (empty without
+        ``targets``): calls answered, in flight, failed for want of a connection, refused
+        with ``Overloaded``, and whether it is ejected now."""
+        return {} if self._balancer is None else self._balancer.replica_stats()
+
+    def _attempts(self, args: Any) -> Attempts[Any]:
+        assert self._balancer is not None
+        return self._balancer.start(call_deadline_s(args_timeout(args), self.timeout_s))
 
 
 # --- synchronous ----------------------------------------------------------------------------
@@ -236,8 +286,12 @@ class _SyncConnection:
 class Client(_Endpoint):
     """A thread-safe, synchronous client with a pool of connections.
 
-    At most ``pool_size`` idle connections are kept; more threads than that may call at
-    once (each extra call opens a connection, closed after it).
+    At most ``pool_size`` idle connections are kept (per replica with ``targets``); more
+    threads than that may call at once (each extra call opens a connection, closed after it).
+
+    ``targets`` (a list of ``"host:port"``, or ``"dns:///name:port"`` resolved again every
+    ``resolve_interval_s`` by ``resolver``, ``socket.getaddrinfo`` by default) balances over
+    replicas instead of calling ``host:port``; see :mod:`engine.transport.balancer`.
     """
 
     def __init__(
@@ -248,11 +302,23 @@ class Client(_Endpoint):
         timeout_s: float = 30.0,
         pool_size: int = 8,
         ssl_context: ssl.SSLContext | None = None,
+        targets: str | Sequence[str] | None = None,
+        resolve_interval_s: float = 10.0,
+        resolver: Resolver | None = None,
     ) -> None:
         super().__init__(host, port, timeout_s, pool_size, ssl_context)
         self._idle: list[_SyncConnection] = []
         self._lock = threading.Lock()
         self._closed = False
+        self._balance(
+            targets,
+            lambda h, p: Client(
+                h, p, timeout_s=timeout_s, pool_size=pool_size, ssl_context=ssl_context
+            ),
+            Client.close,
+            resolve_interval_s,
+            resolver,
+        )
 
     def __enter__(self) -> Client:
         return self
@@ -272,6 +338,9 @@ class Client(_Endpoint):
             idle, self._idle = self._idle, []
         for connection in idle:
             connection.close()
+        if self._balancer is not None:
+            for replica in self._balancer.close():
+                replica.close()
 
     def infer(
         self,
@@ -333,6 +402,8 @@ class Client(_Endpoint):
         connection.close()
 
     def _call(self, name: str, args: Any, pipeline: str | None = None) -> Any:
+        if self._balancer is not None:
+            return self._call_balanced(name, args, pipeline)
         seqid = self._next_seqid()
         payload = encode_message(name, TMessageType.CALL, seqid, args)
         connection = self._acquire()
@@ -350,6 +421,44 @@ class Client(_Endpoint):
             raise
         self._release(connection)
         return value
+
+    def _call_balanced(self, name: str, args: Any, pipeline: str | None) -> Any:
+        balancer = self._balancer
+        assert balancer is not None
+        if balancer.resolution_due():
+            assert balancer.targets.dns is not None
+            try:
+                balancer.update(balancer.resolver(*balancer.targets.dns))
+            except OSError as exc:
+                balancer.resolve_failed(exc)
+        attempts = self._attempts(args)
+        while True:
+            replica: Replica[Client] = attempts.pick()
+            try:
+                if balancer.needs_check(replica):
+                    if not _ready(replica.client):
+                        msg = f"{replica.name}: not ready, or no answer to health()"
+                        attempts.failed(replica, _NotSent(msg), sent=False)
+                        continue
+                    balancer.checked(replica)
+                if len(attempts.tried) > 1:
+                    shorten_deadline(args, attempts.remaining_s())
+                value = replica.client._call(name, args, pipeline)
+            except BaseException as exc:
+                attempts.failed(replica, exc, sent=not isinstance(exc, _NotSent))
+            else:
+                attempts.answered(replica)
+                return value
+            finally:
+                attempts.done(replica)
+
+
+def _ready(client: Client) -> bool:
+    """A replica back from ejection takes calls again once ``health()`` says ready."""
+    try:
+        return bool(client.health().ready)
+    except DagserveError:
+        return False
 
 
 # --- asyncio --------------------------------------------------------------------------------
@@ -396,7 +505,10 @@ class AsyncClient(_Endpoint):
     """An asyncio client with a pool of connections; use it from one event loop.
 
     Concurrent calls each take their own connection; at most ``pool_size`` idle ones are
-    kept.  ``timeout_s`` bounds each call (connect included).
+    kept (per replica with ``targets``).  ``timeout_s`` bounds each call (connect included).
+
+    ``targets``, ``resolve_interval_s`` and ``resolver`` balance over replicas as
+    :class:`Client`'s do (the resolver runs in the loop's default executor).
     """
 
     def __init__(
@@ -407,10 +519,22 @@ class AsyncClient(_Endpoint):
         timeout_s: float = 30.0,
         pool_size: int = 8,
         ssl_context: ssl.SSLContext | None = None,
+        targets: str | Sequence[str] | None = None,
+        resolve_interval_s: float = 10.0,
+        resolver: Resolver | None = None,
     ) -> None:
         super().__init__(host, port, timeout_s, pool_size, ssl_context)
         self._idle: list[_AsyncConnection] = []
         self._closed = False
+        self._balance(
+            targets,
+            lambda h, p: AsyncClient(
+                h, p, timeout_s=timeout_s, pool_size=pool_size, ssl_context=ssl_context
+            ),
+            AsyncClient._close_now,
+            resolve_interval_s,
+            resolver,
+        )
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -425,13 +549,20 @@ class AsyncClient(_Endpoint):
 
     async def aclose(self) -> None:
         """Close every pooled connection; the client cannot be used afterwards."""
+        for connection in self._close_now():
+            with contextlib.suppress(OSError):
+                await connection.writer.wait_closed()
+        if self._balancer is not None:
+            for replica in self._balancer.close():
+                await replica.aclose()
+
+    def _close_now(self) -> list[_AsyncConnection]:
+        # closes without waiting: a replica that left the resolution is closed from sync code
         self._closed = True
         idle, self._idle = self._idle, []
         for connection in idle:
             connection.close()
-        for connection in idle:
-            with contextlib.suppress(OSError):
-                await connection.writer.wait_closed()
+        return idle
 
     async def infer(
         self,
@@ -491,6 +622,8 @@ class AsyncClient(_Endpoint):
             connection.close()
 
     async def _call(self, name: str, args: Any, pipeline: str | None = None) -> Any:
+        if self._balancer is not None:
+            return await self._call_balanced(name, args, pipeline)
         seqid = self._next_seqid()
         payload = encode_message(name, TMessageType.CALL, seqid, args)
         connection: _AsyncConnection | None = None
@@ -515,6 +648,46 @@ class AsyncClient(_Endpoint):
             raise
         self._release(connection)
         return value
+
+    async def _call_balanced(self, name: str, args: Any, pipeline: str | None) -> Any:
+        balancer = self._balancer
+        assert balancer is not None
+        if balancer.resolution_due():
+            assert balancer.targets.dns is not None
+            loop = asyncio.get_running_loop()
+            try:
+                found = await loop.run_in_executor(None, balancer.resolver, *balancer.targets.dns)
+            except OSError as exc:
+                balancer.resolve_failed(exc)
+            else:
+                balancer.update(found)
+        attempts = self._attempts(args)
+        while True:
+            replica: Replica[AsyncClient] = attempts.pick()
+            try:
+                if balancer.needs_check(replica):
+                    if not await _aready(replica.client):
+                        msg = f"{replica.name}: not ready, or no answer to health()"
+                        attempts.failed(replica, _NotSent(msg), sent=False)
+                        continue
+                    balancer.checked(replica)
+                if len(attempts.tried) > 1:
+                    shorten_deadline(args, attempts.remaining_s())
+                value = await replica.client._call(name, args, pipeline)
+            except BaseException as exc:
+                attempts.failed(replica, exc, sent=not isinstance(exc, _NotSent))
+            else:
+                attempts.answered(replica)
+                return value
+            finally:
+                attempts.done(replica)
+
+
+async def _aready(client: AsyncClient) -> bool:
+    try:
+        return bool((await client.health()).ready)
+    except DagserveError:
+        return False
 
 
 __all__ = ["AsyncClient", "Client", "MAX_REPLY_BYTES"]
