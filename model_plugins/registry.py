@@ -31,6 +31,8 @@ BUILTINS: dict[str, str] = {
     "torch": "model_plugins.adapters.torch_module:TorchModuleAdapter",
     "tensorflow": "model_plugins.adapters.tensorflow:SavedModelAdapter",
     "paddle": "model_plugins.adapters.paddle:PaddleInferenceAdapter",
+    # a pipeline of another dagserve service; the engine's, as it is a client of one
+    "remote": "engine.runtime.remote:RemotePlugin",
 }
 
 _IMPORT_STRING = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")

@@ -14,6 +14,7 @@ alone the spans are non-recording.
 
 from __future__ import annotations
 
+import contextvars
 import re
 import secrets
 import time
@@ -30,6 +31,8 @@ __all__ = [
     "start_request_span",
     "start_node_span",
     "tracing_enabled",
+    "request_trace",
+    "outgoing_traceparent",
 ]
 
 #: version-traceid-parentid-flags, lowercase hex; a future version may append ``-...``
@@ -238,3 +241,26 @@ def start_node_span(
         f"node {node}", attributes=attributes
     )
     return span
+
+
+#: the trace context of the request being served in this task (what ``start_request_span``
+#: yielded), set by the engine: a call made on the request's behalf carries it on
+request_trace: contextvars.ContextVar[TraceContext | None] = contextvars.ContextVar(
+    "dagserve_request_trace", default=None
+)
+
+
+def outgoing_traceparent() -> str | None:
+    """The ``traceparent`` to send with a call made on behalf of the request being served.
+
+    With an OpenTelemetry SDK, the current span's (a node span, so the callee's spans hang
+    under the node that called it); otherwise a child of the request's own trace context,
+    so the callee's log lines still carry the caller's trace id.  None when neither exists.
+    """
+    if tracing_enabled():
+        span = _opentelemetry()[0].get_current_span()
+        current = _context_of(span)
+        if current is not None:
+            return format_traceparent(current)
+    trace = request_trace.get()
+    return None if trace is None else format_traceparent(trace.child())

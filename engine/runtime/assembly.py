@@ -25,6 +25,7 @@ from engine.runtime.inspector import InspectedPlugin
 from engine.runtime.local import InlineRunner, LocalRunner, NodeBinding, ThreadPoolRunner
 from engine.runtime.model import Model, ModelRunner
 from engine.runtime.placement import Placement, PlacementRequest, place
+from engine.runtime.remote import RemoteRunner
 from engine.runtime.variants import VariantRunner, node_arms, with_variants
 from engine.runtime.workers.pool import WorkerKey, WorkerPool, worker_key
 from model_plugins.errors import PluginLoadError
@@ -336,6 +337,8 @@ def serve_pipeline(
                         on_batch=metrics.batch_observer(model_id),
                     )  # fmt: skip
             runners[name] = model.runner(pipeline.name, name)
+        elif node.plugin == "remote":
+            runners[name] = RemoteRunner(binding, node.params)
         elif runner_kind(node, plugin_class) == "inline":
             runners[name] = InlineRunner(binding)
         else:

@@ -18,7 +18,7 @@ from dag.executor import Execution, execute
 from dag.pipeline import Pipeline, PipelineDescription
 from engine.observability import logs
 from engine.observability.metrics import Metrics, status_of
-from engine.observability.tracing import start_request_span
+from engine.observability.tracing import request_trace, start_request_span
 from engine.runtime.assembly import (
     ModelSource,
     ServedPipeline,
@@ -164,6 +164,7 @@ class Engine:
         span = start_request_span(request.pipeline, request.headers)
         trace = span.__enter__()
         trace_token = logs.trace_id.set(trace.trace_id if trace else None)
+        request_trace_token = request_trace.set(trace)
         try:
             served = self.find(request.pipeline, request.version, request.headers)
             if served.paused is not None and not served.paused.is_set():
@@ -200,6 +201,7 @@ class Engine:
             if pipeline:
                 self.metrics.request_seconds.observe(seconds, pipeline, version)
             self._log_request(request, pipeline, seconds, execution, error)
+            request_trace.reset(request_trace_token)
             logs.trace_id.reset(trace_token)
             logs.request_id.reset(token)
             if error is None:

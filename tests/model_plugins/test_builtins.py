@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from engine.runtime.remote import RemotePlugin
 from model_plugins import InvalidRequest, LoadContext, PluginHarness, PluginLoadError, TensorSpec
 from model_plugins.builtins.fusion import ConcatFusion, WeightedMeanFusion
 from model_plugins.builtins.identity import Identity
@@ -27,6 +28,7 @@ def test_registry_names_resolve_to_these_classes() -> None:
         "image_decode": ImageDecode,
         "concat_fusion": ConcatFusion,
         "weighted_mean_fusion": WeightedMeanFusion,
+        "remote": RemotePlugin,
     }
 
 
