@@ -320,10 +320,14 @@ def target_ms(offline_ms: float, bare_ms: float) -> float:
     return FACTOR * offline_ms + bare_ms + SLACK_MS
 
 
-def table_row(name: str, kb: float, times: dict[str, list[float]]) -> dict[str, object]:
-    """One model's row from its calls' seconds (``offline``, ``bare``, ``served``)."""
+def table_row(
+    name: str, kb: float, times: dict[str, list[float]], served_rounds: Sequence[float] = ()
+) -> dict[str, object]:
+    """One model's row from its calls' seconds (``offline``, ``bare``, ``served``) and the
+    served p50 of each round (ms): how steady it was."""
     p50 = {kind: statistics.median(s) * 1000 if s else float("nan") for kind, s in times.items()}
     bound = target_ms(p50["offline"], p50["bare"])
+    spread = f"{min(served_rounds):.1f}-{max(served_rounds):.1f}" if served_rounds else "-"
     return {
         "model": name,
         "payload KB": kb,
@@ -333,6 +337,7 @@ def table_row(name: str, kb: float, times: dict[str, list[float]]) -> dict[str, 
         "target ms": bound,
         "met?": "yes" if p50["served"] <= bound else "NO",
         "served - offline ms": p50["served"] - p50["offline"],
+        "served p50 by round ms": spread,
         "calls each": min(len(s) for s in times.values()),
     }
 
@@ -403,6 +408,7 @@ def measure(args: argparse.Namespace, models: Sequence[Model]) -> list[dict[str,
         times: dict[str, dict[str, list[float]]] = {
             m.name: {kind: [] for kind in kinds} for m in models
         }
+        rounds: dict[str, list[float]] = {m.name: [] for m in models}
         deadline = time.monotonic() + args.budget
         for i in range(args.rounds):
             if i >= 2 and time.monotonic() > deadline:
@@ -411,8 +417,14 @@ def measure(args: argparse.Namespace, models: Sequence[Model]) -> list[dict[str,
             order = kinds[i % 3 :] + kinds[: i % 3]
             for model in models:
                 for kind in order:
-                    times[model.name][kind] += block(kind, model, args.calls)
-    return [table_row(m.name, inputs[m.name].nbytes / 1000, times[m.name]) for m in models]
+                    got = block(kind, model, args.calls)
+                    times[model.name][kind] += got
+                    if kind == "served":
+                        rounds[model.name].append(statistics.median(got) * 1000)
+    return [
+        table_row(m.name, inputs[m.name].nbytes / 1000, times[m.name], rounds[m.name])
+        for m in models
+    ]
 
 
 def _parse(argv: Sequence[str] | None = None) -> argparse.Namespace:

@@ -65,7 +65,7 @@ SCENARIOS = (
     Scenario("worker_speed", "A model's compute time inside a worker against the same call offline",
              (), ("--quick",), 240, 90),
     Scenario("idle", "Idle latency at batch 1: served against offline and the bare round trip",
-             (), ("--quick",), 180, 75),
+             (), ("--quick",), 180, 100),
     Scenario("rpc_overhead", "The RPC ceiling: identity pipeline against a bare echo server",
              (), ("--quick",), 180, 50),
     Scenario("dag_overhead", "What one more node costs: chains and fan-outs of identity nodes",
