@@ -54,6 +54,18 @@ def _check_device(value: str) -> str:
     return value
 
 
+#: a registry model: models:/NAME/VERSION or models:/NAME@ALIAS, then a path inside it
+_MODELS_URI = re.compile(r"^models:/[^/@]+(/\d+|@[A-Za-z0-9_\-]+)(/.+)?$")
+
+
+def _check_model(value: str | None) -> str | None:
+    """Syntax only: ``validate`` never asks the registry (engine.runtime.registry resolves)."""
+    if value is not None and value.startswith("models:") and not _MODELS_URI.match(value):
+        msg = f"must be models:/NAME/VERSION or models:/NAME@ALIAS[/path] (got {value!r})"
+        raise ValueError(msg)
+    return value
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
 
@@ -134,8 +146,10 @@ class NodeSpec(_Strict):
 
     plugin: str = Field(min_length=1)
     """A built-in name (``identity``), a ``dagserve.plugins`` entry point, or ``module:Class``."""
-    model: str | None = None
-    """The model file or folder, relative to the pipeline file."""
+    model: Annotated[str | None, AfterValidator(_check_model)] = None
+    """The model file or folder, relative to the pipeline file; or ``models:/NAME/VERSION``,
+    ``models:/NAME@ALIAS`` (an MLflow registry, a path inside the version may follow), or a
+    URI (``s3://``, ``gs://``, ``https://``), downloaded once into the server's model cache."""
     inputs: dict[str, str] = Field(default_factory=dict)
     """Plugin input name -> reference: ``$inputs.NAME`` or ``NODE.OUTPUT``."""
     params: dict[str, Any] = Field(default_factory=dict)

@@ -132,6 +132,13 @@ class ServerConfig(BaseModel):
     """Where the model lifecycle keeps traffic weights, shadow, sticky header and the versions
     loaded at runtime (JSON, replaced atomically after every change), restored at startup;
     relative to the config file.  None: nothing survives a restart."""
+    registry_uri: str | None = None
+    """The MLflow tracking (and model registry) URI that ``models:/`` model names resolve
+    against; None: ``MLFLOW_TRACKING_URI``, else the embedded sqlite store
+    (``~/.local/share/dagserve/registry``; see ``engine.runtime.registry``)."""
+    model_cache_dir: Path | None = None
+    """Where registry and URI models are downloaded (one folder per version), relative to the
+    config file; None: ``~/.cache/dagserve/models``."""
 
 
 def load_config(path: Path) -> ServerConfig:
@@ -174,6 +181,8 @@ def load_config(path: Path) -> ServerConfig:
             update[key] = base / value
     if config.state_file is not None:
         update["state_file"] = base / config.state_file
+    if config.model_cache_dir is not None:
+        update["model_cache_dir"] = base / config.model_cache_dir
     return config.model_copy(update=update)
 
 

@@ -6,6 +6,7 @@
     ├── ... the SDK's tree (InvalidRequest, PipelineNotFound, Overloaded, ...)
     ├── ConfigError                      the server configuration is unreadable or invalid
     ├── LifecycleError                   a lifecycle change (load, traffic, reload, unload) refused
+    ├── RegistryError                    a model: URI (models:/, s3://...) could not be resolved
     ├── ApplicationError                 the server answered with a Thrift TApplicationException
     │                                    (unknown method, undeclared error, undecodable request)
     └── ClientConnectionError (ConnectionError)   a client cannot reach the server or lost it
@@ -31,6 +32,12 @@ class ConfigError(DagserveError):
 class LifecycleError(DagserveError):
     """A lifecycle change was refused (unknown version, a load that failed, invalid weights,
     not enough GPU memory for blue/green); nothing changed, the message says why."""
+
+
+class RegistryError(DagserveError):
+    """A node's ``model:`` URI could not be resolved to a local copy (unknown name, version
+    or alias; registry or bucket unreachable; download cut short): the message names the URI
+    and the cause (``engine.runtime.registry``)."""
 
 
 class ApplicationError(DagserveError):
@@ -64,4 +71,5 @@ __all__ = [
     "ClientTimeout",
     "ConfigError",
     "LifecycleError",
+    "RegistryError",
 ]

@@ -206,6 +206,9 @@ async def serve_front(index: int, config: ServerConfig, paths: list[Path], relay
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
+    from engine.runtime.registry import configure as configure_registry
+
+    configure_registry(config.registry_uri, config.model_cache_dir)  # the primary's cache
     pipelines, errors = load_for_serving(paths)
     if errors:
         for error in errors:

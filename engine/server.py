@@ -22,6 +22,7 @@ from engine.fronts import Fronts, front_count, per_front
 from engine.observability.http import MetricsServer
 from engine.runtime.devices import DeviceInventory
 from engine.runtime.engine import Engine
+from engine.runtime.registry import configure as configure_registry
 from engine.runtime.relay import RelayServer
 from engine.runtime.watch import Watcher
 from engine.runtime.workers.pool import WorkerPool
@@ -54,6 +55,8 @@ class Server:
             worker_threads=None if config.worker_threads == "auto" else config.worker_threads,
             log_level=logging.getLevelName(config.log_level.upper()),
         )
+        # models:/ and s3:// model names resolve against these (engine.runtime.registry)
+        configure_registry(config.registry_uri, config.model_cache_dir)
         inventory = (
             DeviceInventory.from_config(config.gpus)
             if config.gpus is not None

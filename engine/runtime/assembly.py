@@ -25,6 +25,7 @@ from engine.runtime.inspector import InspectedPlugin
 from engine.runtime.local import InlineRunner, LocalRunner, NodeBinding, ThreadPoolRunner
 from engine.runtime.model import Model, ModelRunner
 from engine.runtime.placement import Placement, PlacementRequest, place
+from engine.runtime.registry import resolver
 from engine.runtime.remote import RemoteRunner
 from engine.runtime.variants import VariantRunner, node_arms, with_variants
 from engine.runtime.workers.pool import WorkerKey, WorkerPool, worker_key
@@ -186,15 +187,20 @@ class _ModelNode:
 
 
 def _model_nodes(pipeline: Pipeline) -> list[_ModelNode]:
-    base = _base(pipeline)
     found = []
     # each variant of a node is a model of its own (or shares one), named node@variant
     for name, _, _, node, plugin_class in node_arms(pipeline):
         if runner_kind(node, plugin_class) == "worker":
-            model_path = (base / node.model).resolve() if node.model is not None else None
+            model_path = _model_path(pipeline, node)
             framework = framework_of(node, plugin_class)
             found.append(_ModelNode(pipeline, name, node, plugin_class, model_path, framework))
     return found
+
+
+def _model_path(pipeline: Pipeline, node: NodeSpec) -> Path | None:
+    """The local path of the node's ``model:``: a file beside the YAML, or the local copy of
+    a registry model or URI (``engine.runtime.registry``: resolved once per pipeline read)."""
+    return resolver().model_path(pipeline, node.model) if node.model is not None else None
 
 
 def _base(pipeline: Pipeline) -> Path:
@@ -295,7 +301,7 @@ def serve_pipeline(
         if model_node is None:
             plugin_class = _in_process_class(pipeline, name, node, plugin_class)
             device = "cpu"
-            model_path = (base / node.model).resolve() if node.model is not None else None
+            model_path = _model_path(pipeline, node)
         else:
             if model_node.identity not in model_ids:  # its file was rewritten since placed
                 msg = f"pipeline {pipeline.name!r}: node {name!r}: model file changed while loading"

@@ -29,6 +29,7 @@ from engine.runtime.lifecycle import Lifecycle
 from engine.runtime.lifecycle import version_key as _version_key
 from engine.runtime.model import Model
 from engine.runtime.placement import Placement
+from engine.runtime.registry import resolver
 from engine.runtime.types import (
     HealthReport,
     InferenceRequest,
@@ -118,6 +119,8 @@ class Engine:
             await self.aclose()
             raise
         self._pending.clear()
+        if self.model_source is None:  # the cache keeps what this server serves, no more
+            await asyncio.to_thread(resolver().clean)
         self.ready = True
 
     async def aclose(self) -> None:
@@ -295,6 +298,9 @@ class Engine:
         details["pipelines"] = str(sum(len(v) for v in self._served.values()))
         if self.placement is not None:
             details.update(self.placement.details())
+        # the registry version each models:/ (or URI) model of a version resolved to
+        served = (s.pipeline for versions in self._served.values() for s in versions.values())
+        details.update(resolver().details(served))
         for model in self.models.values():
             batching = model.statistics()
             details[f"model.{model.model_id}"] = (
