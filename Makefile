@@ -7,8 +7,9 @@ STAMP  := $(VENV)/.installed-$(shell cksum setup.py | cut -d' ' -f1)
 # the fast lane installs only the package and its dev tools (no framework extras)
 FAST_STAMP := $(VENV)/.installed-dev-$(shell cksum setup.py | cut -d' ' -f1)
 # Debian packages the suite and the CLI use: the Apache Thrift compiler (the test that
-# generates an official client), graphviz (`dagserve graph`) and prometheus (the test that
-# scrapes a real server); see system-deps.
+# generates an official client), graphviz (`dagserve graph`), prometheus (the test that
+# scrapes a real server) and kubernetes-client (`kubectl kustomize` renders deploy/kubernetes
+# in tests/test_deploy.py; its overlays need kustomize v4 or later); see system-deps.
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: all test test-fast gpu-check demo bench ray-venv lint check system-deps clean
@@ -20,6 +21,7 @@ system-deps:
 	command -v thrift >/dev/null || missing="$$missing thrift-compiler"; \
 	command -v dot >/dev/null || missing="$$missing graphviz"; \
 	command -v prometheus >/dev/null || missing="$$missing prometheus"; \
+	command -v kubectl >/dev/null || missing="$$missing kubernetes-client"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \
 	  $(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q --no-install-recommends $$missing; \

@@ -48,6 +48,8 @@ setup(
             "ruff>=0.6",
             "mypy>=1.10",
             "types-PyYAML",
+            # tests/test_deploy.py: the Kubernetes manifests against the 1.31 schemas
+            "kubernetes-validate==1.37.0",
             # a real S3 endpoint on 127.0.0.1 for the registry tests (its server, not the mock)
             "moto[server]==5.2.5",
         ],
