@@ -53,7 +53,14 @@ def _render(folder: str) -> tuple[dict[str, Any], ...]:
     done = subprocess.run(
         [kubectl, "kustomize", str(KUBE / folder)], capture_output=True, text=True, timeout=60
     )
-    assert done.returncode == 0, f"kubectl kustomize {folder} failed:\n{done.stderr}"
+    if done.returncode != 0:
+        # Debian bookworm's kubernetes-client is kubectl 1.20, whose kustomize (v2.0.3) knows
+        # neither components nor patches: say which kustomize ran
+        version = subprocess.run([kubectl, "version", "--client"], capture_output=True, text=True)
+        pytest.fail(
+            f"kubectl kustomize {folder} failed (needs kustomize v4 or later; this is\n"
+            f"{version.stdout.strip()}):\n{done.stderr}"
+        )
     return tuple(d for d in yaml.safe_load_all(done.stdout) if d)
 
 
