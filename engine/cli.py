@@ -5,6 +5,7 @@
     dagserve serve CONFIG.yaml | PIPELINE.yaml...  [--host --port --metrics-port --admin-port]
                                                    [--watch [--watch-interval S]]
     dagserve admin --port N [--host H] [--token-file F] VERB ...   (engine/tools/admin_cli.py)
+    dagserve models [--registry-uri URI] register|alias|list ...  (engine/tools/models_cli.py)
     dagserve validate PIPELINE.yaml...
     dagserve graph PIPELINE.yaml -o FILE.svg|png
     dagserve infer --pipeline NAME --input NAME=VALUE|@FILE ...  [--host --port]
@@ -102,6 +103,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     admin.add_argument("rest", nargs=argparse.REMAINDER)
 
+    # Its own parser too (engine/tools/models_cli.py).
+    models = commands.add_parser(
+        "models", help="register models, move aliases, list versions (registry)", add_help=False
+    )
+    models.add_argument("rest", nargs=argparse.REMAINDER)
+
     scaffold = commands.add_parser("new-plugin", help="write a plugin skeleton with its test")
     scaffold.add_argument("name", help="a lower-case identifier, e.g. my_scorer")
     scaffold.add_argument("--dir", type=Path, default=Path.cwd(), help="where (default: here)")
@@ -114,6 +121,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from engine.tools.admin_cli import main as admin_main
 
         return admin_main(argv[1:])
+    if argv[:1] == ["models"]:
+        from engine.tools.models_cli import main as models_main
+
+        return models_main(argv[1:])
     args = _parser().parse_args(argv)
     handler = {
         "serve": _serve,
