@@ -95,6 +95,33 @@ def test_kustomize_renders(folder: str):
     assert _render(folder)
 
 
+def test_models_from_an_image_replace_the_pvc(tmp_path: Path):
+    """components/models-from-image, added to an overlay, validates and drops the PVC."""
+    from kubernetes_validate import utils
+
+    overlay = tmp_path / "overlay"
+    overlay.mkdir()
+    here = functools.partial(os.path.relpath, start=overlay)  # kustomize wants relative paths
+    (overlay / "kustomization.yaml").write_text(
+        f"resources: [{here(KUBE / 'overlays' / 'cpu')}]\n"
+        f"components: [{here(KUBE / 'components' / 'models-from-image')}]\n"
+    )
+    done = subprocess.run(
+        ["kubectl", "kustomize", str(overlay)], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    docs = tuple(d for d in yaml.safe_load_all(done.stdout) if d)
+    assert "PersistentVolumeClaim" not in {d["kind"] for d in docs}
+    pod = _one(docs, "Deployment")["spec"]["template"]["spec"]
+    assert {v["name"]: v for v in pod["volumes"]}["models"] == {
+        "name": "models",
+        "emptyDir": {"sizeLimit": "20Gi"},
+    }
+    (init,) = pod["initContainers"]
+    assert init["volumeMounts"] == [{"name": "models", "mountPath": "/target"}]
+    utils.validate(_one(docs, "Deployment"), KUBERNETES_VERSION, strict=True)
+
+
 def test_overlays_render_the_base_in_their_namespace():
     for overlay in OVERLAYS:
         docs = _render(f"overlays/{overlay}")
