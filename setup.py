@@ -4,7 +4,13 @@ TORCH = ["torch==2.13.0"]
 TENSORFLOW = ["tensorflow-cpu==2.21.*"]
 PADDLE = ["paddlepaddle==3.3.1"]
 GPU = ["nvidia-ml-py>=12"]
-OTEL = ["opentelemetry-sdk>=1.20"]
+# the SDK and both OTLP exporters, pinned together (they release in lockstep); they need
+# protobuf and grpcio versions that tensorflow and paddle accept (checked with pip --dry-run)
+OTEL = [
+    "opentelemetry-sdk==1.45.2",
+    "opentelemetry-exporter-otlp-proto-http==1.45.2",
+    "opentelemetry-exporter-otlp-proto-grpc==1.45.2",
+]
 # models:/ names in an MLflow registry (sqlite store by default) and s3:// model files; the
 # SQL store needs SQLAlchemy and alembic, which mlflow-skinny leaves out
 REGISTRY = ["mlflow-skinny==3.18.0", "SQLAlchemy>=2,<3", "alembic>=1.13,<2", "s3fs==2026.9.0"]

@@ -255,6 +255,7 @@ def _front_processes(text: str) -> int | str:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from engine.observability.otel import exporting_traces
     from engine.server import Server
     from engine.transport.thrift import run
 
@@ -292,7 +293,9 @@ def _serve(args: argparse.Namespace) -> int:
     if errors:
         _print_errors(errors)
         return 1
-    run(Server(config, pipelines).serve())
+    # OTLP export when the config's tracing: or the OTEL_* variables ask; off, no import
+    with exporting_traces(config.tracing):
+        run(Server(config, pipelines).serve())
     return 0
 
 

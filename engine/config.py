@@ -57,6 +57,24 @@ class TlsConfig(BaseModel):
         return context
 
 
+class TracingConfig(BaseModel):
+    """Where ``dagserve serve`` sends its spans (OTLP); the ``OTEL_*`` environment variables
+    configure the same without a config file (``engine.observability.otel``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    endpoint: str
+    """The collector: ``http://collector:4318`` (http/protobuf; ``/v1/traces`` is added) or
+    ``http://collector:4317`` (grpc; ``https://`` for TLS)."""
+    protocol: Literal["http/protobuf", "grpc"] = "http/protobuf"
+    """OTLP over HTTP (protobuf bodies) or over gRPC."""
+    service_name: str | None = None
+    """``service.name`` of the spans; None: ``OTEL_SERVICE_NAME``, else ``dagserve``."""
+    sample_ratio: float = Field(1.0, ge=0, le=1)
+    """The share of traces recorded that no caller decided on (a caller's sampled flag is
+    followed: parent-based)."""
+
+
 class ServerConfig(BaseModel):
     """Settings of one ``dagserve serve``."""
 
@@ -128,6 +146,8 @@ class ServerConfig(BaseModel):
     """An explicit GPU inventory (tests, or to reserve cards); None: read the GPUs via NVML."""
     gpu_reserve_mb: int = Field(0, ge=0)
     """Memory per GPU that placement leaves free (for the CUDA context and fragmentation)."""
+    tracing: TracingConfig | None = None
+    """Export spans over OTLP; None: as the ``OTEL_*`` environment says (off without it)."""
     state_file: Path | None = None
     """Where the model lifecycle keeps traffic weights, shadow, sticky header and the versions
     loaded at runtime (JSON, replaced atomically after every change), restored at startup;
@@ -195,4 +215,10 @@ def is_server_config(path: Path) -> bool:
     return isinstance(data, dict) and "pipelines" in data and "nodes" not in data
 
 
-__all__ = ["DEFAULT_MAX_FRAME_BYTES", "ServerConfig", "is_server_config", "load_config"]
+__all__ = [
+    "DEFAULT_MAX_FRAME_BYTES",
+    "ServerConfig",
+    "TracingConfig",
+    "is_server_config",
+    "load_config",
+]

@@ -184,13 +184,16 @@ def _exited(process: multiprocessing.process.BaseProcess) -> asyncio.Future[None
 def front_entry(index: int, config: ServerConfig, paths: list[Path], relay_path: str) -> None:
     """The target of a spawned secondary front."""
     from engine.observability.logs import configure
+    from engine.observability.otel import exporting_traces
     from engine.transport.thrift import run
 
     # The primary handles Ctrl-C and drains its fronts in order (SIGTERM); a terminal's
     # SIGINT reaches the whole process group, so ignore it here.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     configure(config.log_level, config.log_format)
-    raise SystemExit(run(serve_front(index, config, paths, relay_path)))
+    with exporting_traces(config.tracing):  # each front exports its own requests' spans
+        code = run(serve_front(index, config, paths, relay_path))
+    raise SystemExit(code)
 
 
 async def serve_front(index: int, config: ServerConfig, paths: list[Path], relay_path: str) -> int:

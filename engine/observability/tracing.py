@@ -33,6 +33,7 @@ __all__ = [
     "tracing_enabled",
     "request_trace",
     "outgoing_traceparent",
+    "disable_opentelemetry",
 ]
 
 #: version-traceid-parentid-flags, lowercase hex; a future version may append ``-...``
@@ -144,6 +145,16 @@ def _opentelemetry() -> Any:
         else:
             _otel = (trace, propagate)
     return _otel
+
+
+def disable_opentelemetry() -> None:
+    """Never import OpenTelemetry in this process: ``dagserve serve`` with tracing off.
+
+    Trace contexts are still continued (the log lines' ``trace_id``, a remote node's
+    ``traceparent``); no span is made.
+    """
+    global _otel
+    _otel = None
 
 
 def _context_of(span: Any) -> TraceContext | None:
