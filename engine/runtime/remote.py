@@ -20,9 +20,11 @@ Each call carries what the request carries: the time left before its deadline
 remote's typed errors come back as the same classes, their message naming this node and
 the remote pipeline; a connection that fails is an ``InferenceError`` naming them too.
 
-``target`` is ``host:port`` or ``dns:///name:port``.  A ``dns:///`` name is resolved at each
-new connection by the system resolver (one address at a time: no balancing over replicas
-here; point it at a Service that balances, a ClusterIP).
+``target`` is ``host:port`` (one server, or a ClusterIP Service that balances) or
+``dns:///name:port`` (a headless Service): then the client balances over every address the
+name resolves to, follows them as they change, steps around a replica that died and retries
+a call lost with its replica once on another, within the deadline
+(``engine.transport.balancer``).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from engine.observability import logs
 from engine.observability.tracing import outgoing_traceparent, start_node_span
 from engine.runtime.local import LocalRunner, NodeBinding
 from engine.runtime.naming import reworded
+from engine.transport.balancer import DNS_PREFIX, Targets
 from engine.transport.client import AsyncClient, Client
 from model_plugins.errors import (
     DagserveError,
@@ -86,11 +89,23 @@ class RemoteTarget:
         pipeline = read.string("pipeline")
         if target is None or pipeline is None:
             read.fail('needs params.target ("host:port" or "dns:///name:port") and params.pipeline')
-        address = target.removeprefix("dns:///")
-        host, _, port = address.rpartition(":")
-        if not host or not port.isdigit() or not 0 < int(port) < 65536 or "/" in address:
+        try:
+            parsed = Targets.parse(target)
+        except ValueError:
             read.fail(f'params.target must be "host:port" or "dns:///name:port" (got {target!r})')
-        return cls(host.strip("[]"), int(port), pipeline, read.string("version"), target)
+        host, port = parsed.dns or parsed.addresses[0]
+        return cls(host, port, pipeline, read.string("version"), target)
+
+    @property
+    def balanced(self) -> bool:
+        """A ``dns:///`` target: every address the name resolves to is a replica."""
+        return self.target.startswith(DNS_PREFIX)
+
+    def client_args(self) -> dict[str, Any]:
+        """The address arguments of ``Client`` / ``AsyncClient`` for this target."""
+        if self.balanced:
+            return {"targets": self.target}
+        return {"host": self.host, "port": self.port}
 
     def __str__(self) -> str:
         version = f" version {self.version!r}" if self.version else ""
@@ -105,7 +120,7 @@ def describe(target: RemoteTarget) -> PipelineDescription:
             says its specs could not be checked.
     """
     try:
-        with Client(target.host, target.port, timeout_s=DESCRIBE_TIMEOUT_S) as client:
+        with Client(**target.client_args(), timeout_s=DESCRIBE_TIMEOUT_S) as client:
             return client.describe(target.pipeline)
     except (ClientConnectionError, PipelineNotFound) as exc:
         msg = f"{target}: cannot describe it, so its inputs and outputs are not checked: {exc}"
@@ -184,7 +199,7 @@ class RemoteRunner(LocalRunner):
                 pipeline and what differs.
         """
         target = self.target
-        self._client = AsyncClient(target.host, target.port, timeout_s=CALL_TIMEOUT_S)
+        self._client = AsyncClient(**target.client_args(), timeout_s=CALL_TIMEOUT_S)
         try:
             async with asyncio.timeout(DESCRIBE_TIMEOUT_S):
                 description = await self._client.describe(target.pipeline)

@@ -81,6 +81,10 @@ def front(back: ServerThread, tmp_path_factory: pytest.TempPathFactory) -> Itera
     texts = {
         "front_scaled": front_yaml("front_scaled", "scaled", back.port),
         "front_nap": front_yaml("front_nap", "nap", back.port),
+        # the balancing client over what the name resolves to
+        "front_dns": front_yaml("front_dns", "scaled", back.port).replace(
+            '"127.0.0.1:', '"dns:///localhost:'
+        ),
     }
     with serving(write(folder, texts)) as thread:
         yield thread
@@ -91,8 +95,10 @@ def test_the_answer_is_the_remote_pipelines_own(back: ServerThread, front: Serve
     with Client("127.0.0.1", back.port) as to_back, Client("127.0.0.1", front.port) as to_front:
         own = to_back.infer("scaled", {"x": x}).outputs["y"]
         through = to_front.infer("front_scaled", {"x": x}).outputs["y"]
+        balanced = to_front.infer("front_dns", {"x": x}).outputs["y"]
     np.testing.assert_array_equal(through, own)
     np.testing.assert_array_equal(through, x * 3)
+    np.testing.assert_array_equal(balanced, own)
 
 
 def test_a_short_deadline_fails_fast_against_a_slow_remote(front: ServerThread) -> None:
@@ -181,6 +187,9 @@ def test_bad_params_are_refused(params: dict[str, Any], problem: str) -> None:
         RemoteTarget.of(params)
 
 
-def test_a_dns_target_names_its_host() -> None:
+def test_a_dns_target_is_balanced() -> None:
     target = RemoteTarget.of({"target": "dns:///back.models.svc:9090", "pipeline": "p"})
     assert (target.host, target.port) == ("back.models.svc", 9090)
+    assert target.client_args() == {"targets": "dns:///back.models.svc:9090"}
+    plain = RemoteTarget.of({"target": "back:9090", "pipeline": "p"})
+    assert plain.client_args() == {"host": "back", "port": 9090}
