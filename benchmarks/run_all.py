@@ -75,6 +75,8 @@ SCENARIOS = (
     Scenario("batching", "Dynamic batching against the model run offline",
              (), ("--quick",), 240, 100, optional=True),
     Scenario("fronts", "Two front processes against one", (), ("--quick",), 150, 75),
+    Scenario("replicas", "Replicas behind one balancing client, one SIGKILLed",
+             (), ("--quick",), 120, 75),
     Scenario("ray_serve", "Ray Serve against dagserve", (), ("--quick",), 420, 150, optional=True),
     Scenario("soak", "Faults under load: bad input, overload, 10x the rate, a worker SIGKILL",
              (), ("--quick",), 150, 60),
