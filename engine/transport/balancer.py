@@ -301,9 +301,12 @@ class Balancer(Generic[T]):
         """Take ``replica`` out for its backoff; a DNS target is resolved again soon."""
         with self._lock:
             now = self._clock()
-            replica.ejected_until = now + replica.backoff_s
-            replica.backoff_s = min(replica.backoff_s * 2, MAX_BACKOFF_S)
             replica.needs_check = True
+            # the calls in flight when a replica dies all fail at once: one failure, one step
+            # of backoff (a replica ejected now is not ejected for longer)
+            if replica.ejected_until <= now:
+                replica.ejected_until = now + replica.backoff_s
+                replica.backoff_s = min(replica.backoff_s * 2, MAX_BACKOFF_S)
             if self._resolve_at is not None:
                 self._resolve_at = min(self._resolve_at, now + RESOLVE_SOON_S)
 

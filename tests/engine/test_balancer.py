@@ -109,6 +109,24 @@ def test_a_dns_answer_that_changes_is_followed_and_a_leaving_replica_closed_when
     assert set(balancer.replica_stats()) == {"b:9", "c:9"}
 
 
+def test_an_ejection_backs_off_once_per_failure_not_once_per_call_in_flight() -> None:
+    now = [0.0]
+    balancer: Balancer[str] = Balancer(
+        Targets.parse(["a:1", "b:1"]), lambda h, p: h, print, clock=lambda: now[0]
+    )
+    a = balancer._replicas[("a", 1)]
+    for _ in range(6):  # six calls in flight lost together
+        balancer.eject(a)
+    assert a.ejected_until == 0.5
+    assert balancer._pick(set()) is not a  # ejected: b takes the calls
+    now[0] = 0.6
+    assert balancer.needs_check(a)
+    balancer.eject(a)  # its health check failed: twice as long
+    assert a.ejected_until == 0.6 + 1.0
+    balancer.checked(a)
+    assert not balancer.needs_check(a)
+
+
 # --- over fake engines behind real Thrift servers ----------------------------------------------
 
 
