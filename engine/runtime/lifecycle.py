@@ -55,12 +55,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from dag.pipeline import Pipeline
-from engine.errors import LifecycleError
+from engine.errors import LifecycleError, RegistryError
 from engine.runtime.assembly import NodeRunner, ServedPipeline, plan_placement, serve_pipeline
 from engine.runtime.loading import load_for_serving
 from engine.runtime.local import LocalRunner
 from engine.runtime.model import Model, ModelRunner
 from engine.runtime.placement import Placement, PlacementError
+from engine.runtime.registry import resolver
 from engine.runtime.shadow import compare_outputs
 from engine.runtime.types import InferenceRequest
 from engine.runtime.variants import VariantRunner, sticky_point
@@ -216,6 +217,8 @@ class Lifecycle:
         #: (``RelayServer.sync``), called once a change is made and before a version retires,
         #: so that no front still routes to a model that unloads
         self.on_change: Callable[[], Awaitable[None]] | None = None
+        # the registry versions that aliases resolved to before a restart serve again
+        resolver().pins.update(_read_pins(state_file))
 
     # -- what the admin API calls -------------------------------------------------------
 
@@ -337,15 +340,23 @@ class Lifecycle:
                 # The other fronts would send items to the old models while they are gone.
                 msg = "an in-place reload needs front_processes: 1; reload beside the old one"
                 raise LifecycleError(msg)
-            pipeline = await self._read(old.pipeline.path, expect=(name, version))
+            # models:/NAME@ALIAS is asked again: a moved alias is a new model, swapped in
+            pins = resolver().unpin(name, version)
+            try:
+                pipeline = await self._read(old.pipeline.path, expect=(name, version))
+            except BaseException:
+                resolver().pins.update(pins)
+                raise
             try:
                 if in_place:
                     new = await self._reload_in_place(old, pipeline)
                 else:
                     new = await self._reload_beside(old, pipeline)
             except LifecycleError:
+                resolver().pins.update(pins)
                 raise
             except DagserveError as exc:
+                resolver().pins.update(pins)
                 keeps = "" if version in versions else " and the version is no longer served"
                 msg = f"pipeline {name!r} version {version!r}: reload failed{keeps}: {exc}"
                 raise LifecycleError(msg) from exc
@@ -498,6 +509,8 @@ class Lifecycle:
                 self._weights[name] = {max(versions, key=version_key): 1.0}
                 self._route(name)
         await self._restore()
+        if resolver().pins:  # the versions the aliases resolved to now survive a restart
+            self._save()
 
     async def aclose(self) -> None:
         """Cancel the shadow copies in flight."""
@@ -563,6 +576,12 @@ class Lifecycle:
         """Validate one pipeline file (in a thread: plugins are inspected in a process)."""
         try:
             pipelines, errors = await asyncio.to_thread(load_for_serving, [path])
+            if pipelines and not errors:
+                # models:/ and s3:// models resolve and download here, off the event loop
+                await asyncio.to_thread(resolver().prepare, pipelines[0])
+        except RegistryError as exc:
+            msg = f"{path}: {exc.message}"
+            raise LifecycleError(msg) from exc
         except Exception as exc:  # an inspector that could not start, a file gone
             msg = f"{path}: cannot load: {type(exc).__name__}: {exc}"
             raise LifecycleError(msg) from exc
@@ -895,6 +914,8 @@ class Lifecycle:
                 "shadow": self._shadow_version.get(name),
                 "sticky_header": self._sticky.get(name),
                 "loaded": {},
+                # version -> models:/ URI -> the registry version it resolved to
+                "models": _pins_of(name, versions),
             }
         for (name, version), path in sorted(self._runtime.items()):
             entry = pipelines.setdefault(
@@ -968,6 +989,32 @@ class Lifecycle:
                 name, self._weights.get(name), self._shadow_version.get(name),
                 self._sticky.get(name),
             )  # fmt: skip
+
+
+def _pins_of(name: str, versions: Iterable[str]) -> dict[str, dict[str, str]]:
+    pins: dict[str, dict[str, str]] = {}
+    served = set(versions)
+    for (pipeline, version, uri), pinned in sorted(resolver().pins.items()):
+        if pipeline == name and version in served:
+            pins.setdefault(version, {})[uri] = pinned
+    return pins
+
+
+def _read_pins(path: Path | None) -> dict[tuple[str, str, str], str]:
+    """The registry versions the state file pinned (none if it is missing or unreadable:
+    :meth:`Lifecycle._restore` logs why)."""
+    if path is None:
+        return {}
+    try:
+        pipelines = json.loads(path.read_text(encoding="utf-8"))["pipelines"]
+        return {
+            (name, str(version), str(uri)): str(pinned)
+            for name, entry in pipelines.items()
+            for version, uris in dict(entry.get("models") or {}).items()
+            for uri, pinned in dict(uris).items()
+        }
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return {}
 
 
 def _models(served: ServedPipeline) -> list[Model]:

@@ -1,11 +1,13 @@
-"""``dagserve serve --watch``: reload a pipeline version when its files change.
+"""``dagserve serve --watch``: reload a pipeline version when its files (or aliases) change.
 
 Every ``interval_s`` the :class:`Watcher` takes a fingerprint (modification time and size) of
 each served version's YAML file and of the model files and folders its nodes name (``model:``,
 and a variant's ``model:``), relative to the YAML as the loader reads them.  A version whose
 fingerprint changed, and then stayed the same for one more interval (an editor or a copy that
 writes in several steps is not caught halfway), is reloaded through the engine's lifecycle
-(``engine.lifecycle.reload``: blue/green, so requests keep being answered).
+(``engine.lifecycle.reload``: blue/green, so requests keep being answered).  A node whose
+``model:`` is ``models:/NAME@ALIAS`` adds the version the alias points to: moving the alias in
+the registry rolls the version out (``engine.runtime.registry``).
 
 A reload that fails (a broken YAML, a model file that does not load) is logged with the files
 that changed and the error, and not retried until the files change again: the old version
@@ -25,6 +27,7 @@ from typing import Any, Protocol
 
 import yaml
 
+from engine.runtime.registry import MODELS_URI, is_remote, resolver
 from model_plugins.errors import DagserveError
 
 logger = logging.getLogger(__name__)
@@ -51,7 +54,12 @@ def model_paths(pipeline_file: Path) -> list[Path]:
     nodes = data.get("nodes") if isinstance(data, dict) else None
     if not isinstance(nodes, dict):
         return []
-    found: list[Path] = []
+    return [pipeline_file.parent / m for m in _models(nodes) if not is_remote(m)]
+
+
+def _models(nodes: dict[Any, Any]) -> list[str]:
+    """The ``model:`` texts of the nodes and their variants."""
+    found: list[str] = []
     for node in nodes.values():
         if not isinstance(node, dict):
             continue
@@ -60,7 +68,29 @@ def model_paths(pipeline_file: Path) -> list[Path]:
         for entry in entries:
             model = entry.get("model") if isinstance(entry, dict) else None
             if isinstance(model, str) and model:
-                found.append(pipeline_file.parent / model)
+                found.append(model)
+    return found
+
+
+def alias_versions(pipeline_file: Path) -> dict[str, tuple[int, int] | None]:
+    """``models:/NAME@ALIAS`` -> (the version it points to now, 0), for each alias the file
+    names (asked of the registry: a moved alias changes the fingerprint); None where the
+    registry cannot say (the reload would fail the same way)."""
+    try:
+        data: Any = yaml.safe_load(pipeline_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return {}
+    nodes = data.get("nodes") if isinstance(data, dict) else None
+    found: dict[str, tuple[int, int] | None] = {}
+    for model in _models(nodes) if isinstance(nodes, dict) else []:
+        match = MODELS_URI.match(model)
+        if match is None or match["alias"] is None:
+            continue
+        try:
+            version = resolver().alias_version(match["name"], match["alias"], uri=model)
+            found[model] = (int(version), 0)
+        except (DagserveError, ValueError):
+            found[model] = None
     return found
 
 
@@ -74,6 +104,7 @@ def fingerprint(pipeline_file: Path) -> dict[str, tuple[int, int] | None]:
                     _stat_into(result, Path(folder) / name)
         else:
             _stat_into(result, path)
+    result.update(alias_versions(pipeline_file))
     return result
 
 
