@@ -216,6 +216,8 @@ def test_probes_and_ports_match_the_server(overlay: str):
     assert ports["thrift"] == int(env.get("DAGSERVE_PORT", config.port))
     assert ports["metrics"] == int(env.get("DAGSERVE_METRICS_PORT", config.metrics_port or 0))
     assert env["DAGSERVE_HOST"] == "0.0.0.0"  # the kubelet probes the pod's address
+    # the Service "dagserve" would otherwise inject DAGSERVE_PORT=tcp://... (service links)
+    assert _one(docs, "Deployment")["spec"]["template"]["spec"]["enableServiceLinks"] is False
     assert env["DAGSERVE_CONFIG"].startswith("/etc/dagserve/")
     mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
     assert mounts[str(Path(env["DAGSERVE_CONFIG"]).parent)]["readOnly"] is True
