@@ -16,10 +16,12 @@ import pytest
 
 from dag.pipeline import load_pipeline
 from engine.runtime.loading import load_for_serving
-from engine.runtime.remote import RemoteTarget
+from engine.runtime.local import NodeBinding
+from engine.runtime.remote import RemotePlugin, RemoteRunner, RemoteTarget
 from engine.tools.ports import free_port
 from engine.transport.client import Client
 from model_plugins.errors import DeadlineExceeded, InferenceError, PluginLoadError
+from model_plugins.specs import TensorSpec
 from tests.serving import ServerThread, serving
 
 pytestmark = pytest.mark.e2e
@@ -193,3 +195,19 @@ def test_a_dns_target_is_balanced() -> None:
     assert target.client_args() == {"targets": "dns:///back.models.svc:9090"}
     plain = RemoteTarget.of({"target": "back:9090", "pipeline": "p"})
     assert plain.client_args() == {"host": "back", "port": 9090}
+
+
+async def test_a_remote_that_changed_since_validation_stops_the_start(
+    back: ServerThread,
+) -> None:
+    binding = NodeBinding(
+        pipeline="front", node="far", plugin="remote", plugin_class=RemotePlugin,
+        outputs={"y": TensorSpec("int64", [-1]), "z": TensorSpec("float32", [])}, contexts=(),
+    )  # fmt: skip
+    runner = RemoteRunner(binding, {"target": f"127.0.0.1:{back.port}", "pipeline": "scaled"})
+    with pytest.raises(PluginLoadError) as caught:
+        await runner.start()
+    message = caught.value.message
+    assert "remote pipeline 'scaled'" in message
+    assert "its output 'y' is float32[?] (validated: int64[?])" in message
+    assert "it has no output 'z'" in message
