@@ -17,6 +17,17 @@ if [ ! -r "$config" ]; then
     exit 2
 fi
 
+# a Service named "dagserve" injects DAGSERVE_PORT=tcp://<ip>:<port> into pods with service
+# links on: refuse anything but a number, naming the variable
+for name in DAGSERVE_PORT DAGSERVE_METRICS_PORT DAGSERVE_ADMIN_PORT; do
+    eval "value=\${$name:-}"
+    case "$value" in
+        *[!0-9]*)
+            echo "entrypoint: $name must be a port number (got '$value')" >&2
+            exit 2 ;;
+    esac
+done
+
 set -- "$config" --host "${DAGSERVE_HOST:-0.0.0.0}" "$@"
 if [ -n "${DAGSERVE_PORT:-}" ]; then set -- "$@" --port "$DAGSERVE_PORT"; fi
 # the probes need the metrics port: on unless the config or the environment names one

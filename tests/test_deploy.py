@@ -446,6 +446,19 @@ def test_entrypoint_refuses_a_missing_config(tmp_path: Path):
     assert "absent.yaml" in done.stderr
 
 
+def test_entrypoint_refuses_a_port_that_is_not_a_number(tmp_path: Path):
+    """What service links inject for a Service named dagserve."""
+    config = tmp_path / "dagserve.yaml"
+    config.write_text("pipelines: []\n")
+    done = subprocess.run(
+        ["sh", str(DEPLOY / "entrypoint.sh")],
+        env={**os.environ, "DAGSERVE_CONFIG": str(config), "DAGSERVE_PORT": "tcp://10.0.0.7:9090"},
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert "DAGSERVE_PORT must be a port number (got 'tcp://10.0.0.7:9090')" in done.stderr
+
+
 def _get(url: str) -> tuple[int, str]:
     try:
         with urllib.request.urlopen(url, timeout=2) as response:
