@@ -9,7 +9,7 @@ FAST_STAMP := $(VENV)/.installed-dev-$(shell cksum setup.py | cut -d' ' -f1)
 # Debian packages the suite and the CLI use: the Apache Thrift compiler (the test that
 # generates an official client), graphviz (`dagserve graph`), prometheus (the test that
 # scrapes a real server) and kubernetes-client (`kubectl kustomize` renders deploy/kubernetes
-# in tests/test_deploy.py; its overlays need kustomize v4 or later); see system-deps.
+# in tests/test_deploy.py; its overlays need kustomize v4.5 or later); see system-deps.
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: all test test-fast gpu-check demo bench ray-venv lint check system-deps clean

@@ -58,7 +58,7 @@ def _render(folder: str) -> tuple[dict[str, Any], ...]:
         # neither components nor patches: say which kustomize ran
         version = subprocess.run([kubectl, "version", "--client"], capture_output=True, text=True)
         pytest.fail(
-            f"kubectl kustomize {folder} failed (needs kustomize v4 or later; this is\n"
+            f"kubectl kustomize {folder} failed (needs kustomize v4.5 or later; this is\n"
             f"{version.stdout.strip()}):\n{done.stderr}"
         )
     return tuple(d for d in yaml.safe_load_all(done.stdout) if d)
