@@ -95,22 +95,27 @@ def test_kustomize_renders(folder: str):
     assert _render(folder)
 
 
-def test_models_from_an_image_replace_the_pvc(tmp_path: Path):
-    """components/models-from-image, added to an overlay, validates and drops the PVC."""
-    from kubernetes_validate import utils
-
+def _with_component(tmp_path: Path, component: str) -> tuple[dict[str, Any], ...]:
+    """The cpu overlay with one more of the opt-in components, rendered."""
     overlay = tmp_path / "overlay"
     overlay.mkdir()
     here = functools.partial(os.path.relpath, start=overlay)  # kustomize wants relative paths
     (overlay / "kustomization.yaml").write_text(
         f"resources: [{here(KUBE / 'overlays' / 'cpu')}]\n"
-        f"components: [{here(KUBE / 'components' / 'models-from-image')}]\n"
+        f"components: [{here(KUBE / 'components' / component)}]\n"
     )
     done = subprocess.run(
         ["kubectl", "kustomize", str(overlay)], capture_output=True, text=True, timeout=60
     )
     assert done.returncode == 0, done.stderr
-    docs = tuple(d for d in yaml.safe_load_all(done.stdout) if d)
+    return tuple(d for d in yaml.safe_load_all(done.stdout) if d)
+
+
+def test_models_from_an_image_replace_the_pvc(tmp_path: Path):
+    """components/models-from-image, added to an overlay, validates and drops the PVC."""
+    from kubernetes_validate import utils
+
+    docs = _with_component(tmp_path, "models-from-image")
     assert "PersistentVolumeClaim" not in {d["kind"] for d in docs}
     pod = _one(docs, "Deployment")["spec"]["template"]["spec"]
     assert {v["name"]: v for v in pod["volumes"]}["models"] == {
@@ -120,6 +125,26 @@ def test_models_from_an_image_replace_the_pvc(tmp_path: Path):
     (init,) = pod["initContainers"]
     assert init["volumeMounts"] == [{"name": "models", "mountPath": "/target"}]
     utils.validate(_one(docs, "Deployment"), KUBERNETES_VERSION, strict=True)
+
+
+def test_tracing_points_the_server_at_a_collector(tmp_path: Path):
+    """components/tracing: the OTEL_* variables the server reads turn OTLP export on."""
+    from kubernetes_validate import utils
+
+    from engine.observability.otel import env_protocol, exporters_asked
+
+    docs = _with_component(tmp_path, "tracing")
+    utils.validate(_one(docs, "Deployment"), KUBERNETES_VERSION, strict=True)
+    env = _container(docs)["env"]
+    values = {e["name"]: e.get("value", "") for e in env}
+    assert exporters_asked(values) == ["otlp"]
+    assert env_protocol(values) == "http/protobuf"
+    assert values["OTEL_EXPORTER_OTLP_ENDPOINT"].endswith(":4318")  # OTLP/HTTP's port
+    assert 0 < float(values["OTEL_TRACES_SAMPLER_ARG"]) <= 1
+    # $(POD_NAME) expands only from a variable defined earlier in the list
+    names = [e["name"] for e in env]
+    assert names.index("POD_NAME") < names.index("OTEL_RESOURCE_ATTRIBUTES")
+    assert "OTEL_EXPORTER_OTLP_ENDPOINT" not in _env(_container(_render("overlays/cpu")))
 
 
 def test_overlays_render_the_base_in_their_namespace():
