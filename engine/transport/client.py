@@ -184,6 +184,9 @@ class _Endpoint:
         self._seqids = itertools.count(1)
         #: the replicas of ``targets``; None: one ``host:port``
         self._balancer: Balancer[Any] | None = None
+        #: the name TLS checks the server's certificate against (None: ``host``); a replica
+        #: of ``dns:///name:port`` is checked against ``name``, not its pod's address
+        self.server_hostname: str | None = None
 
     def _next_seqid(self) -> int:
         return next(self._seqids) % 2**31
@@ -212,8 +215,14 @@ class _Endpoint:
     ) -> None:
         if targets is not None:
             parsed = Targets.parse(targets)
+
+            def replica(host: str, port: int) -> Any:
+                client = make(host, port)
+                client.server_hostname = parsed.dns[0] if parsed.dns is not None else None
+                return client
+
             self._balancer = Balancer(
-                parsed, make, close, resolve_interval_s=resolve_interval_s, resolver=resolver
+                parsed, replica, close, resolve_interval_s=resolve_interval_s, resolver=resolver
             )
             self.host, self.port = str(parsed), 0
 
@@ -233,13 +242,18 @@ class _Endpoint:
 
 class _SyncConnection:
     def __init__(
-        self, host: str, port: int, timeout_s: float, ssl_context: ssl.SSLContext | None = None
+        self,
+        host: str,
+        port: int,
+        timeout_s: float,
+        ssl_context: ssl.SSLContext | None = None,
+        server_hostname: str | None = None,
     ) -> None:
         sock = socket.create_connection((host, port), timeout=timeout_s)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if ssl_context is not None:
             try:
-                sock = ssl_context.wrap_socket(sock, server_hostname=host)
+                sock = ssl_context.wrap_socket(sock, server_hostname=server_hostname or host)
             except (ssl.SSLError, OSError):
                 sock.close()
                 raise
@@ -389,7 +403,9 @@ class Client(_Endpoint):
                     return connection
                 connection.close()
         try:
-            return _SyncConnection(self.host, self.port, self.timeout_s, self.ssl_context)
+            return _SyncConnection(
+                self.host, self.port, self.timeout_s, self.ssl_context, self.server_hostname
+            )
         except OSError as exc:
             error = self._connection_error("connect", exc)
             raise error from exc
@@ -471,14 +487,18 @@ class _AsyncConnection:
 
     @classmethod
     async def open(
-        cls, host: str, port: int, ssl_context: ssl.SSLContext | None = None
+        cls,
+        host: str,
+        port: int,
+        ssl_context: ssl.SSLContext | None = None,
+        server_hostname: str | None = None,
     ) -> _AsyncConnection:
         reader, writer = await asyncio.open_connection(
             host,
             port,
             limit=1024 * 1024,
             ssl=ssl_context,
-            server_hostname=host if ssl_context is not None else None,
+            server_hostname=(server_hostname or host) if ssl_context is not None else None,
         )
         sock = writer.get_extra_info("socket")
         if sock is not None:
@@ -610,7 +630,9 @@ class AsyncClient(_Endpoint):
                 return connection
             connection.close()
         try:
-            return await _AsyncConnection.open(self.host, self.port, self.ssl_context)
+            return await _AsyncConnection.open(
+                self.host, self.port, self.ssl_context, self.server_hostname
+            )
         except OSError as exc:
             error = self._connection_error("connect", exc)
             raise error from exc

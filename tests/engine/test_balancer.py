@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,15 +14,18 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
+from engine.config import TlsConfig
 from engine.errors import ClientConnectionError
 from engine.runtime.types import InferenceRequest, InferenceResult
 from engine.tools.ports import free_port, wait_ready
 from engine.transport.balancer import Balancer, Targets, parse_address
-from engine.transport.client import AsyncClient, Client
+from engine.transport.client import AsyncClient, Client, tls_context
 from model_plugins.errors import InferenceError, Overloaded
 from tests.engine.fake_engine import FakeEngine, ServerThread
 from tests.engine.fake_engine import serving as serving_fake
@@ -232,6 +236,46 @@ def test_a_dns_name_that_resolves_to_nothing_is_a_connection_error() -> None:
         pytest.raises(ClientConnectionError, match="Name or service not known"),
     ):
         client.health()
+
+
+def openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
+
+
+@pytest.mark.e2e
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
+def test_tls_checks_a_dns_targets_replicas_against_the_name(tmp_path: Path) -> None:
+    # the certificate names the Service, never a pod's address (pods come and go)
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=ca",
+            "-keyout", "ca.key", "-out", "ca.pem", cwd=tmp_path)  # fmt: skip
+    (tmp_path / "ext").write_text("subjectAltName=DNS:dagserve.ml.svc\n")
+    openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=dagserve",
+            "-keyout", "server.key", "-out", "server.csr", cwd=tmp_path)  # fmt: skip
+    openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+            "-CAcreateserial", "-days", "2", "-out", "server.pem", "-extfile", "ext",
+            cwd=tmp_path)  # fmt: skip
+    tls = TlsConfig(certfile=tmp_path / "server.pem", keyfile=tmp_path / "server.key")
+    context = tls_context(cafile=str(tmp_path / "ca.pem"))
+    with serving([PIPELINES / "calc.yaml"], tls=tls) as server:
+
+        def resolver(name: str, port: int) -> list[tuple[str, int]]:
+            return [("127.0.0.1", server.port)]
+
+        options: dict[str, Any] = {"resolver": resolver, "ssl_context": context, "timeout_s": 10}
+        with Client(targets="dns:///dagserve.ml.svc:9090", **options) as client:
+            assert client.infer("calc", X).outputs["doubled"][0, 0] == 2
+
+        async def main() -> None:
+            async with AsyncClient(targets="dns:///dagserve.ml.svc:9090", **options) as aclient:
+                assert (await aclient.infer("calc", X)).outputs["doubled"][0, 0] == 2
+
+        asyncio.run(main())
+        # the pod's address is not in the certificate: a client of it directly is refused
+        with (
+            Client("127.0.0.1", server.port, ssl_context=context, timeout_s=10) as direct,
+            pytest.raises(ClientConnectionError, match="IP address mismatch"),
+        ):
+            direct.infer("calc", X)
 
 
 # --- three real servers, one SIGKILLed under load ---------------------------------------------
