@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks._serving import HOST, ROOT, dagserve_command, ratio, serving
+from benchmarks.rpc_overhead import merge
 from engine.tools.bench import BenchResult, BenchSpec, render_table, run_bench
 from engine.tools.ports import free_port
 
@@ -132,7 +133,7 @@ def run_scenario(duration_s: float, warmup_s: float, clients: int) -> list[dict[
                         )
                     )
             for fronts, results in halves.items():
-                merged = _merge(results)
+                merged = merge(results)
                 summary = merged.summary()
                 rows.append({
                     "pipeline": label, "concurrency": concurrency, "fronts": fronts,
@@ -140,18 +141,6 @@ def run_scenario(duration_s: float, warmup_s: float, clients: int) -> list[dict[
                     "p99 ms": summary["p99 ms"], "errors": summary["errors"],
                 })  # fmt: skip
     return rows
-
-
-def _merge(results: Sequence[BenchResult]) -> BenchResult:
-    merged = BenchResult(results[0].pipeline, results[0].mode, 0.0, results[0].concurrency)
-    for result in results:
-        merged.window_s += result.window_s
-        merged.ok += result.ok
-        merged.items += result.items
-        merged.errors.update(result.errors)
-        merged.latencies_s.extend(result.latencies_s)
-    merged.latencies_s.sort()
-    return merged
 
 
 def target_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
