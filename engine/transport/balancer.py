@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 from engine.errors import ClientConnectionError, ClientTimeout
-from model_plugins.errors import Overloaded
+from model_plugins.errors import DagserveError, Overloaded
 
 #: the prefix of a DNS target, as gRPC spells it (no authority: the system resolver)
 DNS_PREFIX = "dns:///"
@@ -399,6 +399,8 @@ class Attempts(Generic[T]):
             if not self.retried:
                 self.retried = True
                 return
+        elif isinstance(exc, DagserveError) and not isinstance(exc, ClientConnectionError):
+            self.balancer._answered(replica)  # a typed answer: the replica is up
         raise exc
 
 

@@ -445,7 +445,7 @@ class Client(_Endpoint):
             assert balancer.targets.dns is not None
             try:
                 balancer.update(balancer.resolver(*balancer.targets.dns))
-            except OSError as exc:
+            except Exception as exc:  # any resolver's failure: keep the last set, say why
                 balancer.resolve_failed(exc)
         attempts = self._attempts(args)
         while True:
@@ -679,7 +679,7 @@ class AsyncClient(_Endpoint):
             loop = asyncio.get_running_loop()
             try:
                 found = await loop.run_in_executor(None, balancer.resolver, *balancer.targets.dns)
-            except OSError as exc:
+            except Exception as exc:  # any resolver's failure: keep the last set, say why
                 balancer.resolve_failed(exc)
             else:
                 balancer.update(found)

@@ -145,7 +145,9 @@ def test_load_is_spread_and_a_typed_error_is_not_retried(fakes: list[ServerThrea
         assert sorted(s.answered for s in stats.values()) == sorted(counts)
         with pytest.raises(InferenceError):
             client.infer("echo", X, headers={"raise": "inference"})
-    assert sum(len(s.engine.requests) for s in fakes) == 61  # an answer is never retried
+        # a typed error is an answer: counted, never retried
+        assert sum(s.answered for s in client.replica_stats().values()) == 61
+    assert sum(len(s.engine.requests) for s in fakes) == 61
 
 
 def test_overloaded_moves_to_a_replica_with_room_else_is_raised() -> None:
@@ -229,7 +231,7 @@ def test_dns_targets_follow_the_answer_with_the_async_client(fakes: list[ServerT
 
 def test_a_dns_name_that_resolves_to_nothing_is_a_connection_error() -> None:
     def resolver(name: str, port: int) -> list[tuple[str, int]]:
-        raise OSError("Name or service not known")
+        raise UnicodeError("Name or service not known")
 
     with (
         Client(targets="dns:///nowhere:9090", resolver=resolver) as client,
