@@ -8,6 +8,7 @@ import asyncio
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -148,6 +149,54 @@ def test_load_is_spread_and_a_typed_error_is_not_retried(fakes: list[ServerThrea
         # a typed error is an answer: counted, never retried
         assert sum(s.answered for s in client.replica_stats().values()) == 61
     assert sum(len(s.engine.requests) for s in fakes) == 61
+
+
+class Dying:
+    """A replica that dies during every call: reads the request, closes without an answer."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.calls = 0
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                connection, _ = self.listener.accept()
+            except OSError:
+                return  # closed
+            with connection:
+                if connection.recv(65536):
+                    self.calls += 1
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def test_a_call_whose_replica_died_is_retried_once_with_what_is_left_of_its_deadline() -> None:
+    first, second = Dying(), Dying()
+    try:
+        with serving_fake() as good:
+            with Client(targets=[f"127.0.0.1:{first.port}", target(good)], timeout_s=10) as c:
+                while first.calls == 0:  # until a call meets the dying replica first
+                    c.infer("echo", X, timeout_ms=5000)
+            retried = good.engine.requests[-1]
+            assert retried.timeout_ms is not None
+            assert retried.timeout_ms < 5000  # the rest of its deadline, not all of it again
+            assert first.calls == 1
+        # died twice: the one retry is spent, the loss is raised
+        dying = [f"127.0.0.1:{first.port}", f"127.0.0.1:{second.port}"]
+        with (
+            Client(targets=dying, timeout_s=10) as client,
+            pytest.raises(ClientConnectionError, match="connection closed by the server"),
+        ):
+            client.infer("echo", X)
+        assert first.calls + second.calls == 3
+    finally:
+        first.close()
+        second.close()
 
 
 def test_overloaded_moves_to_a_replica_with_room_else_is_raised() -> None:
