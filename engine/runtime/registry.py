@@ -155,6 +155,7 @@ class ModelResolver:
         self.pins: dict[tuple[str, str, str], str] = {}
         self._pipelines: weakref.WeakKeyDictionary[Pipeline, _Entry] = weakref.WeakKeyDictionary()
         self._lock = threading.RLock()
+        self._client_lock = threading.Lock()
         self._client: Any = None
         #: calls made to the registry (tests read it: a pinned version asks nothing)
         self.registry_calls = 0
@@ -174,17 +175,22 @@ class ModelResolver:
         base = pipeline.path.parent.resolve() if pipeline.path else Path.cwd()
         if not is_remote(text):
             return (base / text).resolve()
+        key = (pipeline.name, pipeline.version, text)
         with self._lock:
             entry = self._pipelines.get(pipeline)
             if entry is None:
                 entry = self._pipelines[pipeline] = _Entry(pipeline.name, pipeline.version)
             found = entry.models.get(text)
-            if found is None:
-                pin = self.pins.get((pipeline.name, pipeline.version, text))
-                found = entry.models[text] = self.resolve(text, pinned=pin)
-                if text.startswith("models:") and found.version is not None:
-                    self.pins[(pipeline.name, pipeline.version, text)] = found.version
+            pin = self.pins.get(key)
+        if found is not None:
             return found.path
+        # Downloads run without the lock: health (on the event loop) reads the resolutions.
+        resolved = self.resolve(text, pinned=pin)
+        with self._lock:
+            found = entry.models.setdefault(text, resolved)
+            if text.startswith("models:") and found.version is not None:
+                self.pins[key] = found.version
+        return found.path
 
     def prepare(self, pipeline: Pipeline) -> None:
         """Resolve (and download) every model of ``pipeline`` now: call it in a thread, so
@@ -357,7 +363,7 @@ class ModelResolver:
 
     def client(self) -> Any:
         """An ``MlflowClient`` on :attr:`tracking_uri` (made once)."""
-        with self._lock:
+        with self._client_lock:  # not self._lock: importing MLflow takes seconds
             if self._client is None or self._client.tracking_uri != self.tracking_uri:
                 self._client = mlflow_client(self.tracking_uri)
             return self._client
@@ -554,13 +560,13 @@ def _safe(name: str) -> str:
 def _complete(folder: Path) -> dict[str, Any] | None:
     """The marker of a complete download whose files are all there, else None."""
     try:
-        marker = json.loads((folder / MARKER).read_text(encoding="utf-8"))
+        marker: Any = json.loads((folder / MARKER).read_text(encoding="utf-8"))
+        files = marker.get("files") if isinstance(marker, dict) else None
+        if not isinstance(files, dict) or _local_sizes(folder / "files") != files:
+            return None
     except (OSError, ValueError):
         return None
-    files = marker.get("files") if isinstance(marker, dict) else None
-    if not isinstance(files, dict) or _local_sizes(folder / "files") != files:
-        return None
-    return marker
+    return dict(marker)
 
 
 def _local_sizes(root: Path) -> dict[str, int]:
