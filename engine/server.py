@@ -98,8 +98,9 @@ class Server:
 
     @property
     def ready(self) -> bool:
-        """Every model loaded and every front process serving."""
-        if not self.engine.ready:
+        """Every model loaded and every front process serving, and not draining (so that a
+        load balancer stops sending new connections while requests in flight finish)."""
+        if not self.engine.ready or self.should_exit.is_set():
             return False
         return self.relay is None or self.relay.all_ready(self.front_count)
 
@@ -182,6 +183,7 @@ class Server:
             await self.watcher.start()
 
     async def shutdown(self) -> None:
+        self.should_exit.set()  # /readyz answers 503 from now on
         if self.watcher is not None:
             await self.watcher.aclose()
         if self.admin is not None:

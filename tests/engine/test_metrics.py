@@ -162,7 +162,7 @@ def test_gpu_families_from_a_fake_nvml(server):
     assert ("dagserve_gpu_power_watts", (("gpu", "cuda:1"), ("name", "Tesla T4"))) not in s
 
 
-async def test_readiness_flips_only_after_models_load(tmp_path: Path):
+async def test_readiness_flips_only_after_models_load_and_back_when_draining(tmp_path: Path):
     gate = tmp_path / "loaded"
     path = tmp_path / "slow.yaml"
     path.write_text(
@@ -184,6 +184,9 @@ async def test_readiness_flips_only_after_models_load(tmp_path: Path):
         gate.touch()
         await asyncio.wait_for(startup, 30)
         assert (await asyncio.to_thread(get, port, "/readyz"))[0] == 200
+        server.should_exit.set()  # SIGTERM: draining, so no longer ready, still alive
+        assert (await asyncio.to_thread(get, port, "/readyz"))[0] == 503
+        assert (await asyncio.to_thread(get, port, "/healthz"))[0] == 200
     finally:
         gate.touch()
         with contextlib.suppress(Exception):
