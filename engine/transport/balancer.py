@@ -212,10 +212,6 @@ class Balancer(Generic[T]):
             self._resolving = True
             return True
 
-    def has_replicas(self) -> bool:
-        with self._lock:
-            return any(r.listed for r in self._replicas.values())
-
     def update(self, addresses: Sequence[tuple[str, int]]) -> None:
         """The resolver's answer: new addresses join, missing ones leave once idle."""
         to_close: list[T] = []
@@ -224,7 +220,9 @@ class Balancer(Generic[T]):
             self._resolve_at = self._clock() + self.resolve_interval_s
             self._resolve_error = ""
             if not addresses or self._closed:
-                return  # an empty answer keeps the last set: a Service never has no pods
+                # an empty answer keeps the last set: a resolver's hiccup must not drop
+                # every replica, and replicas that are really gone get ejected on their own
+                return
             wanted = set(addresses)
             for address in addresses:
                 replica = self._replicas.get(address)
