@@ -343,6 +343,8 @@ class ModelResolver:
         """Remove the cache folders that no pipeline in this process uses (nor ``keep``),
         and temporary folders of downloads cut long ago; returns what was removed."""
         keep_set = {Path(p) for p in keep} | self.in_use()
+        if not keep_set:  # a server with no remote model leaves the cache to those with some
+            return []
         removed: list[Path] = []
         for folder in _cache_folders(self.cache_dir):
             if folder in keep_set:

@@ -221,6 +221,26 @@ def test_moving_an_alias_rolls_out_under_load_and_a_restart_keeps_the_version(st
             assert float(client.infer("scale", {"x": X}).outputs["y"][0, 0]) == 2.0
 
 
+@needs_mlflow
+@pytest.mark.e2e
+def test_a_variant_names_the_challenger_while_the_node_names_the_champion(store, tmp_path):
+    registry.set_alias(store, "factor", "champion", "1")
+    registry.set_alias(store, "factor", "challenger", "2")
+    path = pipeline_file(tmp_path, "models:/factor@champion")
+    text = path.read_text().replace(
+        "    inputs: {x: $inputs.x}",
+        "    inputs: {x: $inputs.x}\n    variants:\n"
+        '      challenger: {model: "models:/factor@challenger", weight: 100}',
+    )
+    path.write_text(text)
+    with serving([path], registry_uri=store, model_cache_dir=tmp_path / "cache") as server:
+        with Client("127.0.0.1", server.port) as client:
+            assert float(client.infer("scale", {"x": X}).outputs["y"][0, 0]) == 3.0
+        details = server.engine.health().details
+        assert details["registry.scale:1 models:/factor@champion"].startswith("version=1 ")
+        assert details["registry.scale:1 models:/factor@challenger"].startswith("version=2 ")
+
+
 # -- object storage ----------------------------------------------------------------------------
 
 
@@ -253,9 +273,9 @@ def bucket(s3, monkeypatch):
     }.items():  # fmt: skip
         monkeypatch.setenv(key, value)
     import boto3
-    import fsspec
+    import s3fs
 
-    fsspec.AbstractFileSystem.clear_instance_cache()  # no s3fs made for another endpoint
+    s3fs.S3FileSystem.clear_instance_cache()  # no s3fs made for another endpoint
     client = boto3.client("s3", endpoint_url=s3)
     client.create_bucket(Bucket="models")
     client.put_object(Bucket="models", Key="factor/factor.txt", Body=b"4\n")
@@ -266,7 +286,9 @@ def bucket(s3, monkeypatch):
 
 @needs_moto
 @pytest.mark.e2e
-def test_s3_model_files_load_and_failures_name_the_uri(bucket, tmp_path):
+def test_s3_model_files_load_and_failures_name_the_uri(bucket, tmp_path, monkeypatch):
+    import s3fs
+
     path = pipeline_file(tmp_path, "s3://models/factor/factor.txt")
     with serving([path], model_cache_dir=tmp_path / "cache") as server:
         with Client("127.0.0.1", server.port) as client:
@@ -283,3 +305,9 @@ def test_s3_model_files_load_and_failures_name_the_uri(bucket, tmp_path):
         resolver.resolve("s3://models/nope.pt")
     with pytest.raises(RegistryError, match=r"s3://no-such-bucket/m\.pt: not found"):
         resolver.resolve("s3://no-such-bucket/m.pt")
+    # an endpoint that does not answer (one attempt: botocore would retry for seconds)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", CLOSED)
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    s3fs.S3FileSystem.clear_instance_cache()
+    with pytest.raises(RegistryError, match=r"s3://models/factor/factor\.txt: unreachable: "):
+        ModelResolver(CLOSED, tmp_path / "other").resolve("s3://models/factor/factor.txt")
