@@ -211,7 +211,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     by = {(r["pipeline"], r["replicas"]): r["x 1 replica"] for r in rows}
     lost = kill_rows[0]["lost"]
     print(
-        f"**Reading:** 3 replicas / 1: {by[('hold', 3)]}x for a model that holds its instance "
+        f"Reading: 3 replicas / 1: {by[('hold', 3)]}x for a model that holds its instance "
         f"(the client spreads its calls), {by[('matmul', 3)]}x for CPU work (bounded by this "
         f"machine's {cores} cores, shared by the client and every replica); a replica "
         f"SIGKILLed under load lost {lost} calls (target 0)"
