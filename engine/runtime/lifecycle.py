@@ -403,6 +403,7 @@ class Lifecycle:
                 self._weights.pop(name, None)
                 self._sticky.pop(name, None)
             self._runtime.pop(key, None)
+            resolver().unpin(name, version)  # loaded again, it asks its aliases again
             self._route(name)
             self._save()
             logger.info("pipeline %s version %s: unloading (draining first)", name, version)
