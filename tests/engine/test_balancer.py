@@ -186,6 +186,15 @@ def test_a_call_whose_replica_died_is_retried_once_with_what_is_left_of_its_dead
             assert retried.timeout_ms is not None
             assert retried.timeout_ms < 5000  # the rest of its deadline, not all of it again
             assert first.calls == 1
+
+            async def answered_despite_the_death() -> None:
+                targets = [f"127.0.0.1:{second.port}", target(good)]
+                async with AsyncClient(targets=targets, timeout_s=10) as client:
+                    while second.calls == 0:
+                        await client.infer("echo", X)
+
+            asyncio.run(answered_despite_the_death())
+            assert second.calls == 1
         # died twice: the one retry is spent, the loss is raised
         dying = [f"127.0.0.1:{first.port}", f"127.0.0.1:{second.port}"]
         with (
@@ -193,7 +202,15 @@ def test_a_call_whose_replica_died_is_retried_once_with_what_is_left_of_its_dead
             pytest.raises(ClientConnectionError, match="connection closed by the server"),
         ):
             client.infer("echo", X)
-        assert first.calls + second.calls == 3
+        assert first.calls + second.calls == 4
+
+        async def main() -> None:  # the asyncio client alike
+            async with AsyncClient(targets=dying, timeout_s=10) as client:
+                with pytest.raises(ClientConnectionError):
+                    await client.infer("echo", X)
+
+        asyncio.run(main())
+        assert first.calls + second.calls == 6
     finally:
         first.close()
         second.close()
