@@ -179,7 +179,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print()
     parts = ", ".join(f"{t['pipeline']} {t['2 fronts / 1 (req/s)']}" for t in targets)
     print(
-        f"**Reading:** 2 front processes / 1, req/s: {parts} "
+        f"Reading: 2 front processes / 1, req/s: {parts} "
         f"(target >= {TARGET} where the machine has the cores; this one has "
         f"{targets[0]['cores here']} for the clients, the fronts and the worker alike)"
     )
