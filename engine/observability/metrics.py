@@ -28,6 +28,7 @@ from prometheus_client.registry import Collector
 from prometheus_client.samples import Sample
 from prometheus_client.utils import floatToGoString
 
+from engine.runtime.registry import resolver
 from engine.runtime.workers.pool import resident_mb
 from model_plugins.errors import (
     DagserveError,
@@ -427,6 +428,21 @@ class _LiveCollector(Collector):
             quarantined.add_metric([model.model_id], 1.0 if model.model_id in refused else 0.0)
         yield queue
         yield quarantined
+
+        # the version each models:/ (or URI) model of a served version resolved to (issue 13);
+        # a label of its own, so that model ids and the other families stay as they were
+        registry = GaugeMetricFamily(
+            "dagserve_model_registry_info",
+            "1 for the registry version (or object etag) that a remote model: of a served "
+            "pipeline version resolved to.",
+            labels=["pipeline", "version", "model_uri", "registry_version"],
+        )
+        for versions in list(self.engine._served.values()):
+            for served in list(versions.values()):
+                name, version = served.pipeline.name, served.pipeline.version
+                for uri, found in resolver().resolutions(served.pipeline).items():
+                    registry.add_metric([name, version, uri, found.version or ""], 1.0)
+        yield registry
 
         up = GaugeMetricFamily("dagserve_worker_up", "1 if the worker answers.", labels=["worker"])
         restarts = CounterMetricFamily(

@@ -56,6 +56,21 @@ def pipeline_file(folder: Path, model: str, name: str = "scale.yaml") -> Path:
     return path
 
 
+def registry_info(server) -> set[tuple[str, ...]]:
+    """The dagserve_model_registry_info series a scrape of ``server`` shows."""
+    from prometheus_client import generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = generate_latest(server.engine.metrics.registry).decode()
+    return {
+        (s.labels["pipeline"], s.labels["version"], s.labels["model_uri"],
+         s.labels["registry_version"])
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == "dagserve_model_registry_info" and s.value == 1
+    }  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> str:
     """A registry with model ``factor``: version 1 holds 2, version 2 holds 3; champion -> 1."""
@@ -190,6 +205,7 @@ def test_moving_an_alias_rolls_out_under_load_and_a_restart_keeps_the_version(st
             server.run(server.engine.lifecycle.reload("scale", "1"))
             load.phase = "promoted"
             load.wait("promoted", 100)
+            assert registry_info(server) == {("scale", "1", "models:/factor@champion", "2")}
             load.phase = "changing"
             registry.set_alias(store, "factor", "champion", "1")  # roll back: --watch sees it
             wait_until(lambda: load.answers[-1][2] == 2.0, "the watcher's rollback", 60)
