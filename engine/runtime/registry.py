@@ -276,7 +276,9 @@ class ModelResolver:
         name = path.rstrip("/").rsplit("/", 1)[-1] or "model"
         if _complete(folder) is None:
             is_dir = info.get("type") == "directory"
-            expected = _fs_sizes(fs, path) if is_dir else {name: int(info.get("size") or 0)}
+            size = info.get("size")
+            # a server that sends no length (some https ones) is checked by the marker only
+            expected = _fs_sizes(fs, path) if is_dir else None if size is None else {name: size}
 
             def fetch(into: Path) -> None:
                 target = into / name

@@ -132,6 +132,21 @@ def test_a_cut_download_never_looks_complete(tmp_path):
     assert not folder.exists()
 
 
+def test_a_file_uri_is_copied_once_and_a_rewrite_is_another_copy(tmp_path):
+    model = tmp_path / "m.txt"
+    model.write_text("5\n")
+    resolver = ModelResolver(CLOSED, tmp_path / "cache")
+    first = resolver.resolve(model.as_uri())
+    assert first.path.read_text() == "5\n"
+    assert first.path != model
+    assert resolver.resolve(model.as_uri()).folder == first.folder  # reused, not copied again
+    model.write_text("6\n\n")
+    second = resolver.resolve(model.as_uri())
+    assert second.folder != first.folder
+    assert second.path.read_text() == "6\n\n"
+    assert resolver.clean(keep=[second.folder]) == [first.folder]
+
+
 # -- the registry -----------------------------------------------------------------------------
 
 
