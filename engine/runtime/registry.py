@@ -239,6 +239,9 @@ class ModelResolver:
         if version is None:
             assert uri.alias is not None
             version = self.alias_version(uri.name, uri.alias, uri=uri.text)
+        if not version.isdigit():  # a state file edited by hand: never a path outside the cache
+            msg = f"{uri.text}: version {version!r} is not a registry version number"
+            raise RegistryError(msg)
         folder = self.cache_dir / "registry" / _safe(uri.name) / version
         if _complete(folder) is None:
             self._download_version(uri, version, folder)
