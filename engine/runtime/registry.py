@@ -270,13 +270,25 @@ class ModelResolver:
 
     def _resolve_fsspec(self, text: str) -> Resolved:
         fs, path = _filesystem(text)
-        with _mapped(text, None):
-            info = fs.info(path)
+        name = path.rstrip("/").rsplit("/", 1)[-1] or "model"
+        # uri/<hash of the URI>-<hash of its etag, size and mtime>: a rewrite is another folder
+        prefix = hashlib.sha256(text.encode()).hexdigest()[:16]
+        try:
+            with _mapped(text, None):
+                info = fs.info(path)
+        except RegistryError as exc:
+            cached = _newest(self.cache_dir / "uri", prefix)
+            if cached is None or "unreachable" not in exc.message:
+                raise
+            # the store is down: the copy a restart had is served (as a pinned version is)
+            logger.warning("%s; serving the copy cached in %s", exc.message, cached)
+            marker = _complete(cached) or {}
+            return Resolved(text, cached / "files" / name, marker.get("version"), cached)
         tag = str(info.get("ETag") or info.get("etag") or info.get("md5") or "")
         stamp = f"{tag}|{info.get('size')}|{info.get('mtime') or info.get('LastModified') or ''}"
-        key = hashlib.sha256(f"{text}\n{stamp}".encode()).hexdigest()[:24]
-        folder = self.cache_dir / "uri" / key
-        name = path.rstrip("/").rsplit("/", 1)[-1] or "model"
+        folder = (
+            self.cache_dir / "uri" / f"{prefix}-{hashlib.sha256(stamp.encode()).hexdigest()[:16]}"
+        )
         if _complete(folder) is None:
             is_dir = info.get("type") == "directory"
             size = info.get("size")
@@ -574,6 +586,12 @@ def _complete(folder: Path) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return dict(marker)
+
+
+def _newest(folder: Path, prefix: str) -> Path | None:
+    """The most recent complete cache folder of one URI (``PREFIX-*``), if any."""
+    found = [p for p in folder.glob(f"{prefix}-*") if _complete(p) is not None]
+    return max(found, key=lambda p: (p / MARKER).stat().st_mtime, default=None)
 
 
 def _local_sizes(root: Path) -> dict[str, int]:

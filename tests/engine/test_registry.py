@@ -342,3 +342,6 @@ def test_s3_model_files_load_and_failures_name_the_uri(bucket, tmp_path, monkeyp
     s3fs.S3FileSystem.clear_instance_cache()
     with pytest.raises(RegistryError, match=r"s3://models/factor/factor\.txt: unreachable: "):
         ModelResolver(CLOSED, tmp_path / "other").resolve("s3://models/factor/factor.txt")
+    # with a copy in the cache (a restart), the copy serves while the store is down
+    cached = ModelResolver(CLOSED, tmp_path / "cache").resolve("s3://models/factor/factor.txt")
+    assert cached.path.read_text() == "4\n"
