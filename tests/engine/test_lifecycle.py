@@ -420,6 +420,10 @@ class Load:
                 except Exception as exc:  # every failure counts, whatever it is
                     self.failures.append(f"{phase}: {type(exc).__name__}: {exc}")
                     continue
+                # A thread may be held up between reading the phase and sending: a request
+                # whose phase changed before its answer came was sent around a change.
+                if self.phase != phase:
+                    phase = "changing"
                 y = result.outputs["y"]
                 factor = float(y[0, 0])
                 if not np.array_equal(y, X * np.float32(factor)):
