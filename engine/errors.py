@@ -53,12 +53,17 @@ class ApplicationError(DagserveError):
 
 
 class ClientConnectionError(DagserveError, ConnectionError):
-    """A client cannot connect to ``host:port``, or the connection broke during a call."""
+    """A client cannot connect to ``host:port``, or the connection broke during a call.
 
-    def __init__(self, message: str, host: str = "", port: int = 0) -> None:
+    ``sent`` is False when no connection could be made: the call never reached a server, so
+    a balancing client may give it to another replica as it is.
+    """
+
+    def __init__(self, message: str, host: str = "", port: int = 0, *, sent: bool = True) -> None:
         super().__init__(message)
         self.host = host
         self.port = port
+        self.sent = sent
 
 
 class ClientTimeout(ClientConnectionError, TimeoutError):

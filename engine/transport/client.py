@@ -73,10 +73,6 @@ class _BadReply(Exception):
     """The reply cannot be trusted: the connection must be closed."""
 
 
-class _NotSent(ClientConnectionError):
-    """No connection could be made: nothing was sent, another replica may take the call."""
-
-
 def _infer_args(
     pipeline: str,
     inputs: Mapping[str, Any],
@@ -197,8 +193,8 @@ class _Endpoint:
             return ClientTimeout(
                 f"{where}: no answer to {what} within {self.timeout_s} s", self.host, self.port
             )
-        kind = _NotSent if what == "connect" else ClientConnectionError
-        return kind(f"{where}: {what} failed: {exc}", self.host, self.port)
+        msg = f"{where}: {what} failed: {exc}"
+        return ClientConnectionError(msg, self.host, self.port, sent=what != "connect")
 
     def __repr__(self) -> str:
         if self._balancer is not None:
@@ -454,14 +450,14 @@ class Client(_Endpoint):
                 if balancer.needs_check(replica):
                     if not _ready(replica.client):
                         msg = f"{replica.name}: not ready, or no answer to health()"
-                        attempts.failed(replica, _NotSent(msg), sent=False)
+                        attempts.failed(replica, ClientConnectionError(msg, sent=False), sent=False)
                         continue
                     balancer.checked(replica)
                 if len(attempts.tried) > 1:
                     shorten_deadline(args, attempts.remaining_s())
                 value = replica.client._call(name, args, pipeline)
             except BaseException as exc:
-                attempts.failed(replica, exc, sent=not isinstance(exc, _NotSent))
+                attempts.failed(replica, exc, sent=getattr(exc, "sent", True))
             else:
                 attempts.answered(replica)
                 return value
@@ -690,14 +686,14 @@ class AsyncClient(_Endpoint):
                 if balancer.needs_check(replica):
                     if not await _aready(replica.client):
                         msg = f"{replica.name}: not ready, or no answer to health()"
-                        attempts.failed(replica, _NotSent(msg), sent=False)
+                        attempts.failed(replica, ClientConnectionError(msg, sent=False), sent=False)
                         continue
                     balancer.checked(replica)
                 if len(attempts.tried) > 1:
                     shorten_deadline(args, attempts.remaining_s())
                 value = await replica.client._call(name, args, pipeline)
             except BaseException as exc:
-                attempts.failed(replica, exc, sent=not isinstance(exc, _NotSent))
+                attempts.failed(replica, exc, sent=getattr(exc, "sent", True))
             else:
                 attempts.answered(replica)
                 return value
