@@ -51,9 +51,7 @@ class ModelSource(Protocol):
     their items to that front's batchers (``engine.runtime.relay``).
     """
 
-    def plan(
-        self, pipelines: Iterable[Pipeline]
-    ) -> tuple[Placement, dict[tuple[Any, ...], str]]:
+    def plan(self, pipelines: Iterable[Pipeline]) -> tuple[Placement, dict[tuple[Any, ...], str]]:
         """The placement and the model ids, as :func:`plan_placement` returns them."""
         ...
 
