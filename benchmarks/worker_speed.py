@@ -24,7 +24,8 @@ gives the median and range over the pairs.  Each model runs at batch 1 and at it
 (the one with the most items/s offline, from a short sweep, printed below the table; when it
 is batch 1, the model has one row).  Target (issue 15): worker / offline <= 1.10 in each
 row.  A last row runs two instances of the CNN in one worker, called at once, against one
-instance: what a second thread team costs.  ``--cores N`` pins this process (and so the worker and the offline process) to N CPUs.
+instance: what a second thread team costs.  ``--cores N`` pins this process (and so the
+worker and the offline process) to N CPUs.
 """
 
 from __future__ import annotations
