@@ -205,30 +205,15 @@ def test_families_add_other_fronts_numbers_and_keep_a_retired_fronts_counts() ->
 def test_a_rollout_under_load_reaches_every_front_and_fails_no_request(tmp_path):
     # Each admin change returns once every front serves it: a front still routing to a
     # version whose models the first front unloads would fail its requests.
-    from tests.engine.test_lifecycle import Load, versions_in
+    from tests.engine.test_lifecycle import Load, roll_out, versions_in
 
     v1, v2 = versions_in(tmp_path, ("1", 2), ("2", 3))
     with (
         serving([v1], front_processes=2, state_file=tmp_path / "state.json") as server,
         Load(server.port, clients=8) as load,
     ):
-        lifecycle = server.engine.lifecycle
-        steps = [
-            ("loaded", lambda: lifecycle.load(v2)),
-            ("canary", lambda: lifecycle.set_traffic("scale", {"1": 0.5, "2": 0.5})),
-            ("promoted", lambda: lifecycle.set_traffic("scale", {"2": 1})),
-            ("reloaded", lambda: lifecycle.reload("scale", "2")),
-            ("v2", lambda: lifecycle.unload("scale", "1")),
-        ]
-        load.phase = "v1"
-        load.wait("v1", 100)
-        for phase, change in steps:
-            load.phase = "changing"
-            if phase == "reloaded":
-                (tmp_path / "factor_v2.txt").write_text("5\n")
-            server.run(change(), timeout_s=120)
-            load.phase = phase
-            load.wait(phase, 200)
+        roll_out(server, load, v2, {"1": 0.5, "2": 0.5}, at_least=200, in_canary=200,
+                 timeout_s=120)  # fmt: skip
         own, _ = wait_until(
             lambda: (counts := _requests_by_front(server.engine, "scale"))[1] > 0 and counts,
             "the second front served some of the requests",

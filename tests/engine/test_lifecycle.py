@@ -437,29 +437,44 @@ class Load:
         wait_until(lambda: sum(self.at(phase).values()) >= count, f"{count} in {phase}", timeout_s)
 
 
+def roll_out(
+    server,
+    load: Load,
+    v2: Path,
+    canary: dict[str, float],
+    *,
+    at_least: int,
+    in_canary: int,
+    timeout_s: float = 60.0,
+) -> None:
+    """Under ``load``: load ``v2``, split by ``canary``, promote it, reload it after its factor
+    file was rewritten to 5, unload v1; each phase waits for ``at_least`` answers (``in_canary``
+    in the canary).  A phase names what was served when a request was sent; a request sent
+    while a change is being made is counted under "changing" (either side of it may answer)."""
+    lifecycle = server.engine.lifecycle
+    steps = [
+        ("loaded", lambda: lifecycle.load(v2)),
+        ("canary", lambda: lifecycle.set_traffic("scale", canary)),
+        ("promoted", lambda: lifecycle.set_traffic("scale", {"2": 1})),
+        ("reloaded", lambda: lifecycle.reload("scale", "2")),
+        ("v2", lambda: lifecycle.unload("scale", "1")),
+    ]
+    load.phase = "v1"
+    load.wait("v1", at_least)
+    for phase, change in steps:
+        load.phase = "changing"
+        if phase == "reloaded":
+            (v2.parent / "factor_v2.txt").write_text("5\n")
+        server.run(change(), timeout_s=timeout_s)
+        load.phase = phase
+        load.wait(phase, in_canary if phase == "canary" else at_least)
+
+
 @pytest.mark.e2e
 def test_a_rollout_under_load_fails_no_request(tmp_path):
     v1, v2 = versions_in(tmp_path, ("1", 2), ("2", 3))
     with serving([v1]) as server, Load(server.port) as load:
-        lifecycle = server.engine.lifecycle
-        # A phase names what was served when a request was sent; a request sent while a
-        # change is being made is counted under "changing" (either side of it may answer).
-        steps = [
-            ("loaded", lambda: lifecycle.load(v2)),
-            ("canary", lambda: lifecycle.set_traffic("scale", {"1": 0.9, "2": 0.1})),
-            ("promoted", lambda: lifecycle.set_traffic("scale", {"2": 1})),
-            ("reloaded", lambda: lifecycle.reload("scale", "2")),
-            ("v2", lambda: lifecycle.unload("scale", "1")),
-        ]
-        load.phase = "v1"
-        load.wait("v1", 100)
-        for phase, change in steps:
-            load.phase = "changing"
-            if phase == "reloaded":
-                (tmp_path / "factor_v2.txt").write_text("5\n")
-            server.run(change())
-            load.phase = phase
-            load.wait(phase, 3000 if phase == "canary" else 100)
+        roll_out(server, load, v2, {"1": 0.9, "2": 0.1}, at_least=100, in_canary=3000)
     assert load.failures == []
     assert load.wrong == []
     versions = {("1", 2.0), ("2", 3.0), ("2", 5.0)}  # every answer is one version's output
