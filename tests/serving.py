@@ -17,13 +17,47 @@ ROOT = Path(__file__).resolve().parent.parent
 PIPELINES = Path(__file__).resolve().parent / "pipelines"
 
 
-class ServerThread:
+class LoopThread:
+    """An event loop on a background thread: ``run`` a coroutine there and wait for it, so
+    that sync clients in the test block the calling thread, not the server.  A subclass says
+    how its server starts and stops (``_start``, ``_stop``)."""
+
+    #: how long ``run`` waits by default
+    timeout_s = 60.0
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+
+    def run(self, coro: Any, timeout_s: float | None = None) -> Any:
+        timeout = self.timeout_s if timeout_s is None else timeout_s
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def start(self) -> None:
+        self._thread.start()
+        self.run(self._start())
+
+    def stop(self) -> None:
+        try:
+            self.run(self._stop())
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(10)
+            self.loop.close()
+
+    async def _start(self) -> None:
+        raise NotImplementedError
+
+    async def _stop(self) -> None:
+        raise NotImplementedError
+
+
+class ServerThread(LoopThread):
     """``engine.server.Server`` on 127.0.0.1, port 0, in another thread (sync clients block)."""
 
     def __init__(self, server: Server) -> None:
+        super().__init__()
         self.server = server
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
 
     @property
     def port(self) -> int:
@@ -37,20 +71,11 @@ class ServerThread:
     def engine(self) -> Any:
         return self.server.engine
 
-    def run(self, coro: Any, timeout_s: float = 60.0) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout_s)
+    async def _start(self) -> None:
+        await self.server.startup()
 
-    def start(self) -> None:
-        self._thread.start()
-        self.run(self.server.startup())
-
-    def stop(self) -> None:
-        try:
-            self.run(self.server.shutdown())
-        finally:
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self._thread.join(10)
-            self.loop.close()
+    async def _stop(self) -> None:
+        await self.server.shutdown()
 
 
 @contextmanager

@@ -25,6 +25,7 @@ from model_plugins.errors import (
     PipelineNotFound,
 )
 from model_plugins.specs import TensorSpec
+from tests.serving import LoopThread
 
 #: header value -> the error the fake raises
 ERRORS: dict[str, Callable[[], Exception]] = {
@@ -98,25 +99,22 @@ class FakeEngine:
         return HealthReport(live=True, ready=True, details={"pipelines": "1"})
 
 
-class ServerThread:
+class ServerThread(LoopThread):
     """A :class:`ThriftServer` on 127.0.0.1, port 0, on an event loop in another thread.
 
     The synchronous client blocks, so the server cannot share the test's thread.
     """
 
+    timeout_s = 10.0
+
     def __init__(self, engine: FakeEngine, **options: Any) -> None:
+        super().__init__()
         self.engine = engine
         self.server = ThriftServer(InferenceHandler(engine), "127.0.0.1", 0, **options)
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
 
     @property
     def port(self) -> int:
         return self.server.port
-
-    def run(self, coro: Any, timeout_s: float = 10.0) -> Any:
-        """Run a coroutine on the server's loop and wait for its result."""
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout_s)
 
     def read(self, get: Callable[[], Any]) -> Any:
         """Read server state on its own loop (no race with the loop thread)."""
@@ -126,17 +124,11 @@ class ServerThread:
 
         return self.run(_get())
 
-    def start(self) -> None:
-        self._thread.start()
-        self.run(self.server.start())
+    async def _start(self) -> None:
+        await self.server.start()
 
-    def stop(self) -> None:
-        try:
-            self.run(self.server.aclose())
-        finally:
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self._thread.join(10)
-            self.loop.close()
+    async def _stop(self) -> None:
+        await self.server.aclose()
 
 
 @contextmanager

@@ -10,39 +10,27 @@ variants.  It checks nothing else: the real lifecycle's rules are tested with th
 
 from __future__ import annotations
 
-import asyncio
-import threading
-from collections.abc import Iterator, Mapping
+import functools
+from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from engine.config import ServerConfig
+from engine.runtime.lifecycle import VersionState
 from engine.transport.admin import admin_server
 from engine.transport.thrift import ThriftServer
 from model_plugins.errors import DagserveError
+from tests.serving import LoopThread
 
-
-@dataclass(frozen=True)
-class FakeState:
-    pipeline: str
-    version: str
-    state: str = "ready"
-    why: str = ""
-    weight: float = 0.0
-    shadow: bool = False
-    sticky_header: str | None = None
-    inflight: int = 0
-    path: str | None = None
-    models: tuple[str, ...] = ()
-    variants: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
-    variant_shadows: Mapping[str, str] = field(default_factory=dict)
+#: a version as the fake reports it: the real lifecycle's VersionState, ready unless told
+FakeState = functools.partial(VersionState, state="ready")
 
 
 class FakeLifecycle:
     def __init__(self) -> None:
-        self.states: dict[tuple[str, str], FakeState] = {
+        self.states: dict[tuple[str, str], VersionState] = {
             ("calc", "1"): FakeState(
                 "calc", "1", weight=1.0, path="/srv/calc.yaml", models=("calc/double",),
                 variants={"double": {"fast": 10.0}}, variant_shadows={"double": "next"},
@@ -57,10 +45,10 @@ class FakeLifecycle:
         if any("crash" in w for w in words):
             raise RuntimeError("the fake crashed")
 
-    def versions(self) -> list[FakeState]:
+    def versions(self) -> list[VersionState]:
         return list(self.states.values())
 
-    async def load(self, path: Path) -> FakeState:
+    async def load(self, path: Path) -> VersionState:
         self.calls.append(("load", path))
         self._check(str(path))
         name, version = path.stem.split("_v")
@@ -72,7 +60,7 @@ class FakeLifecycle:
     async def set_traffic(
         self, name: str, weights: dict[str, float], *, shadow: str | None = None,
         sticky_header: str | None = None,
-    ) -> list[FakeState]:  # fmt: skip
+    ) -> list[VersionState]:  # fmt: skip
         self.calls.append(("traffic", name, weights, shadow, sticky_header))
         self._check(name, *weights)
         total = sum(weights.values())
@@ -86,7 +74,7 @@ class FakeLifecycle:
 
     async def set_variant_weights(
         self, name: str, version: str, node: str, weights: dict[str, float]
-    ) -> FakeState:
+    ) -> VersionState:
         self.calls.append(("variants", name, version, node, weights))
         self._check(name, version, node, *weights)
         state = self.states.get((name, version))
@@ -96,7 +84,7 @@ class FakeLifecycle:
         self.states[name, version] = replace(state, variants=merged)
         return self.states[name, version]
 
-    async def reload(self, name: str, version: str, *, in_place: bool = False) -> FakeState:
+    async def reload(self, name: str, version: str, *, in_place: bool = False) -> VersionState:
         self.calls.append(("reload", name, version, in_place))
         self._check(name, version)
         if (name, version) not in self.states:
@@ -110,33 +98,25 @@ class FakeLifecycle:
             raise DagserveError(f"no version {version!r} of {name!r}")
 
 
-class AdminThread:
+class AdminThread(LoopThread):
     """An admin ``ThriftServer`` (from ``admin_server(config, lifecycle)``) on a background
     loop: sync clients block the calling thread, not the server."""
 
+    timeout_s = 10.0
+
     def __init__(self, server: ThriftServer) -> None:
+        super().__init__()
         self.server = server
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
 
     @property
     def port(self) -> int:
         return self.server.port
 
-    def run(self, coro: Any, timeout_s: float = 10.0) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout_s)
+    async def _start(self) -> None:
+        await self.server.start()
 
-    def start(self) -> None:
-        self._thread.start()
-        self.run(self.server.start())
-
-    def stop(self) -> None:
-        try:
-            self.run(self.server.aclose(grace_s=1.0))
-        finally:
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self._thread.join(10)
-            self.loop.close()
+    async def _stop(self) -> None:
+        await self.server.aclose(grace_s=1.0)
 
 
 @contextmanager

@@ -214,10 +214,7 @@ class _Watched(FakeLifecycle):
 
     def __init__(self, files: dict[tuple[str, str], Path]) -> None:
         super().__init__()
-        self.states = {
-            key: self.states[("calc", "1")].__class__(*key, path=str(path))
-            for key, path in files.items()
-        }
+        self.states = {key: FakeState(*key, path=str(path)) for key, path in files.items()}
 
     async def reload(self, name, version, *, in_place=False):
         self.calls.append(("reload", name, version, in_place))
