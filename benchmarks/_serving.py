@@ -6,11 +6,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import queue
 import signal
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -114,6 +116,31 @@ def figures(result: BenchResult) -> dict[str, Any]:
         "p99 ms": summary["p99 ms"],
         "errors": summary["errors"],
     }
+
+
+def serve_on_one_thread(conn: Any, load: Callable[[], Any], run: Callable[[Any, Any], Any]) -> None:
+    """An offline process's loop: the commands that come over ``conn`` run on one thread, as
+    a worker's instance runs its calls (frameworks keep per-thread state).
+
+    ``load()`` runs first on that thread (then ``"loaded"`` is sent); each command is answered
+    with ``run(loaded, command)``; ``None`` ends it.
+    """
+    commands: queue.Queue[Any] = queue.Queue()
+
+    def serve() -> None:
+        loaded = load()
+        conn.send("loaded")
+        while (command := commands.get()) is not None:
+            conn.send(run(loaded, command))
+
+    thread = threading.Thread(target=serve, name="offline-model")
+    thread.start()
+    while True:
+        command = conn.recv()
+        commands.put(command)
+        if command is None:
+            break
+    thread.join()
 
 
 def ratio(a: float, b: float) -> float:

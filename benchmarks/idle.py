@@ -46,7 +46,6 @@ import os
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -56,6 +55,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from benchmarks._serving import serve_on_one_thread
 from model_plugins import LoadContext, ModelPlugin, TensorSpec
 
 #: the target: served p50 <= FACTOR x offline p50 + bare round trip p50 + SLACK_MS
@@ -198,39 +198,22 @@ def _offline_main(conn: Connection, framework: str, folder: str) -> None:
     build(framework, Path(folder))
     conn.send("built")
     models = [m for m in MODELS.values() if m.framework == framework]
-    commands: list[Any] = []
-    ready = threading.Condition()
 
-    def serve() -> None:  # one thread loads and runs every call, as a worker's instance does
-        plugins = {m.name: load_plugin(m, Path(folder)) for m in models}
-        conn.send("loaded")
-        while True:
-            with ready:
-                while not commands:
-                    ready.wait()
-                command = commands.pop(0)
-            if command is None:
-                return
-            name, x, calls, gap = command
-            plugin = plugins[name]
-            seconds = []
-            for _ in range(calls):
-                start = time.perf_counter()
-                plugin.predict({"x": x})
-                seconds.append(time.perf_counter() - start)
-                time.sleep(gap)
-            conn.send(seconds)
+    def load() -> dict[str, Any]:
+        return {m.name: load_plugin(m, Path(folder)) for m in models}
 
-    thread = threading.Thread(target=serve, name="offline-model")
-    thread.start()
-    while True:
-        command = conn.recv()
-        with ready:
-            commands.append(command)
-            ready.notify()
-        if command is None:
-            break
-    thread.join()
+    def run(plugins: dict[str, Any], command: Any) -> list[float]:
+        name, x, calls, gap = command
+        plugin = plugins[name]
+        seconds = []
+        for _ in range(calls):
+            start = time.perf_counter()
+            plugin.predict({"x": x})
+            seconds.append(time.perf_counter() - start)
+            time.sleep(gap)
+        return seconds
+
+    serve_on_one_thread(conn, load, run)
 
 
 class Offline:

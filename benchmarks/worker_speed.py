@@ -39,7 +39,6 @@ import os
 import resource
 import statistics
 import tempfile
-import threading
 import time
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -47,6 +46,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from benchmarks._serving import serve_on_one_thread
 from engine.runtime.workers.pool import WorkerKey, WorkerPool
 from engine.tools.bench import render_table
 from model_plugins import LoadContext, ModelPlugin, TensorSpec
@@ -159,37 +159,21 @@ SWEEPS: dict[str, dict[int, float]] = {}
 
 def _offline_main(conn: Connection, name: str, params: dict[str, Any]) -> None:
     plugin = MODELS[name]["class"]()
-    commands: list[Any] = []
-    ready = threading.Condition()
 
-    def serve() -> None:  # one thread loads and runs every call, as a worker's instance does
+    def load() -> Any:
         plugin.load(LoadContext(node=name, plugin=MODELS[name]["plugin"], params=params))
-        conn.send("loaded")
-        while True:
-            with ready:
-                while not commands:
-                    ready.wait()
-                command = commands.pop(0)
-            if command is None:
-                return
-            x, calls, gap = command
-            plugin.predict({"x": x})  # warm
-            rows = []
-            for _ in range(calls):
-                time.sleep(gap)
-                rows.append(plugin.predict({"x": x})["t"][0])
-            conn.send(rows)
+        return plugin
 
-    thread = threading.Thread(target=serve, name="offline-model")
-    thread.start()
-    while True:
-        command = conn.recv()
-        with ready:
-            commands.append(command)
-            ready.notify()
-        if command is None:
-            break
-    thread.join()
+    def run(plugin: Any, command: Any) -> list[Any]:
+        x, calls, gap = command
+        plugin.predict({"x": x})  # warm
+        rows = []
+        for _ in range(calls):
+            time.sleep(gap)
+            rows.append(plugin.predict({"x": x})["t"][0])
+        return rows
+
+    serve_on_one_thread(conn, load, run)
 
 
 class Offline:
