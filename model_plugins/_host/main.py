@@ -180,8 +180,8 @@ class _Worker:
 
     def _run_instance(self, instance: _Instance, message_id: int, message: Predict) -> None:
         self.calls.begin(instance.slot, message_id)
-        threads.settle()  # re-balanced if models were loaded or unloaded since
-        self._guarded(message_id, _predict, instance.plugin, message.inputs)
+        with threads.running():  # its share of the cores among the calls running now
+            self._guarded(message_id, _predict, instance.plugin, message.inputs)
         self.calls.end(instance.slot)
 
     def unload(self, model_id: str) -> None:

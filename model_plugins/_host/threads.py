@@ -11,9 +11,16 @@ instead (14 voluntary context switches per forward of the benchmark CNN instead 
 The rule (``ServerConfig.worker_threads``):
 
 * ``auto``: a worker is given ``cores`` CPUs (its CPU affinity, capped by a cgroup CPU quota);
-  each of the I instances it holds gets ``max(1, cores // I)`` intra-op threads, re-balanced
-  as models load and unload, so that the instances together never run more compute threads
-  than there are cores.  ``OMP_NUM_THREADS`` in the server's environment counts as ``N``.
+  a call gets ``max(1, cores // R)`` intra-op threads, R being the instances *running*: the
+  calls in flight in the worker, this one included, and the instances whose last call ended
+  within :data:`BUSY_WINDOW_S` (a batcher under load calls again within milliseconds).  So a
+  model whose neighbours in the worker are idle runs on every core, as it would in a script,
+  and busy instances together do not run more compute threads than there are cores (a call
+  already running keeps its width until it ends: for a moment after a neighbour wakes, the
+  teams may hold a few threads more than the cores).  Held instances, not running ones, set
+  the width of what is process-wide (numpy's BLAS pool: changing it costs about a
+  millisecond): ``max(1, cores // I)`` for the I instances the worker holds.
+  ``OMP_NUM_THREADS`` in the server's environment counts as ``N``.
 * ``N``: each instance gets N intra-op threads, whatever it holds.
 
 Inter-op: torch's inter-op pool (``torch.jit.fork``) gets 1 thread (each task on it would
@@ -26,9 +33,9 @@ How: the parent sets the worker's environment before it starts (:func:`worker_en
 ``TF_NUM_INTRAOP_THREADS`` / ``TF_NUM_INTEROP_THREADS``, how long idle threads spin
 (:data:`SPIN_VARS`) and glibc's malloc (:func:`malloc_environment`), all read when a library
 loads); in the worker, each instance thread calls :func:`settle` before it loads its model and
-before each call, which sets that thread's share (``torch.set_num_threads`` holds per calling
-thread; numpy's BLAS through ``threadpoolctl`` where it is installed).  Variables the operator
-set are left as they are.
+runs each call inside :func:`running`, which set that thread's share (``torch.set_num_threads``
+holds per calling thread; numpy's BLAS through ``threadpoolctl`` where it is installed).
+Variables the operator set are left as they are.
 """
 
 from __future__ import annotations
@@ -40,8 +47,9 @@ import math
 import os
 import sys
 import threading
+import time
 import weakref
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +80,8 @@ MALLOC_TUNABLES = {
     "glibc.malloc.mmap_max": "0",
     "glibc.malloc.trim_threshold": str(1 << 30),
 }
+#: an instance whose last call ended this recently still counts as running (see the rule)
+BUSY_WINDOW_S = 0.05
 _MALLOC_VARS = ("MALLOC_ARENA_MAX", "MALLOC_MMAP_MAX_", "MALLOC_MMAP_THRESHOLD_",
                 "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")  # fmt: skip
 
@@ -227,6 +237,8 @@ class _Budget:
         self.framework = environ.get(FRAMEWORK_VAR)
         self.lock = threading.Lock()
         self.threads: weakref.WeakSet[threading.Thread] = weakref.WeakSet()
+        #: instance thread -> when its last call ended (``inf`` while one runs)
+        self.ended: weakref.WeakKeyDictionary[threading.Thread, float] = weakref.WeakKeyDictionary()
         self.local = threading.local()
         self.blas: int | None = None
         self.interop_done = False
@@ -236,17 +248,33 @@ class _Budget:
             self.threads.add(threading.current_thread())
             return sum(1 for thread in self.threads if thread.is_alive())
 
-    def settle(self) -> int:
-        count = per_instance(self.cores, self.instances(), self.setting)
-        if getattr(self.local, "count", None) != count:
+    def begin(self) -> int:
+        """This thread starts a call: the instances running now, this one included."""
+        now = time.monotonic()
+        with self.lock:
+            me = threading.current_thread()
+            self.threads.add(me)
+            self.ended[me] = math.inf
+            recent = now - BUSY_WINDOW_S
+            return sum(1 for t, end in self.ended.items() if end >= recent and t.is_alive())
+
+    def end(self) -> None:
+        with self.lock:
+            self.ended[threading.current_thread()] = time.monotonic()
+
+    def settle(self, running: int | None = None) -> int:
+        held = self.instances()
+        count = per_instance(self.cores, held if running is None else running, self.setting)
+        process_wide = per_instance(self.cores, held, self.setting)
+        if getattr(self.local, "count", None) != count or self.blas != process_wide:
             self.local.count = count
             try:
-                self._apply(count)
+                self._apply(count, process_wide)
             except Exception:  # a framework that will not be set must not fail the call
                 logger.warning("could not set %d intra-op threads", count, exc_info=True)
         return count
 
-    def _apply(self, count: int) -> None:
+    def _apply(self, count: int, process_wide: int) -> None:
         if self.framework == "torch":
             with contextlib.suppress(ImportError):  # the plugin imports it anyway: set it first
                 importlib.import_module("torch")
@@ -258,12 +286,12 @@ class _Budget:
                     torch.set_num_interop_threads(1)
             if torch.get_num_threads() != count:  # per calling thread (its OpenMP team)
                 torch.set_num_threads(count)
-        if self.blas != count and "numpy" in sys.modules:
-            self.blas = count
+        if self.blas != process_wide and "numpy" in sys.modules:
+            self.blas = process_wide
             with contextlib.suppress(ImportError):
                 from threadpoolctl import threadpool_limits
 
-                threadpool_limits(limits=count, user_api="blas")
+                threadpool_limits(limits=process_wide, user_api="blas")
 
 
 _budget: _Budget | None = None
@@ -279,9 +307,20 @@ def _the_budget() -> _Budget:
 
 
 def settle() -> int:
-    """On an instance's thread, before it loads and before each call: set the intra-op
-    threads of the calling thread to its share (see the module's rule); returns it."""
+    """On an instance's thread, before it loads: set the intra-op threads of the calling
+    thread to its share of the cores among the instances held; returns it."""
     return _the_budget().settle()
+
+
+@contextlib.contextmanager
+def running() -> Iterator[int]:
+    """On an instance's thread, around each call: its share of the cores among the instances
+    running now (see the module's rule); yields it."""
+    budget = _the_budget()
+    try:
+        yield budget.settle(budget.begin())
+    finally:
+        budget.end()
 
 
 __all__ = [
@@ -289,6 +328,7 @@ __all__ = [
     "malloc_environment",
     "parse_setting",
     "per_instance",
+    "running",
     "settle",
     "worker_environment",
 ]

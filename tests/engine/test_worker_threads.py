@@ -6,10 +6,12 @@ with, torch's thread counts on its instance thread and numpy's BLAS threads.  No
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import json
 import os
 import threading
+import time
 from typing import Any, ClassVar
 
 import numpy as np
@@ -44,6 +46,7 @@ class ThreadReport(ModelPlugin):
 
     def predict(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         report: dict[str, Any] = {"env": {k: os.environ.get(k) for k in REPORTED}}
+        time.sleep(float(batch["x"][0, 1]))  # x[0, 1]: seconds to hold the call
         if self.framework == "torch":
             import torch
 
@@ -65,17 +68,21 @@ class TorchThreadReport(ThreadReport):
 
 PLUGIN = f"{__name__}:ThreadReport"
 TORCH_PLUGIN = f"{__name__}:TorchThreadReport"
-X = {"x": np.ones((1, 2), np.float32)}
+X = {"x": np.array([[1, 0]], np.float32)}
+
+
+async def report(
+    pool: WorkerPool, key: WorkerKey, model_id: str, instance: int = 0, hold_s: float = 0
+) -> dict[str, Any]:
+    x = {"x": np.array([[1, hold_s]], np.float32)}
+    got = await pool.predict(key, model_id, x, instance=instance)
+    return json.loads(got["report"][0])  # type: ignore[no-any-return]
 
 
 async def reports(
     pool: WorkerPool, key: WorkerKey, model_id: str, instances: int
 ) -> list[dict[str, Any]]:
-    out = []
-    for instance in range(instances):
-        got = await pool.predict(key, model_id, X, instance=instance)
-        out.append(json.loads(got["report"][0]))
-    return out
+    return [await report(pool, key, model_id, instance) for instance in range(instances)]
 
 
 async def load(pool: WorkerPool, key: WorkerKey, model_id: str, plugin: str, n: int) -> None:
@@ -161,6 +168,37 @@ def test_instances_are_the_live_threads_that_settled():
     assert budget.instances() == 1  # the two have ended: only the caller is left
 
 
+def test_running_counts_the_calls_in_flight_and_those_just_ended(monkeypatch):
+    budget = threads._Budget()
+    monkeypatch.setattr(threads, "BUSY_WINDOW_S", 0.2)
+    counts: dict[str, int] = {}
+    inside, release, done = threading.Event(), threading.Event(), threading.Event()
+
+    def long_call() -> None:
+        counts["long"] = budget.begin()
+        inside.set()
+        release.wait(10)
+        budget.end()
+        done.wait(10)  # an instance's thread lives on between calls
+
+    other = threading.Thread(target=long_call)
+    other.start()
+    inside.wait(10)
+    counts["beside"] = budget.begin()  # the long call is running: two
+    budget.end()
+    release.set()
+    while budget.ended[other] == float("inf"):
+        time.sleep(0.001)
+    counts["just_after"] = budget.begin()  # it ended a moment ago: still counted
+    budget.end()
+    time.sleep(0.3)
+    counts["alone"] = budget.begin()  # both idle past the window: this call alone
+    budget.end()
+    done.set()
+    other.join()
+    assert counts == {"long": 1, "beside": 2, "just_after": 2, "alone": 1}
+
+
 # -- inside a worker -----------------------------------------------------------------------
 
 
@@ -188,23 +226,36 @@ def expected_setting() -> int | None:
 
 @pytest.mark.e2e
 @pytest.mark.frameworks
-async def test_a_torch_worker_shares_its_cores_among_the_instances_it_holds():
+async def test_a_torch_worker_shares_its_cores_among_the_instances_running():
     skip_without_torch()
     pool = WorkerPool()
     key = WorkerKey("torch", "cpu")
     cores = threads.available_cores()
     setting = expected_setting()
+    idle_s = threads.BUSY_WINDOW_S * 3
     try:
         await load(pool, key, "one", TORCH_PLUGIN, 1)
-        (alone,) = await reports(pool, key, "one", 1)
+        alone = await report(pool, key, "one")
         assert alone["torch"] == threads.per_instance(cores, 1, setting)
         assert alone["interop"] == 1
         assert alone["env"][threads.FRAMEWORK_VAR] == "torch"
-        # a second model of two instances: three instances share the cores, the first one
-        # too from its next call on
+        # a second model of two instances, loaded and idle: the first still gets every core
         await load(pool, key, "two", TORCH_PLUGIN, 2)
-        three = await reports(pool, key, "two", 2) + await reports(pool, key, "one", 1)
-        assert [r["torch"] for r in three] == [threads.per_instance(cores, 3, setting)] * 3
+        await asyncio.sleep(idle_s)
+        beside_idle = await report(pool, key, "one")
+        assert beside_idle["torch"] == threads.per_instance(cores, 1, setting)
+        # while both instances of the second run, the three share the cores
+        await asyncio.sleep(idle_s)
+        busy = [asyncio.create_task(report(pool, key, "two", i, hold_s=1.5)) for i in (0, 1)]
+        await asyncio.sleep(0.5)
+        beside_busy = await report(pool, key, "one")
+        assert beside_busy["torch"] == threads.per_instance(cores, 3, setting)
+        assert [(await call)["torch"] for call in busy] in (
+            [threads.per_instance(cores, n, setting) for n in order] for order in ((1, 2), (2, 1))
+        )
+        await asyncio.sleep(idle_s)
+        again = await report(pool, key, "one")
+        assert again["torch"] == threads.per_instance(cores, 1, setting)
     finally:
         await pool.aclose()
 
