@@ -9,10 +9,11 @@ FAST_STAMP := $(VENV)/.installed-dev-$(shell cksum setup.py | cut -d' ' -f1)
 # Debian packages the suite and the CLI use: the Apache Thrift compiler (the test that
 # generates an official client), graphviz (`dagserve graph`), prometheus (the test that
 # scrapes a real server) and kubernetes-client (`kubectl kustomize` renders deploy/kubernetes
-# in tests/test_deploy.py; its overlays need kustomize v4.5 or later); see system-deps.
+# in tests/test_deploy.py; its overlays need kustomize v4.5 or later) and Java 17 (the Flink
+# mini-cluster of `dagserve stream`); see system-deps.
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: all test test-fast gpu-check demo bench ray-venv lint check system-deps clean
+.PHONY: all test test-fast gpu-check demo bench ray-venv flink-venv lint check system-deps clean
 
 all: test
 
@@ -22,6 +23,7 @@ system-deps:
 	command -v dot >/dev/null || missing="$$missing graphviz"; \
 	command -v prometheus >/dev/null || missing="$$missing prometheus"; \
 	command -v kubectl >/dev/null || missing="$$missing kubernetes-client"; \
+	command -v java >/dev/null || missing="$$missing openjdk-17-jre-headless"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \
 	  $(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q --no-install-recommends $$missing; \
@@ -34,7 +36,7 @@ $(STAMP): setup.py
 	$(PY) -m pip install -q -e '.[dev,torch,tensorflow,paddle,otel,examples,registry,ray]'
 	rm -f $(VENV)/.installed-*; touch $@
 
-test: system-deps $(STAMP)
+test: system-deps $(STAMP) $(FLINK_STAMP)
 	$(PY) -m pytest -q
 
 $(FAST_STAMP): setup.py
@@ -71,7 +73,22 @@ $(RAY_STAMP):
 
 ray-venv: $(RAY_STAMP)
 
-bench: system-deps $(STAMP) $(RAY_STAMP)
+# PyFlink for `dagserve stream` (engine/stream), in a venv of its own: apache-flink pins numpy,
+# protobuf, grpcio and pyarrow below what TensorFlow, Paddle and Ray in .venv need.  dagserve
+# and its own dependencies, no frameworks (the operator is a client); the tests run the job as
+# .venv-flink/bin/dagserve stream.  Java 17 runs the mini-cluster.
+FLINK_VENV  := .venv-flink
+FLINK_STAMP := $(FLINK_VENV)/.installed-flink-$(shell cksum setup.py | cut -d' ' -f1)
+
+$(FLINK_STAMP): setup.py
+	test -x $(FLINK_VENV)/bin/python || $(PYTHON) -m venv $(FLINK_VENV)
+	$(FLINK_VENV)/bin/python -m pip install -q --upgrade pip
+	$(FLINK_VENV)/bin/python -m pip install -q -e '.[flink]'
+	rm -f $(FLINK_VENV)/.installed-*; touch $@
+
+flink-venv: $(FLINK_STAMP)
+
+bench: system-deps $(STAMP) $(RAY_STAMP) $(FLINK_STAMP)
 	$(PY) -m benchmarks.run_all
 
 lint: $(STAMP)

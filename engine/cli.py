@@ -11,6 +11,9 @@
     dagserve infer --pipeline NAME --input NAME=VALUE|@FILE ...  [--host --port]
     dagserve bench --pipeline NAME [--concurrency N | --rate R] [--duration S] [--samples F]
     dagserve new-plugin NAME [--dir DIR]
+    dagserve stream --target HOST:PORT --pipeline NAME --source jsonl:PATH --sink jsonl:PATH
+                    [--dead-letter jsonl:PATH] [--parallelism N] [--capacity N] [--ordered]
+                    [--timeout-ms T]       (a PyFlink job, engine/stream; the flink extra)
 """
 
 from __future__ import annotations
@@ -97,6 +100,8 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--timeout-ms", type=int)
     bench.add_argument("--json", type=Path, metavar="FILE", help="also write the result as JSON")
 
+    _stream_parser(commands)
+
     # Its own parser (engine/tools/admin_cli.py) reads the rest of the line, --help included.
     admin = commands.add_parser(
         "admin", help="load, route, reload, unload pipeline versions", add_help=False
@@ -133,6 +138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "infer": _infer,
         "new-plugin": _new_plugin,
         "bench": _bench,
+        "stream": _stream,
     }
     try:
         return handler[args.command](args)
@@ -224,6 +230,100 @@ def _bench(args: argparse.Namespace) -> int:
         print(f"  {name}: {example}")
     if args.json is not None:
         args.json.write_text(json.dumps(result.to_json(), indent=2, default=str))
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _stream_parser(commands: Any) -> None:
+    stream = commands.add_parser(
+        "stream", help="run a Flink job: JSONL records through a pipeline into a JSONL sink"
+    )
+    stream.add_argument(
+        "--target", action="append", required=True, metavar="HOST:PORT",
+        help="the server; repeat for replicas (a balancing client)",
+    )  # fmt: skip
+    stream.add_argument("--pipeline", required=True)
+    stream.add_argument(
+        "--source", required=True, metavar="jsonl:PATH", help="a JSON object a line"
+    )
+    stream.add_argument("--sink", required=True, metavar="jsonl:PATH", help="answers, a line each")
+    stream.add_argument(
+        "--dead-letter", metavar="jsonl:PATH",
+        help="records that failed, with why (default: the sink's name with .dead.jsonl)",
+    )  # fmt: skip
+    stream.add_argument("--parallelism", type=int, default=1, help="operator subtasks (1)")
+    stream.add_argument("--capacity", type=int, default=100, help="records in flight a subtask")
+    stream.add_argument(
+        "--ordered", action="store_true", help="answers in source order (--parallelism 1)"
+    )
+    stream.add_argument(
+        "--timeout-ms", type=int, default=30_000, help="each record's deadline, retries included"
+    )
+    stream.add_argument(
+        "--input-map", action="append", default=[], metavar="FIELD=INPUT",
+        help="the record field that carries a pipeline input (default: its own name)",
+    )  # fmt: skip
+    stream.add_argument(
+        "--output-map", action="append", default=[], metavar="OUTPUT=FIELD",
+        help="the sink field of a pipeline output (default: its own name)",
+    )  # fmt: skip
+    stream.add_argument("--json", type=Path, metavar="FILE", help="also write the summary as JSON")
+
+
+def _pairs(texts: Sequence[str], option: str) -> dict[str, str]:
+    pairs = {}
+    for text in texts:
+        key, sep, value = text.partition("=")
+        if not sep or not key or not value:
+            msg = f"{option} must be A=B (got {text!r})"
+            raise ValueError(msg)
+        pairs[key] = value
+    return pairs
+
+
+def _stream(args: argparse.Namespace) -> int:
+    import importlib.util
+
+    if importlib.util.find_spec("pyflink") is None:
+        print(
+            "dagserve stream: PyFlink is not installed here: pip install 'dagserve[flink]' "
+            f"(make test installs it in .venv-flink); this is {sys.executable}",
+            file=sys.stderr,
+        )
+        return 2
+    from engine.stream.job import (
+        StreamSpec,
+        default_dead_letters,
+        jsonl_path,
+        run_stream,
+    )
+
+    try:
+        sink = jsonl_path(args.sink, "sink")
+        spec = StreamSpec(
+            targets=args.target,
+            pipeline=args.pipeline,
+            source=jsonl_path(args.source, "source"),
+            sink=sink,
+            dead_letters=(
+                jsonl_path(args.dead_letter, "dead-letter")
+                if args.dead_letter
+                else default_dead_letters(sink)
+            ),
+            parallelism=args.parallelism,
+            capacity=args.capacity,
+            ordered=args.ordered,
+            timeout_ms=args.timeout_ms,
+            input_map=_pairs(args.input_map, "--input-map"),
+            output_map=_pairs(args.output_map, "--output-map"),
+        )
+    except ValueError as exc:
+        print(f"dagserve stream: {exc}", file=sys.stderr)
+        return 2
+    summary = run_stream(spec, progress=sys.stderr)
+    print(summary.render())
+    if args.json is not None:
+        args.json.write_text(json.dumps(summary.to_json(), indent=2))
         print(f"wrote {args.json}")
     return 0
 

@@ -1,0 +1,255 @@
+"""The Flink job of ``dagserve stream``: JSONL lines -> a dagserve pipeline -> JSONL answers.
+
+The job runs on a local Flink mini-cluster (PyFlink starts it in a JVM of its own, a child
+of this process): a ``FileSource`` reads the source file line by line, the async operator
+(:class:`~engine.stream.operator.PipelineFunction`) calls the pipeline, and the rows come
+back to this process through Flink's collect sink (``execute_and_collect``), where they are
+written to ONE sink file and ONE dead-letter file, line by line as they arrive (a
+``FileSink`` would write a directory of part files, and only at checkpoints).
+
+Both Python sides, this client and the UDF workers, run ``sys.executable``: PyFlink would
+otherwise start the ``python`` found on PATH, which need not have dagserve or PyFlink.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+from engine.stream.caller import Outcome
+from engine.transport.client import Client
+from model_plugins.errors import DagserveError
+
+#: Flink's own async timeout is the record's deadline plus this, so that the deadline (which
+#: says what the record waited for) fires first
+FLINK_TIMEOUT_MARGIN_MS = 5_000
+
+
+class StreamJobError(DagserveError):
+    """The Flink job failed, or could not be built (the message says which and why)."""
+
+
+def jsonl_path(location: str, what: str) -> Path:
+    """The path of a ``jsonl:PATH`` location; raises ``ValueError`` for any other scheme."""
+    scheme, sep, path = location.partition(":")
+    if not sep or scheme != "jsonl" or not path:
+        msg = f"{what} {location!r}: expected jsonl:PATH (the only {what} this command runs)"
+        raise ValueError(msg)
+    return Path(path)
+
+
+def default_dead_letters(sink: Path) -> Path:
+    """Where dead letters go without ``--dead-letter``: ``out.jsonl`` -> ``out.dead.jsonl``."""
+    stem = sink.name[: -len(".jsonl")] if sink.name.endswith(".jsonl") else sink.name
+    return sink.with_name(f"{stem}.dead.jsonl")
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    """What to run; see ``dagserve stream --help`` for each field."""
+
+    targets: Sequence[str]
+    pipeline: str
+    source: Path
+    sink: Path
+    dead_letters: Path
+    parallelism: int = 1
+    capacity: int = 100
+    ordered: bool = False
+    timeout_ms: int = 30_000
+    input_map: Mapping[str, str] = field(default_factory=dict)
+    output_map: Mapping[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.targets:
+            msg = "at least one target host:port"
+            raise ValueError(msg)
+        if self.parallelism < 1 or self.capacity < 1 or self.timeout_ms < 1:
+            msg = "parallelism, capacity and timeout_ms must be >= 1"
+            raise ValueError(msg)
+        if self.ordered and self.parallelism != 1:
+            # rows of several subtasks interleave in the collect sink whatever each keeps
+            msg = (
+                "--ordered keeps the source order with --parallelism 1 only "
+                "(--capacity sets the concurrency)"
+            )
+            raise ValueError(msg)
+
+
+@dataclass
+class StreamSummary:
+    """What the job did with every line read."""
+
+    sink: Path
+    dead_letters: Path
+    answered: int = 0
+    blank: int = 0
+    dead: Counter[str] = field(default_factory=Counter)
+    retries: int = 0
+    #: from the job's submission to its end, and to the first and last row collected
+    elapsed_s: float = 0.0
+    first_row_s: float | None = None
+    last_row_s: float | None = None
+
+    @property
+    def read(self) -> int:
+        return self.answered + self.blank + sum(self.dead.values())
+
+    def add(self, outcome: Outcome, at_s: float) -> None:
+        if outcome.kind == "answer":
+            self.answered += 1
+        elif outcome.kind == "dead":
+            self.dead[outcome.error_type] += 1
+        else:
+            self.blank += 1
+        self.retries += outcome.retries
+        if self.first_row_s is None:
+            self.first_row_s = at_s
+        self.last_row_s = at_s
+
+    @property
+    def warm_records_per_s(self) -> float | None:
+        """Rows per second from the first row collected to the last (the job's start-up,
+        seconds of JVM and Python workers, left out)."""
+        if self.first_row_s is None or self.last_row_s is None or self.read < 2:
+            return None
+        span = self.last_row_s - self.first_row_s
+        return (self.read - 1) / span if span > 0 else None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "read": self.read,
+            "answered": self.answered,
+            "dead_letters": sum(self.dead.values()),
+            "dead_by_type": dict(sorted(self.dead.items())),
+            "blank": self.blank,
+            "retries": self.retries,
+            "elapsed_s": round(self.elapsed_s, 3),
+            "first_row_s": self.first_row_s,
+            "last_row_s": self.last_row_s,
+            "warm_records_per_s": self.warm_records_per_s,
+            "sink": str(self.sink),
+            "dead_letter_file": str(self.dead_letters),
+        }
+
+    def render(self) -> str:
+        dead = sum(self.dead.values())
+        by_type = ", ".join(f"{name} {count}" for name, count in sorted(self.dead.items()))
+        lines = [
+            f"read {self.read} records in {self.elapsed_s:.1f} s",
+            f"  answered     {self.answered} -> {self.sink}",
+            f"  dead letters {dead} -> {self.dead_letters}" + (f" ({by_type})" if by_type else ""),
+            f"  retries      {self.retries}",
+        ]
+        if self.blank:
+            lines.append(f"  blank lines  {self.blank} (skipped)")
+        rate = self.warm_records_per_s
+        if rate is not None:
+            lines.append(f"  {rate:.1f} records/s from the first answer to the last")
+        return "\n".join(lines)
+
+
+def describe_inputs(targets: Sequence[str], pipeline: str) -> dict[str, Any]:
+    """The pipeline's input specs, from the first target that answers ``describe``."""
+    last: DagserveError | None = None
+    for target in targets:
+        host, _, port = target.rpartition(":")
+        try:
+            with Client(host, int(port), timeout_s=30) as client:
+                return dict(client.describe(pipeline).inputs)
+        except DagserveError as exc:
+            last = exc
+    assert last is not None
+    raise last
+
+
+def run_stream(spec: StreamSpec, progress: TextIO | None = None) -> StreamSummary:
+    """Run the job to the end of the source; raises :class:`StreamJobError` if it fails.
+
+    ``progress`` (stderr, say) gets a line each 1000 rows.
+    """
+    if not spec.source.is_file():
+        msg = f"source {spec.source}: no such file"
+        raise StreamJobError(msg)
+    inputs = describe_inputs(spec.targets, spec.pipeline)
+
+    from pyflink.common import Configuration, Time, WatermarkStrategy
+    from pyflink.datastream import AsyncDataStream, StreamExecutionEnvironment
+    from pyflink.datastream.connectors.file_system import FileSource, StreamFormat
+
+    from engine.stream.operator import OUTPUT_TYPE, PipelineFunction
+
+    config = Configuration()
+    config.set_string("python.executable", sys.executable)
+    config.set_string("python.client.executable", sys.executable)
+    env = StreamExecutionEnvironment.get_execution_environment(config)
+    env.set_parallelism(spec.parallelism)
+    source = FileSource.for_record_stream_format(
+        StreamFormat.text_line_format(), str(spec.source.resolve())
+    ).build()
+    lines = env.from_source(source, WatermarkStrategy.no_watermarks(), "jsonl source")
+    function = PipelineFunction(
+        spec.targets,
+        spec.pipeline,
+        inputs,
+        input_map=spec.input_map,
+        output_map=spec.output_map,
+        timeout_ms=spec.timeout_ms,
+    )
+    wait = AsyncDataStream.ordered_wait if spec.ordered else AsyncDataStream.unordered_wait
+    rows = wait(
+        lines,
+        function,
+        Time.milliseconds(spec.timeout_ms + FLINK_TIMEOUT_MARGIN_MS),
+        spec.capacity,
+        OUTPUT_TYPE,
+    )
+
+    summary = StreamSummary(spec.sink, spec.dead_letters)
+    for path in (spec.sink, spec.dead_letters):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    try:
+        with (
+            spec.sink.open("w", encoding="utf-8") as sink,
+            spec.dead_letters.open("w", encoding="utf-8") as dead,
+            rows.execute_and_collect(f"dagserve stream {spec.pipeline}") as collected,
+        ):
+            for row in collected:
+                outcome = Outcome.from_tuple(row)
+                summary.add(outcome, time.monotonic() - started)
+                if outcome.kind == "answer":
+                    sink.write(outcome.text + "\n")
+                elif outcome.kind == "dead":
+                    dead.write(outcome.text + "\n")
+                if progress is not None and summary.read % 1000 == 0:
+                    progress.write(f"dagserve stream: {summary.read} records\n")
+    except DagserveError:
+        raise
+    except Exception as exc:  # Py4JJavaError and friends: the job failed in Flink
+        msg = f"the Flink job failed after {summary.read} records: {_first_line(exc)}"
+        raise StreamJobError(msg) from exc
+    summary.elapsed_s = time.monotonic() - started
+    return summary
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+__all__ = [
+    "FLINK_TIMEOUT_MARGIN_MS",
+    "StreamJobError",
+    "StreamSpec",
+    "StreamSummary",
+    "default_dead_letters",
+    "describe_inputs",
+    "jsonl_path",
+    "run_stream",
+]
