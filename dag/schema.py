@@ -175,6 +175,10 @@ class NodeSpec(_Strict):
     """GPU memory the model needs; placement never over-commits a card's memory."""
     gpu_share: float | None = Field(None, gt=0, le=1)
     """The fraction of a GPU's compute the model needs; placement never over-commits it."""
+    ray_resources: dict[str, Annotated[float, Field(gt=0)]] = Field(default_factory=dict)
+    """Custom Ray resources the worker actor of this model asks for (``{zone_b: 1}`` pins it to
+    the nodes that have ``zone_b``); used only by a server with ``ray:`` in its config (a
+    server without it logs a warning and ignores them)."""
     timeout_ms: float | None = Field(None, gt=0)
     """A per-node time limit, on top of the request's deadline."""
     warmup: WarmupSpec | None = None

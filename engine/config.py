@@ -75,6 +75,34 @@ class TracingConfig(BaseModel):
     followed: parent-based)."""
 
 
+class RayConfig(BaseModel):
+    """Model workers as actors of a Ray cluster (README, "Workers on a Ray cluster").
+
+    With this key every model worker of the server is a Ray actor, placed by Ray; without it
+    nothing of Ray is imported.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    address: str
+    """The cluster: ``host:port`` of its head (GCS), or ``auto`` (the cluster this machine is
+    part of, as ``ray.init(address="auto")`` finds it)."""
+    namespace: str | None = None
+    """The Ray namespace of the server's actors; None: an anonymous one."""
+    node_ip_address: str | None = None
+    """This process's IP as the cluster sees it (Ray's ``_node_ip_address``); None: Ray's
+    guess.  A loopback cluster needs ``127.0.0.1``."""
+    num_cpus: float = Field(1.0, gt=0)
+    """CPUs each worker actor asks for; its models' compute threads share them (as a local
+    worker's share its cores, README "Threads in a worker")."""
+    start_timeout_s: float = Field(60.0, gt=0)
+    """How long a worker's actor may wait to be placed (and to start) before the pipeline is
+    refused with what it asked for and what the cluster has."""
+    actor_max_concurrency: int = Field(64, ge=4)
+    """Threads of each actor: at least the instances of its models plus a few for loads and
+    pings (calls past it queue in Ray)."""
+
+
 class ServerConfig(BaseModel):
     """Settings of one ``dagserve serve``."""
 
@@ -159,6 +187,8 @@ class ServerConfig(BaseModel):
     model_cache_dir: Path | None = None
     """Where registry and URI models are downloaded (one folder per version), relative to the
     config file; None: ``~/.cache/dagserve/models``."""
+    ray: RayConfig | None = None
+    """Run every model worker as an actor of this Ray cluster; None: local worker processes."""
 
 
 def load_config(path: Path) -> ServerConfig:
@@ -217,6 +247,7 @@ def is_server_config(path: Path) -> bool:
 
 __all__ = [
     "DEFAULT_MAX_FRAME_BYTES",
+    "RayConfig",
     "ServerConfig",
     "TracingConfig",
     "is_server_config",

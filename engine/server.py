@@ -22,16 +22,36 @@ from engine.fronts import Fronts, front_count, per_front
 from engine.observability.http import MetricsServer
 from engine.runtime.devices import DeviceInventory
 from engine.runtime.engine import Engine
+from engine.runtime.ray_placement import RayInventory
 from engine.runtime.registry import configure as configure_registry
 from engine.runtime.relay import RelayServer
 from engine.runtime.watch import Watcher
-from engine.runtime.workers.pool import WorkerPool
+from engine.runtime.workers.pool import WorkerBackend, WorkerPool
 from engine.transport.admin import admin_server
 from engine.transport.handler import InferenceHandler
 from engine.transport.thrift import ThriftServer
 
 logger = logging.getLogger("dagserve")
 T = TypeVar("T")
+
+
+def _ray_backend(config: ServerConfig, pipelines: Sequence[Pipeline]) -> WorkerBackend | None:
+    """Model workers as Ray actors when the config has ``ray:`` (Ray is imported only then,
+    when the first actor starts); else None, local processes.  Without ``ray:``, a node's
+    ``ray_resources`` mean nothing: say so."""
+    if config.ray is None:
+        for pipeline in pipelines:
+            for name, node in pipeline.spec.nodes.items():
+                if node.ray_resources:
+                    logger.warning(
+                        "pipeline %s node %s: ray_resources %s ignored: the server config "
+                        "has no ray: key (its workers are local processes)",
+                        pipeline.name, name, node.ray_resources,
+                    )  # fmt: skip
+        return None
+    from engine.runtime.workers.ray_worker import RayBackend
+
+    return RayBackend(config.ray)
 
 
 class Server:
@@ -54,14 +74,17 @@ class Server:
             quarantine_window_s=config.quarantine_window_s,
             worker_threads=None if config.worker_threads == "auto" else config.worker_threads,
             log_level=logging.getLevelName(config.log_level.upper()),
+            backend=_ray_backend(config, pipelines),
         )
         # models:/ and s3:// model names resolve against these (engine.runtime.registry)
         configure_registry(config.registry_uri, config.model_cache_dir)
-        inventory = (
-            DeviceInventory.from_config(config.gpus)
-            if config.gpus is not None
-            else DeviceInventory.from_nvml()
-        )
+        inventory: DeviceInventory
+        if config.ray is not None:  # the cluster's GPUs are Ray's to place, not this machine's
+            inventory = RayInventory(config.ray.num_cpus)
+        elif config.gpus is not None:
+            inventory = DeviceInventory.from_config(config.gpus)
+        else:
+            inventory = DeviceInventory.from_nvml()
         self.engine = Engine(
             pipelines,
             thread_pool_size=config.thread_pool_size,

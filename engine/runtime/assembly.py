@@ -25,6 +25,7 @@ from engine.runtime.inspector import InspectedPlugin
 from engine.runtime.local import InlineRunner, LocalRunner, NodeBinding, ThreadPoolRunner
 from engine.runtime.model import Model, ModelRunner
 from engine.runtime.placement import Placement, PlacementRequest, place
+from engine.runtime.ray_placement import RayInventory, place_on_ray
 from engine.runtime.registry import resolver
 from engine.runtime.remote import RemoteRunner
 from engine.runtime.variants import VariantRunner, node_arms, with_variants
@@ -134,8 +135,13 @@ def model_identity(
     params = json.dumps(node.params, sort_keys=True, default=str)
     return (
         node.plugin, str(model_path), params, device, framework, node.instances, batching,
-        node.timeout_ms, file_stamp(model_path),
+        node.timeout_ms, file_stamp(model_path), ray_resources(node),
     )  # fmt: skip
+
+
+def ray_resources(node: NodeSpec) -> tuple[tuple[str, float], ...]:
+    """The node's ``ray_resources``, sorted (hashable)."""
+    return tuple(sorted(node.ray_resources.items()))
 
 
 #: files up to this size are told apart by their content, larger ones by size and mtime
@@ -225,13 +231,18 @@ def plan_placement(
     budget, and a new one gets an id that no loaded one has.  Only the models of ``current``
     that are in ``loaded`` stay placed: with no pipelines, that frees the others' budgets.
 
+    With a :class:`RayInventory` (``ray:`` in the server config) the models are grouped into
+    Ray actors instead (:func:`place_on_ray`); Ray places the actors.
+
     Raises:
         PlacementError: a model does not fit; the message says what each device has left.
     """
     ids: dict[tuple[Any, ...], str] = dict(loaded or {})
     taken = set(ids.values())
     requests = []
-    for a in current.assignments if current is not None else ():
+    ray = isinstance(inventory, RayInventory)
+    kept = set(taken)  # on Ray, the loaded models keep their actors
+    for a in current.assignments if current is not None and not ray else ():
         if a.model_id not in taken:
             continue
         on_gpu = a.device != "cpu"
@@ -257,8 +268,14 @@ def plan_placement(
                     gpu_memory_mb=m.node.gpu_memory_mb,
                     gpu_share=m.node.gpu_share,
                     framework=m.framework,
+                    ray_resources=ray_resources(m.node),
                 )
             )
+    if isinstance(inventory, RayInventory):
+        ray_placement = place_on_ray(
+            requests, num_cpus=inventory.num_cpus, current=current, keep=kept
+        )
+        return ray_placement, ids
     return place(requests, inventory, reserve_mb=reserve_mb), ids
 
 
@@ -306,8 +323,10 @@ def serve_pipeline(
                 raise PluginLoadError(msg)
             device = placement.device_of(model_ids[model_node.identity])
             model_path = model_node.model_path
-        # A worker sees only its own card, as cuda:0: tell the plugin that one.
-        key = worker_key(model_node.framework if model_node else None, device)
+        # A worker sees only its own card, as cuda:0: tell the plugin that one.  On Ray, the
+        # key names the model's actor too.
+        actor = placement.actor_of(model_ids[model_node.identity]) if model_node else None
+        key = worker_key(model_node.framework if model_node else None, device, actor)
         contexts = tuple(
             LoadContext(
                 node=name,

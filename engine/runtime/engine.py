@@ -310,8 +310,14 @@ class Engine:
             )
         for worker, stats in self.workers.statistics().items():
             crashes = sum(stats["crashes"].values())  # type: ignore[attr-defined]
+            # on a Ray cluster, the node that holds the worker's models
+            where = (
+                f"ray_node={stats['ray_node']} ray_ip={stats['ray_ip']} "
+                if "ray_node" in stats
+                else ""
+            )
             details[f"worker.{worker}"] = (
-                f"pid={stats['pid']} ready={stats['ready']} restarts={stats['restarts']} "
+                f"{where}pid={stats['pid']} ready={stats['ready']} restarts={stats['restarts']} "
                 f"crashes={crashes} retried={stats['retried']} "
                 f"models={','.join(stats['models'])}"  # type: ignore[arg-type]
                 f" quarantined={','.join(stats['quarantined'])}"  # type: ignore[arg-type]

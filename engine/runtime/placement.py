@@ -46,9 +46,13 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from engine.runtime.devices import DeviceInventory, GpuInfo
 from model_plugins.errors import DagserveError
+
+if TYPE_CHECKING:
+    from engine.runtime.ray_placement import ActorRequest
 
 #: tolerance on summed shares, so that 0.1 + 0.2 + 0.7 still fits a card
 _EPS = 1e-9
@@ -104,6 +108,9 @@ class PlacementRequest:
     """Fraction of a card's compute reserved for the model, in (0, 1]; None counts as 0."""
     framework: str | None = None
     """Framework of the plugin (``torchscript``, ``onnx``, ``numpy``); None for plain Python."""
+    ray_resources: tuple[tuple[str, float], ...] = ()
+    """Custom Ray resources of the node (sorted), for ``engine.runtime.ray_placement``; local
+    placement ignores them."""
 
     def __post_init__(self) -> None:
         if self.device not in ("auto", "cpu") and not _CUDA.fullmatch(self.device):
@@ -191,6 +198,10 @@ class Placement:
             KeyError: the model was not placed.
         """
         return self.models[model_id]
+
+    def actor_of(self, model_id: str) -> ActorRequest | None:
+        """The Ray actor that hosts a model; None: a local worker (see ``RayPlacement``)."""
+        return None
 
     def log_lines(self) -> list[str]:
         """Lines for the startup log: one per device, then one per model placed there."""

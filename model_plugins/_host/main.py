@@ -1,7 +1,8 @@
 """The worker's side: load plugins, run their predicts in threads, answer by correlation id.
 
 One worker hosts every model of one framework on one device, so one CUDA context serves them
-all.  A reader thread takes messages off the socket.  Each loaded instance of a model has a
+all.  A reader thread takes messages off the socket (or, on a Ray cluster, the actor's
+method calls bring them: ``model_plugins._host.ray_actor``).  Each loaded instance of a model has a
 thread of its own, which runs all its calls: a ``Predict`` names its instance (the parent's
 batcher, which bounds a model's concurrency, keeps to one call per instance; another call for
 a busy instance waits on its thread).  So different models and the instances of one model
@@ -23,7 +24,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -71,51 +72,51 @@ class _Hosted:
     instances: list[_Instance]
 
 
-class _Worker:
+class Host:
+    """The models of one worker and the handling of its messages, whatever carries them.
+
+    ``send`` takes each :class:`Reply`, from whichever thread finished the call: the socket
+    of a spawned worker (:class:`_SocketWorker`) or the Ray actor that hosts models on a
+    cluster node (``model_plugins._host.ray_actor``).
+    """
+
     def __init__(
-        self, sock: socket.socket, name: str, calls: CallTable, crash: CrashDump | None = None
+        self,
+        send: Callable[[Reply], None],
+        name: str,
+        calls: CallTable,
+        crash: CrashDump | None = None,
     ) -> None:
-        self.sock = sock
+        self.send = send
         self.name = name
         self.calls = calls
         self.crash = crash
-        self.send_lock = threading.Lock()
         self.models: dict[str, _Hosted] = {}
         # For loads and unloads; predicts run on each instance's own thread.
         self.pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix=f"{name}-ctl")
 
     def reply(self, message: Reply) -> None:
-        with self.send_lock:
-            try:
-                wire.send(self.sock, message)
-            except (OSError, ValueError, TypeError) as exc:
-                if isinstance(exc, OSError):
-                    raise
-                # The value did not pickle: answer with the reason instead.
-                error = RemoteError.from_exception(exc)
-                wire.send(self.sock, Reply(message.id, error=error))
+        self.send(message)
 
-    def serve(self) -> None:
-        while True:
-            try:
-                message_id, message = wire.recv(self.sock)
-            except (EOFError, OSError):
-                return  # the parent went away: nothing left to serve
-            if isinstance(message, Ping):
-                self.reply(Reply(message_id, value=os.getpid()))
-            elif isinstance(message, Predict):
-                self.predict(message_id, message)
-            elif isinstance(message, LoadModel):
-                self.pool.submit(self._guarded, message_id, self.load, message_id, message)
-            elif isinstance(message, Unload):
-                self.pool.submit(self._guarded, message_id, self.unload, message.model_id)
-            elif isinstance(message, GetSignature):
-                self.pool.submit(self._guarded, message_id, _signature, message)
-            elif isinstance(message, Shutdown):
-                for model_id in list(self.models):
-                    self.unload(model_id)
-                self.reply(Reply(message_id))
-                return
+    def handle(self, message_id: int, message: Any) -> bool:
+        """Start ``message``; its reply goes to ``send`` when done.  False after ``Shutdown``
+        (answered once every model is unloaded): nothing more is to be handled."""
+        if isinstance(message, Ping):
+            self.reply(Reply(message_id, value=os.getpid()))
+        elif isinstance(message, Predict):
+            self.predict(message_id, message)
+        elif isinstance(message, LoadModel):
+            self.pool.submit(self._guarded, message_id, self.load, message_id, message)
+        elif isinstance(message, Unload):
+            self.pool.submit(self._guarded, message_id, self.unload, message.model_id)
+        elif isinstance(message, GetSignature):
+            self.pool.submit(self._guarded, message_id, _signature, message)
+        elif isinstance(message, Shutdown):
+            for model_id in list(self.models):
+                self.unload(model_id)
+            self.reply(Reply(message_id))
+            return False
+        return True
 
     def _guarded(self, message_id: int, function: Any, *args: Any) -> None:
         try:
@@ -224,6 +225,48 @@ def _predict(plugin: ModelPlugin, inputs: Batch) -> Batch | Partial:
     return result
 
 
+class _SocketWorker:
+    """A spawned worker's end of the socket: messages in, :class:`Host` replies out."""
+
+    def __init__(
+        self, sock: socket.socket, host_name: str, calls: CallTable, crash: CrashDump
+    ) -> None:
+        self.sock = sock
+        self.send_lock = threading.Lock()
+        self.host = Host(self.send, host_name, calls, crash)
+
+    def send(self, message: Reply) -> None:
+        with self.send_lock:
+            try:
+                wire.send(self.sock, message)
+            except (OSError, ValueError, TypeError) as exc:
+                if isinstance(exc, OSError):
+                    raise
+                # The value did not pickle: answer with the reason instead.
+                error = RemoteError.from_exception(exc)
+                wire.send(self.sock, Reply(message.id, error=error))
+
+    def serve(self) -> None:
+        while True:
+            try:
+                message_id, message = wire.recv(self.sock)
+            except (EOFError, OSError):
+                return  # the parent went away: nothing left to serve
+            if not self.host.handle(message_id, message):
+                return
+
+
+def worker_setup(name: str, log_level: int) -> None:
+    """What every worker process does first, spawned or a Ray actor: frameworks print to
+    stdout (Paddle's oneDNN check does), so stdout goes to stderr, and nothing a plugin prints
+    can mix with whatever owns the process's stdout; logging names the worker and its pid."""
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    logging.basicConfig(
+        level=log_level, format=f"%(asctime)s %(levelname)s [{name} pid %(process)d] %(message)s"
+    )
+
+
 def worker_entry(
     sock: socket.socket, name: str, log_level: int, calls_path: str, crash_path: str
 ) -> None:
@@ -232,28 +275,22 @@ def worker_entry(
     ``calls_path`` and ``crash_path`` are the call table and the crash file the parent reads
     after a death (``model_plugins._host.postmortem``).
     """
-    # Frameworks print to stdout (Paddle's oneDNN check does): send it to stderr, so that
-    # nothing a plugin prints can mix with whatever owns the parent's stdout.
-    os.dup2(2, 1)
-    sys.stdout = sys.stderr
+    worker_setup(name, log_level)
     # The parent handles Ctrl-C and shuts workers down in order; a terminal's SIGINT reaches
     # the whole process group, so ignore it here.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    logging.basicConfig(
-        level=log_level, format=f"%(asctime)s %(levelname)s [{name} pid %(process)d] %(message)s"
-    )
     # On a fatal signal, the stacks of all threads, the faulting one named; the file stays
     # open for the life of the process.
     crash = CrashDump(open(crash_path, "w"))  # noqa: SIM115
-    worker = _Worker(sock, name, CallTable(calls_path), crash)
+    worker = _SocketWorker(sock, name, CallTable(calls_path), crash)
     try:
         worker.serve()
         discard(calls_path, crash_path)  # an orderly end: nothing to judge
     finally:
-        worker.pool.shutdown(wait=False, cancel_futures=True)
+        worker.host.pool.shutdown(wait=False, cancel_futures=True)
         sock.close()
         # Skip interpreter teardown: frameworks' atexit hooks can hang or crash on the way out.
         os._exit(0)
 
 
-__all__ = ["worker_entry"]
+__all__ = ["Host", "worker_entry", "worker_setup"]

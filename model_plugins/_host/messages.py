@@ -104,6 +104,13 @@ class Reply:
     error: DagserveError | RemoteError | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
+    def exception(self, node: str | None, plugin: str | None) -> DagserveError | None:
+        """The error the caller raises for this reply (None: it carries a value); a plugin's
+        exception becomes an :class:`InferenceError` naming ``node`` and ``plugin``."""
+        if isinstance(self.error, RemoteError):
+            return self.error.to_inference_error(node, plugin)
+        return self.error
+
 
 __all__ = [
     "GetSignature",

@@ -15,6 +15,11 @@ worker, so that its neighbours come back fast.  Quarantine bounds how often a cr
 laid at another model's door (its thread named by the crash dump, or its call past its
 timeout), so such crashes do not use up a call's retries; after deaths that name no culprit
 (a SIGKILL, the OOM killer) a call is sent again at most ``max_retries`` times.
+
+What a worker is comes from the pool's :class:`WorkerBackend`: a spawned process on this
+machine (:class:`ProcessBackend`, the default) or an actor on a Ray cluster
+(``engine.runtime.workers.ray_worker``).  Supervision, retries, quarantine, deadlines and
+timeouts are the pool's and the same for both.
 """
 
 from __future__ import annotations
@@ -23,7 +28,9 @@ import asyncio
 import collections
 import contextlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
 
 from engine.runtime.workers.process import Death, WorkerDied, WorkerProcess
 from model_plugins._host import threads
@@ -31,18 +38,25 @@ from model_plugins._host.messages import Loaded, LoadModel, Predict, Unload
 from model_plugins.errors import DagserveError, DeadlineExceeded, InferenceError
 from model_plugins.plugin import Batch, LoadContext
 
+if TYPE_CHECKING:
+    from engine.runtime.ray_placement import ActorRequest
+
 logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, order=True)
 class WorkerKey:
-    """Which worker hosts a model: one per framework and device."""
+    """Which worker hosts a model: one per framework and device (and, on a Ray cluster, per
+    actor: ``actor`` is what that actor asks Ray for, ``engine.runtime.ray_placement``)."""
 
     framework: str  # "torch", "tensorflow", "paddle" or "numpy"
-    device: str  # "cpu" or "cuda:N"
+    device: str  # "cpu" or "cuda:N" (on Ray, "cuda:0": each actor sees its own GPU)
+    actor: ActorRequest | None = None
 
     @property
     def name(self) -> str:
+        if self.actor is not None:
+            return f"{self.framework}@{self.device}#ray{self.actor.index}"
         return f"{self.framework}@{self.device}"
 
     @property
@@ -64,12 +78,78 @@ class WorkerKey:
         return {"CUDA_VISIBLE_DEVICES": ""}
 
 
+class Worker(Protocol):
+    """One worker as the pool uses it (:class:`WorkerProcess`, or a Ray actor's handle)."""
+
+    name: str
+    exited: asyncio.Event
+    killed: bool
+
+    @property
+    def pid(self) -> int | None: ...
+
+    @property
+    def location(self) -> dict[str, str]:
+        """Where it runs beyond this machine (``ray_node``, ``ray_ip``); empty for a local
+        process."""
+        ...
+
+    async def start(self) -> None: ...
+
+    async def call(
+        self, message: Any, *, node: str | None = None, plugin: str | None = None
+    ) -> Any: ...
+
+    async def ping(self, timeout_s: float) -> bool: ...
+
+    async def stop(self, timeout_s: float = 5.0) -> None: ...
+
+    def kill(self, *, spare_in_flight: bool = False) -> None: ...
+
+
+class WorkerBackend(Protocol):
+    """What makes the pool's workers."""
+
+    def new_worker(
+        self,
+        key: WorkerKey,
+        *,
+        threads_setting: int | None,
+        log_level: int,
+        on_exit: Callable[[Death], None],
+    ) -> Worker:
+        """A worker for ``key``, not started yet."""
+        ...
+
+    async def aclose(self) -> None:
+        """After every worker stopped: release what the backend holds."""
+        ...
+
+
+class ProcessBackend:
+    """Workers as spawned processes on this machine, each seeing only its own GPU."""
+
+    def new_worker(
+        self,
+        key: WorkerKey,
+        *,
+        threads_setting: int | None,
+        log_level: int,
+        on_exit: Callable[[Death], None],
+    ) -> Worker:
+        env = {**key.environment(), **threads.worker_environment(key.framework, threads_setting)}
+        return WorkerProcess(key.name, env=env, log_level=log_level, on_exit=on_exit)
+
+    async def aclose(self) -> None:
+        return None
+
+
 @dataclass
 class _Slot:
     """A worker key's current process and what it must host."""
 
     key: WorkerKey
-    process: WorkerProcess | None = None
+    process: Worker | None = None
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     models: dict[str, LoadModel] = field(default_factory=dict)
     #: the models loaded in the current process (a quarantined one is not)
@@ -113,7 +193,9 @@ class WorkerPool:
         quarantine_after_crashes: int | None = 3,
         quarantine_window_s: float = 300.0,
         worker_threads: int | None = None,
+        backend: WorkerBackend | None = None,
     ) -> None:
+        self.backend: WorkerBackend = backend or ProcessBackend()
         self.ping_interval_s = ping_interval_s
         self.ping_timeout_s = ping_timeout_s
         self.initial_backoff_s = initial_backoff_s
@@ -233,7 +315,7 @@ class WorkerPool:
     async def _call(
         self,
         slot: _Slot,
-        process: WorkerProcess,
+        process: Worker,
         message: Predict,
         node: str | None,
         plugin: str | None,
@@ -262,9 +344,11 @@ class WorkerPool:
 
     def statistics(self) -> dict[str, dict[str, object]]:
         """Per worker: pid, restarts, hosted models, whether it is ready, crashes by model
-        (``""``: no crash dump named one), calls retried after a crash, quarantined models."""
+        (``""``: no crash dump named one), calls retried after a crash, quarantined models;
+        on a Ray cluster also the node it runs on (``ray_node``, ``ray_ip``)."""
         return {
             slot.key.name: {
+                **(slot.process.location if slot.process else {}),
                 "pid": slot.process.pid if slot.process else None,
                 "restarts": slot.restarts,
                 "models": sorted(slot.models),
@@ -311,7 +395,7 @@ class WorkerPool:
             logger.warning("replacing worker %s (pid %s): %s", key.name, process.pid, why)
             process.kill()
 
-    def process(self, key: WorkerKey) -> WorkerProcess | None:
+    def process(self, key: WorkerKey) -> Worker | None:
         slot = self._slots.get(key)
         return slot.process if slot else None
 
@@ -327,19 +411,16 @@ class WorkerPool:
         await asyncio.gather(
             *(s.process.stop() for s in self._slots.values() if s.process), return_exceptions=True
         )
+        await self.backend.aclose()
 
     # -- supervision -----------------------------------------------------------------------
 
-    async def _spawn(self, slot: _Slot) -> WorkerProcess:
+    async def _spawn(self, slot: _Slot) -> Worker:
         # on_exit clears `ready` the moment the socket closes, so that no request is sent to
         # a dead worker while the supervisor has not noticed yet.
-        key = slot.key
-        process = WorkerProcess(
-            key.name,
-            env={
-                **key.environment(),
-                **threads.worker_environment(key.framework, self.worker_threads),
-            },
+        process = self.backend.new_worker(
+            slot.key,
+            threads_setting=self.worker_threads,
             log_level=self.log_level,
             on_exit=lambda death: self._on_death(slot, death),
         )
@@ -431,7 +512,7 @@ class WorkerPool:
             slot.ready.set()
             logger.info("worker %s is back (pid %s)", slot.key.name, slot.process.pid)
 
-    async def _watch(self, process: WorkerProcess) -> str:
+    async def _watch(self, process: Worker) -> str:
         """Return, with the reason, once the worker died or stopped answering pings."""
         while not self._closing:
             with contextlib.suppress(TimeoutError):
@@ -440,7 +521,8 @@ class WorkerPool:
                     return "died"
             if not await process.ping(self.ping_timeout_s):
                 return f"did not answer a ping within {self.ping_timeout_s} s"
-            if self.memory_limit_mb is not None:
+            # a pid on another node (a Ray actor's) is not this machine's to read
+            if self.memory_limit_mb is not None and not process.location:
                 resident = resident_mb(process.pid)
                 if resident is not None and resident > self.memory_limit_mb:
                     return (
@@ -463,8 +545,17 @@ def resident_mb(pid: int | None) -> float | None:
     return None
 
 
-def worker_key(framework: str | None, device: str) -> WorkerKey:
-    return WorkerKey(framework or "numpy", device)
+def worker_key(framework: str | None, device: str, actor: ActorRequest | None = None) -> WorkerKey:
+    return WorkerKey(framework or "numpy", device, actor)
 
 
-__all__ = ["ModelQuarantined", "WorkerDied", "WorkerKey", "WorkerPool", "worker_key"]
+__all__ = [
+    "ModelQuarantined",
+    "ProcessBackend",
+    "Worker",
+    "WorkerBackend",
+    "WorkerDied",
+    "WorkerKey",
+    "WorkerPool",
+    "worker_key",
+]

@@ -21,7 +21,7 @@ from typing import Any
 
 from model_plugins._host import wire
 from model_plugins._host.main import worker_entry
-from model_plugins._host.messages import Ping, RemoteError, Reply, Shutdown
+from model_plugins._host.messages import Ping, Reply, Shutdown
 from model_plugins._host.postmortem import FlightRecord, Postmortem
 from model_plugins.errors import DagserveError, InferenceError
 
@@ -118,6 +118,11 @@ class WorkerProcess:
     @property
     def pid(self) -> int | None:
         return self.process.pid if self.process else None
+
+    @property
+    def location(self) -> dict[str, str]:
+        """Nothing beyond this machine (a Ray actor names its node here)."""
+        return {}
 
     async def start(self) -> None:
         parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -221,14 +226,11 @@ class WorkerProcess:
                 call = self._calls.pop(reply.id, None)
                 if call is None or call.future.done():
                     continue  # the caller gave up (deadline): drop the late answer
-                if reply.error is None:
+                error = reply.exception(call.node, call.plugin)
+                if error is None:
                     call.future.set_result(reply.value)
-                elif isinstance(reply.error, RemoteError):
-                    call.future.set_exception(
-                        reply.error.to_inference_error(call.node, call.plugin)
-                    )
                 else:
-                    call.future.set_exception(reply.error)
+                    call.future.set_exception(error)
         except (EOFError, ConnectionError, OSError):
             pass
         except Exception:
