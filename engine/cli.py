@@ -93,8 +93,9 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--duration", type=float, default=10.0, help="seconds measured")
     bench.add_argument("--warmup", type=float, default=1.0, help="seconds not counted first")
     bench.add_argument(
-        "--samples", type=Path, help=".npz (a row per request) or .json (an object per "
-        "request); default: made up from the pipeline's declared inputs",
+        "--samples", type=Path, help=".npz (a row per request), .json (an object per "
+        "request) or .jsonl (dagserve stream records); default: made up from the pipeline's "
+        "declared inputs",
     )  # fmt: skip
     bench.add_argument("--skip-optional", action="store_true", help="leave optional inputs out")
     bench.add_argument("--timeout-ms", type=int)
@@ -200,12 +201,16 @@ def _bench(args: argparse.Namespace) -> int:
     )
     from engine.transport.client import Client
 
-    if args.samples is not None:
+    if args.samples is not None and args.samples.suffix != ".jsonl":
         samples = samples_from_file(args.samples)
-    else:
+    else:  # made-up samples and stream records are read with the pipeline's input specs
         with Client(args.host, args.port) as client:
             specs = client.describe(args.pipeline).inputs
-        samples = generated_samples(specs, optional=not args.skip_optional)
+        samples = (
+            samples_from_file(args.samples, specs)
+            if args.samples is not None
+            else generated_samples(specs, optional=not args.skip_optional)
+        )
     spec = BenchSpec(
         args.host,
         args.port,

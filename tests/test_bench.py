@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import math
 import socket
@@ -14,6 +15,7 @@ import pytest
 from engine.observability.metrics import STATUSES
 from engine.tools.bench import BenchSpec, generated_samples, run_bench, samples_from_file
 from engine.transport.client import Client
+from model_plugins.specs import TensorSpec
 from tests.engine.test_metrics import scrape
 from tests.serving import PIPELINES, serving
 from tests.test_cli import dagserve
@@ -107,6 +109,47 @@ def test_samples_from_files(tmp_path):
     row = samples_from_file(tmp_path / "s.json")[0]
     assert row["x"].shape == (1, 3)
     assert row["t"].tolist() == ["hi"]
+
+
+def test_samples_from_stream_records(tmp_path):
+    """A dagserve stream source file: each input one item, BYTES as base64, the rest left out;
+    a line that is no record is refused with its line number."""
+    specs = {
+        "x": TensorSpec("float32", [3]),
+        "t": TensorSpec("string", [], optional=True),
+        "b": TensorSpec("bytes", [], optional=True),
+    }
+    lines = [
+        {"id": "a", "x": [1, 2, 3], "t": "hi", "b": base64.b64encode(b"\x00\xff").decode()},
+        {"id": "b", "x": [4, 5, 6]},
+    ]
+    path = tmp_path / "records.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines) + "\n")
+    first, second = samples_from_file(path, specs)
+    assert first["x"].dtype == np.float32
+    assert first["x"].tolist() == [[1, 2, 3]]
+    assert first["t"].tolist() == ["hi"]
+    assert first["b"].tolist() == [b"\x00\xff"]
+    assert sorted(second) == ["x"]
+    with pytest.raises(ValueError, match="input specs"):
+        samples_from_file(path, None)
+    path.write_text(json.dumps(lines[0]) + "\n" + '{"id": "c", "x": "text"}\n')
+    with pytest.raises(ValueError, match=r"records.jsonl:2: .*'x'"):
+        samples_from_file(path, specs)
+
+
+def test_the_command_line_sends_stream_records(server, tmp_path):
+    path = tmp_path / "records.jsonl"
+    path.write_text('{"id": 1, "x": [1, 2, 3]}\n{"id": 2, "x": [4, 5, 6], "extra": [1, 1, 1]}\n')
+    out = tmp_path / "bench.json"
+    result = dagserve(
+        "bench", "--pipeline", "calc", "--port", str(server.port), "--duration", "0.5",
+        "--warmup", "0.1", "--concurrency", "2", "--samples", str(path), "--json", str(out),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    data = json.loads(out.read_text())
+    assert data["ok"] > 0
+    assert data["outcomes"] == {"ok": data["sent"]}
 
 
 def test_the_command_line_prints_a_table_and_writes_json(server, tmp_path):

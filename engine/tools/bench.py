@@ -233,9 +233,18 @@ async def run_bench(
 # -- inputs ----------------------------------------------------------------------------------
 
 
-def samples_from_file(path: Path) -> list[dict[str, Any]]:
-    """Samples from ``.npz`` (one array per input; each row is one single-item request) or
-    ``.json`` (a list of objects, each ``{input: value}`` for one single-item request)."""
+def samples_from_file(
+    path: Path, specs: Mapping[str, TensorSpec] | None = None
+) -> list[dict[str, Any]]:
+    """Samples from ``.npz`` (one array per input; each row is one single-item request),
+    ``.json`` (a list of objects, each ``{input: value}`` for one single-item request) or
+    ``.jsonl`` (the records of ``dagserve stream``, one request each: read with the pipeline's
+    input ``specs``, so that the same file loads the server directly and through Flink)."""
+    if path.suffix == ".jsonl":
+        if specs is None:
+            msg = f"{path}: records (.jsonl) are read with the pipeline's input specs"
+            raise ValueError(msg)
+        return samples_from_records(path, specs)
     if path.suffix == ".npz":
         with np.load(path, allow_pickle=False) as data:
             arrays = {k: data[k] for k in data.files}
@@ -252,6 +261,30 @@ def samples_from_file(path: Path) -> list[dict[str, Any]]:
         return [{k: _as_item(v) for k, v in row.items()} for row in rows]
     msg = f"{path}: samples must be a .npz or a .json file"
     raise ValueError(msg)
+
+
+def samples_from_records(path: Path, specs: Mapping[str, TensorSpec]) -> list[dict[str, Any]]:
+    """The request of each record of a ``dagserve stream`` source file (JSONL: each input one
+    item, BYTES as base64; other fields are left out); a line that is no record of the
+    pipeline is a ValueError naming its line number, not a request left out."""
+    from engine.stream.records import RecordError, RecordMapping
+
+    mapping = RecordMapping(specs)
+    samples = []
+    with path.open(encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                _, inputs = mapping.parse(line)
+            except RecordError as exc:
+                msg = f"{path}:{number}: {exc.message}"
+                raise ValueError(msg) from exc
+            if not inputs:
+                msg = f"{path}:{number}: a record without any input of the pipeline"
+                raise ValueError(msg)
+            samples.append(inputs)
+    return samples
 
 
 def _as_item(value: Any) -> np.ndarray:
@@ -372,4 +405,5 @@ __all__ = [
     "render_table",
     "run_bench",
     "samples_from_file",
+    "samples_from_records",
 ]
