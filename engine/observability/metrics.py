@@ -458,16 +458,26 @@ class _LiveCollector(Collector):
             '("" when no crash dump named one).',
             labels=["worker", "model"],
         )
+        info = GaugeMetricFamily(
+            "dagserve_worker_info",
+            "1 per worker; ray_node and ray_ip name the Ray node of a worker that is a Ray "
+            "actor (empty for a local process).",
+            labels=["worker", "ray_node", "ray_ip"],
+        )
         for name, stats in self.engine.workers.statistics().items():
+            ray_node = str(stats.get("ray_node", ""))
+            info.add_metric([name, ray_node, str(stats.get("ray_ip", ""))], 1.0)
             up.add_metric([name], 1.0 if stats["ready"] else 0.0)
             restarts.add_metric([name], float(stats["restarts"]))  # type: ignore[arg-type]
             # every hosted model from 0, so that a first crash shows as an increase
             counts = dict.fromkeys(stats["models"], 0) | stats["crashes"]  # type: ignore[call-overload]
             for model, count in counts.items():
                 crashes.add_metric([name, model], float(count))
-            memory = resident_mb(stats["pid"])  # type: ignore[arg-type]
+            # a Ray actor's pid is its node's, not this machine's: not read here
+            memory = None if ray_node else resident_mb(stats["pid"])  # type: ignore[arg-type]
             if memory is not None:
                 rss.add_metric([name], memory * 1024 * 1024)
+        yield info
         yield up
         yield restarts
         yield crashes
