@@ -54,6 +54,22 @@ def _check_device(value: str) -> str:
     return value
 
 
+#: resources Ray asks for through options of their own (num_cpus, num_gpus, memory), or that
+#: it keeps for itself: not custom resources
+_RAY_BUILTIN_RESOURCES = frozenset({"CPU", "GPU", "memory", "object_store_memory"})
+
+
+def _check_ray_resources(value: dict[str, float]) -> dict[str, float]:
+    for name in value:
+        if name in _RAY_BUILTIN_RESOURCES or name.startswith("node:"):
+            msg = (
+                f"{name!r} is not a custom Ray resource (CPUs, GPUs and memory follow from the "
+                "node's device, gpu_share and gpu_memory_mb)"
+            )
+            raise ValueError(msg)
+    return value
+
+
 #: a registry model: models:/NAME/VERSION or models:/NAME@ALIAS, then a path inside it
 _MODELS_URI = re.compile(r"^models:/[^/@]+(/\d+|@[A-Za-z0-9_\-]+)(/.+)?$")
 
@@ -175,7 +191,9 @@ class NodeSpec(_Strict):
     """GPU memory the model needs; placement never over-commits a card's memory."""
     gpu_share: float | None = Field(None, gt=0, le=1)
     """The fraction of a GPU's compute the model needs; placement never over-commits it."""
-    ray_resources: dict[str, Annotated[float, Field(gt=0)]] = Field(default_factory=dict)
+    ray_resources: Annotated[
+        dict[str, Annotated[float, Field(gt=0)]], AfterValidator(_check_ray_resources)
+    ] = Field(default_factory=dict)
     """Custom Ray resources the worker actor of this model asks for (``{zone_b: 1}`` pins it to
     the nodes that have ``zone_b``); used only by a server with ``ray:`` in its config (a
     server without it logs a warning and ignores them)."""

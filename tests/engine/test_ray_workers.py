@@ -93,7 +93,7 @@ def test_loaded_models_keep_their_actor_and_new_ones_get_new_actors() -> None:
     assert second.actor_of("b").index != first.actor_of("a").index  # type: ignore[union-attr]
 
 
-def test_ray_resources_must_be_positive() -> None:
+def test_ray_resources_are_positive_custom_resources() -> None:
     from pydantic import ValidationError
 
     from dag.schema import NodeSpec
@@ -101,6 +101,8 @@ def test_ray_resources_must_be_positive() -> None:
     assert NodeSpec(plugin="x", ray_resources={"zone_b": 1}).ray_resources == {"zone_b": 1.0}
     with pytest.raises(ValidationError, match="greater than 0"):
         NodeSpec(plugin="x", ray_resources={"zone_b": 0})
+    with pytest.raises(ValidationError, match="'GPU' is not a custom Ray resource"):
+        NodeSpec(plugin="x", ray_resources={"GPU": 1})
 
 
 # -- a real server on a one-node Ray cluster -----------------------------------------------
