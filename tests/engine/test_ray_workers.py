@@ -11,6 +11,7 @@ import concurrent.futures
 import importlib.util
 import os
 import signal
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -141,10 +142,28 @@ def _ray(cluster: Any, **fields: Any) -> RayConfig:
 
 @pytest.fixture(scope="module")
 def server(cluster: Any) -> Iterator[ServerThread]:
-    """torch, fail and slow pipelines served with every worker a Ray actor."""
+    """torch, fail and slow pipelines served with every worker a Ray actor, on uvloop (as
+    ``dagserve serve`` runs where it is installed): Ray's replies reach that loop too."""
+    from engine.config import ServerConfig
+    from engine.runtime.loading import load_for_serving
+    from engine.server import Server
+
     paths = [RAY / "torch.yaml", RAY / "fail.yaml", RAY / "slow.yaml"]
-    with serving(paths, ray=_ray(cluster), worker_restart_wait_s=60) as thread:
+    pipelines, errors = load_for_serving(paths)
+    assert not errors
+    config = ServerConfig(port=0, ray=_ray(cluster), worker_restart_wait_s=60)
+    thread = ServerThread(Server(config, pipelines))
+    if importlib.util.find_spec("uvloop") is not None:
+        import uvloop
+
+        thread.loop.close()
+        thread.loop = uvloop.new_event_loop()
+        thread._thread = threading.Thread(target=thread.loop.run_forever, daemon=True)
+    thread.start()
+    try:
         yield thread
+    finally:
+        thread.stop()
 
 
 X = np.ones((1, 3), np.float32)
@@ -169,6 +188,8 @@ def test_a_torch_model_serves_batched_from_a_ray_actor(server: ServerThread) -> 
     model = next(m for m in server.engine.models.values() if m.model_id == "ray_torch/scale")
     # eight requests, 0.1 s a call, at most 8 a batch: batched across requests
     assert model.statistics().batches < 8
+    if importlib.util.find_spec("uvloop") is not None:
+        assert type(server.loop).__module__.startswith("uvloop")
     # the worker is a Ray actor on the cluster's node, and says so everywhere
     stats = server.engine.workers.statistics()
     torch_worker = next(name for name in stats if name.startswith("torch@cpu#ray"))
@@ -216,7 +237,8 @@ def test_a_deadline_is_honoured_on_a_ray_actor(server: ServerThread) -> None:
 @needs_ray
 @pytest.mark.e2e
 @pytest.mark.slow
-def test_innocent_calls_survive_the_actor_being_killed(server: ServerThread) -> None:
+@pytest.mark.parametrize("how", ["SIGKILL", "ray.kill"])
+def test_innocent_calls_survive_the_actor_being_killed(server: ServerThread, how: str) -> None:
     workers = server.engine.workers
     name = next(n for n, s in workers.statistics().items() if "ray_slow/nap" in s["models"])
     key = next(k for k in workers._slots if k.name == name)
@@ -233,7 +255,12 @@ def test_innocent_calls_survive_the_actor_being_killed(server: ServerThread) -> 
         calls = [pool.submit(one, i) for i in range(4)]
         model = next(m for m in server.engine.models.values() if m.model_id == "ray_slow/nap")
         wait_until(lambda: model.batcher.statistics().busy_instances > 0, "calls in flight")
-        os.kill(first.pid, signal.SIGKILL)  # the actor's process, on this machine's one node
+        if how == "SIGKILL":  # the actor's process, on this machine's one node
+            os.kill(first.pid, signal.SIGKILL)
+        else:  # Ray ends it (as an operator or the autoscaler would)
+            import ray
+
+            ray.kill(first.actor)  # type: ignore[attr-defined]
         answers = [call.result(timeout=90) for call in calls]
     # every call was sent again to the new actor, which loaded its models again
     for i, y in enumerate(answers):
