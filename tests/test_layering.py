@@ -32,3 +32,15 @@ def test_placement_devices_and_config_do_not_load_the_idl() -> None:
 @pytest.mark.parametrize("module", ["dag", "dag.executor", "dag.pipeline"])
 def test_dag_does_not_import_engine(module: str) -> None:
     assert loaded([module], ["engine", "idl", "thriftpy2"]) == []
+
+
+def test_nothing_imports_ray_without_a_ray_key() -> None:
+    # The server, its placement and the Ray backend's modules load Ray only when an actor
+    # starts (a server config with ``ray:``).
+    modules = [
+        "engine.server",
+        "engine.runtime.ray_placement",
+        "engine.runtime.workers.ray_worker",
+        "model_plugins._host.ray_actor",
+    ]
+    assert loaded(modules, ["ray"]) == []

@@ -94,6 +94,32 @@ def test_loaded_models_keep_their_actor_and_new_ones_get_new_actors() -> None:
     assert second.actor_of("b").index != first.actor_of("a").index  # type: ignore[union-attr]
 
 
+def test_an_actor_is_threaded_not_restarted_by_ray_and_gets_the_worker_environment() -> None:
+    from engine.runtime.ray_placement import ActorRequest
+    from engine.runtime.workers.pool import WorkerKey
+    from engine.runtime.workers.ray_worker import RayCluster, RayWorker
+    from model_plugins._host import threads
+
+    config = RayConfig(address="127.0.0.1:1", namespace="ns", actor_max_concurrency=16)
+    request = ActorRequest(3, num_gpus=0.5, memory_mb=100, resources=(("zone_b", 1.0),), num_cpus=2)
+    worker = RayWorker(
+        WorkerKey("torch", RAY_GPU, request), RayCluster(config), threads_setting=None
+    )
+    options = worker.options()
+    assert worker.name == "torch@cuda:0#ray3"
+    assert options["max_restarts"] == 0  # the pool's supervisor replaces it, not Ray
+    assert options["max_concurrency"] == 16
+    assert options["namespace"] == "ns"
+    assert options["num_cpus"] == 2
+    assert options["num_gpus"] == 0.5
+    assert options["resources"] == {"zone_b": 1.0}
+    assert "lifetime" not in options  # not detached: the server owns it
+    env = options["runtime_env"]["env_vars"]  # type: ignore[index]
+    assert env[threads.CORES_VAR] == "2"  # its threads share the actor's CPUs
+    assert env[threads.FRAMEWORK_VAR] == "torch"
+    assert "CUDA_VISIBLE_DEVICES" not in env  # Ray sets it to the actor's GPU
+
+
 def test_ray_resources_are_positive_custom_resources() -> None:
     from pydantic import ValidationError
 
