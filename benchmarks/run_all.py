@@ -9,12 +9,13 @@ its report (or writes it to ``--out``, never to RESULTS.md), so no section of an
 be pasted in.
 
 Each scenario runs as ``python -m benchmarks.<name> [ARGS]`` in a subprocess with a time bound
-(and within the whole run's bound: 25 min, 8 min with ``--quick``); its stdout is pasted into
+(and within the whole run's bound: 29.5 min, 11 min with ``--quick``); its stdout is pasted into
 its section as it printed it (tables, in Markdown).  A line of its output starting with
 ``Reading:`` becomes the section's one-line reading; for scenarios that print none, a reader
 here derives it from the table, or says there is none.  A scenario that fails, or runs past
 its bound, gets the tail of its output instead of numbers.  ``benchmarks.batching`` and
-``benchmarks.ray_serve`` run only where they import (their sections say so otherwise).
+``benchmarks.ray_serve`` run only where they import, ``benchmarks.flink_stream`` only where
+``.venv-flink`` exists (their sections say so otherwise).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = "benchmarks/RESULTS.md"
 DEFAULT_OUT = ROOT / RESULTS
 #: the whole run's bound, seconds (full, --quick)
-TOTAL_S = {False: 25 * 60, True: 8 * 60}
+TOTAL_S = {False: 25 * 60 + 270, True: 8 * 60 + 200}  # + flink_stream's bounds
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,8 @@ class Scenario:
     bound_s: float
     quick_bound_s: float
     optional: bool = False
+    #: a path under ROOT it runs from (a venv of its own): without it, it is not run
+    needs: str | None = None
 
     def command(self, quick: bool) -> list[str]:
         return [sys.executable, "-m", f"benchmarks.{self.name}",
@@ -78,6 +81,8 @@ SCENARIOS = (
     Scenario("replicas", "Replicas behind one balancing client, one SIGKILLed",
              (), ("--quick",), 120, 75),
     Scenario("ray_serve", "Ray Serve against dagserve", (), ("--quick",), 420, 150, optional=True),
+    Scenario("flink_stream", "Records through Flink against the direct load", (), ("--quick",),
+             270, 200, optional=True, needs=".venv-flink/bin/python"),
     Scenario("soak", "Faults under load: bad input, overload, 10x the rate, a worker SIGKILL",
              (), ("--quick",), 150, 60),
     Scenario("lifecycle", "Versions swapped under load", (), ("--quick",), 150, 90),
@@ -104,7 +109,10 @@ class Outcome:
 
 
 def available(scenario: Scenario) -> bool:
-    """Whether ``benchmarks.<name>`` exists (optional scenarios may be missing)."""
+    """Whether ``benchmarks.<name>`` exists (optional scenarios may be missing), and what it
+    ``needs`` (``.venv-flink`` for ``flink_stream``)."""
+    if scenario.needs is not None and not (ROOT / scenario.needs).exists():
+        return False
     return importlib.util.find_spec(f"benchmarks.{scenario.name}") is not None
 
 
@@ -149,7 +157,9 @@ def run_all(scenarios: Sequence[Scenario], quick: bool) -> list[Outcome]:
     outcomes = []
     for scenario in scenarios:
         if scenario.optional and not available(scenario):
-            missing = f"not run: benchmarks.{scenario.name} is not available here"
+            missing = f"not run: benchmarks.{scenario.name} is not available here" + (
+                f" (it needs {scenario.needs})" if scenario.needs else ""
+            )
             outcomes.append(Outcome(scenario, scenario.command(quick), "", None, 0.0, missing))
             continue
         left = deadline - time.monotonic()

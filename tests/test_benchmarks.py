@@ -6,6 +6,7 @@ made-up requests.
 
 from __future__ import annotations
 
+import json
 import subprocess
 from collections import Counter
 from pathlib import Path
@@ -246,3 +247,46 @@ def test_rpc_overhead_target_compares_the_pipeline_with_the_stock_echo_at_16():
     assert "(target >= 0.6): tiny 1x4 0.59 (NOT met)" in rpc_overhead.reading(
         rpc_overhead.with_ratios(rows), targets
     )
+
+
+# -- flink_stream: run only where its venv is, on the example's valid records ---------------
+
+
+def test_a_scenario_whose_venv_is_missing_is_not_run_and_says_why(tmp_path):
+    registered = next(s for s in run_all.SCENARIOS if s.name == "flink_stream")
+    assert registered.optional
+    assert registered.needs == ".venv-flink/bin/python"
+    missing = run_all.Scenario(
+        "flink_stream", "t", (), ("--quick",), 10, 10, optional=True, needs="no/such/venv"
+    )
+    assert not run_all.available(missing)
+    assert run_all.available(run_all.Scenario("flink_stream", "t", (), (), 10, 10))
+    (outcome,) = run_all.run_all([missing], quick=True)  # returns at once: nothing starts
+    assert outcome.returncode is None
+    assert outcome.seconds == 0
+    assert outcome.errors.endswith("(it needs no/such/venv)")
+
+
+def test_flink_stream_sends_the_valid_records_of_the_example_stream(tmp_path):
+    from benchmarks import flink_stream
+
+    records = flink_stream.stream_records()
+    ids = [json.loads(line)["id"] for line in records]
+    assert len(ids) == len(set(ids)) > 300  # the samples and the random posts, each once
+    assert not {"bad-json", "bad-text-type", "bad-image-bytes"} & set(ids)
+    path = flink_stream.write_records(tmp_path / "r.jsonl", records, len(records) * 2 + 1)
+    written = [json.loads(line) for line in path.read_text().splitlines()]
+    assert len({r["id"] for r in written}) == len(written) == len(records) * 2 + 1
+    assert written[len(records)]["id"] == f"{ids[0]}#1"
+    assert written[len(records)]["text"] == json.loads(records[0])["text"]
+
+
+def test_flink_stream_rates_the_middle_of_the_job():
+    from benchmarks.flink_stream import window_rate
+
+    # (seconds, sink lines): 20 s of start, then 10 lines a second, a slow tail of 5 lines
+    polls = [(t / 10, 0) for t in range(200)]
+    polls += [(20 + t / 10, t) for t in range(1, 951)]
+    polls += [(115.0 + t, 950 + t) for t in range(1, 6)]
+    assert window_rate(polls, 955) == pytest.approx(10, rel=0.02)
+    assert np.isnan(window_rate(polls[:300], 955))  # never reached 90%
