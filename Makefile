@@ -13,7 +13,7 @@ FAST_STAMP := $(VENV)/.installed-dev-$(shell cksum setup.py | cut -d' ' -f1)
 # mini-cluster of `dagserve stream`); see system-deps.
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: all test test-fast gpu-check demo bench ray-venv flink-venv lint check system-deps clean
+.PHONY: all test test-fast gpu-check demo stream-demo bench ray-venv flink-venv lint check system-deps clean
 
 all: test
 
@@ -58,6 +58,11 @@ gpu-check: $(STAMP)
 
 demo: system-deps $(STAMP)
 	$(PY) examples/post_understanding/demo.py
+
+# the example's stream of posts (make_stream.py) through the pipeline on Flink: dagserve
+# stream from .venv-flink against a server it starts, then a summary of the sink
+stream-demo: system-deps $(STAMP) $(FLINK_STAMP)
+	$(PY) examples/post_understanding/stream_demo.py
 
 # Ray Serve for benchmarks.ray_serve, in a venv of its own (Ray pins its own dependencies);
 # installed before the run, so that the scenario measures and never installs. Keep the pins
