@@ -46,14 +46,23 @@ class Outcome:
     retries: int = 0
     error_type: str = ""
 
-    def as_tuple(self) -> tuple[str, str, int, str]:
-        """The operator's output row (Flink ``Types.TUPLE([STRING, STRING, INT, STRING])``)."""
-        return (self.kind, self.error_type, self.retries, self.text)
+    def to_row(self) -> str:
+        """The operator's output row: ``kind TAB error_type TAB retries TAB text``.
+
+        One string, not a Flink tuple: ``execute_and_collect`` fetches each row from the JVM
+        over py4j, one call per field of a tuple, which capped the job at a few hundred rows
+        a second.  ``text`` is JSON (``json.dumps`` escapes tabs and newlines), so the first
+        three tabs split the row.
+        """
+        return f"{self.kind}\t{self.error_type}\t{self.retries}\t{self.text}"
 
     @classmethod
-    def from_tuple(cls, row: Any) -> Outcome:
-        kind, error_type, retries, text = row
-        return cls(kind=kind, text=text, retries=int(retries), error_type=error_type)
+    def from_row(cls, row: str) -> Outcome:
+        kind, error_type, retries, text = row.split("\t", 3)
+        if kind not in ("answer", "dead", "blank"):
+            msg = f"not an operator row: {row[:80]!r}"
+            raise ValueError(msg)
+        return cls(kind=kind, text=text, retries=int(retries), error_type=error_type)  # type: ignore[arg-type]
 
 
 def _dead(letter: dict[str, Any], retries: int = 0) -> Outcome:

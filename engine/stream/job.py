@@ -216,12 +216,12 @@ def run_stream(spec: StreamSpec, progress: TextIO | None = None) -> StreamSummar
     started = time.monotonic()
     try:
         with (
-            spec.sink.open("w", encoding="utf-8") as sink,
-            spec.dead_letters.open("w", encoding="utf-8") as dead,
+            spec.sink.open("w", encoding="utf-8", buffering=1) as sink,
+            spec.dead_letters.open("w", encoding="utf-8", buffering=1) as dead,
             rows.execute_and_collect(f"dagserve stream {spec.pipeline}") as collected,
         ):
             for row in collected:
-                outcome = Outcome.from_tuple(row)
+                outcome = Outcome.from_row(row)
                 summary.add(outcome, time.monotonic() - started)
                 if outcome.kind == "answer":
                     sink.write(outcome.text + "\n")
@@ -239,8 +239,12 @@ def run_stream(spec: StreamSpec, progress: TextIO | None = None) -> StreamSummar
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+    # a Py4JJavaError's text is the Java stack: its deepest "Caused by:" says what failed
+    lines = [line.strip() for line in str(exc).strip().splitlines()]
+    causes = [line for line in lines if line.startswith("Caused by:")]
+    if causes:
+        return causes[-1]
+    return lines[0] if lines and lines[0] else type(exc).__name__
 
 
 __all__ = [

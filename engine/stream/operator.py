@@ -10,9 +10,10 @@ Use it with Flink's own async I/O::
         capacity=100, output_type=OUTPUT_TYPE,
     )
 
-Each output row is ``(kind, error_type, retries, json_line)`` (:class:`~engine.stream.caller.
-Outcome`): ``kind`` is ``answer`` (to the sink), ``dead`` (a dead letter) or ``blank``; a
-record's failure never fails the job, a bug in this code does.
+Each output row is one string, ``kind TAB error_type TAB retries TAB json_line``
+(:meth:`~engine.stream.caller.Outcome.to_row`; ``Outcome.from_row`` reads it back): ``kind``
+is ``answer`` (to the sink), ``dead`` (a dead letter) or ``blank``; a record's failure never
+fails the job, a bug in this code does.
 
 How PyFlink 2.3 runs it (``pyflink/fn_execution/datastream/process/async_function/
 operation.py``): ``open`` is called before the operator starts its event loop thread, and
@@ -43,8 +44,8 @@ from engine.transport.client import AsyncClient
 from model_plugins.errors import DeadlineExceeded
 from model_plugins.specs import TensorSpec
 
-#: the type of the operator's output rows (``Outcome.as_tuple``)
-OUTPUT_TYPE = Types.TUPLE([Types.STRING(), Types.STRING(), Types.INT(), Types.STRING()])
+#: the type of the operator's output rows (``Outcome.to_row``: one string a record)
+OUTPUT_TYPE = Types.STRING()
 
 
 class PipelineFunction(AsyncFunction):  # type: ignore[misc]
@@ -102,7 +103,7 @@ class PipelineFunction(AsyncFunction):  # type: ignore[misc]
             return AsyncClient(host, int(port), timeout_s=timeout_s, pool_size=self.pool_size)
         return AsyncClient(targets=self.targets, timeout_s=timeout_s, pool_size=self.pool_size)
 
-    async def async_invoke(self, value: str) -> list[tuple[str, str, int, str]]:
+    async def async_invoke(self, value: str) -> list[str]:
         if self._loop is None or self._caller is None:
             msg = "PipelineFunction.async_invoke before open()"
             raise RuntimeError(msg)
@@ -110,9 +111,9 @@ class PipelineFunction(AsyncFunction):  # type: ignore[misc]
             self._caller.call(value), self._loop
         )
         outcome = await asyncio.wrap_future(done)
-        return [outcome.as_tuple()]
+        return [outcome.to_row()]
 
-    def timeout(self, value: str) -> list[tuple[str, str, int, str]]:
+    def timeout(self, value: str) -> list[str]:
         # Flink's timer passed before the record's own deadline: the operator's timeout is
         # shorter than timeout_ms, or the loop is starved; a dead letter, not a failed job
         why = (
@@ -123,7 +124,7 @@ class PipelineFunction(AsyncFunction):  # type: ignore[misc]
         except json.JSONDecodeError:
             record = None
         letter = dead_letter(DeadlineExceeded.__name__, why, record=record, line=value)
-        return [Outcome("dead", json.dumps(letter), 0, DeadlineExceeded.__name__).as_tuple()]
+        return [Outcome("dead", json.dumps(letter), 0, DeadlineExceeded.__name__).to_row()]
 
     def close(self) -> None:
         loop, thread, caller = self._loop, self._thread, self._caller
