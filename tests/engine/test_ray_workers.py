@@ -14,6 +14,7 @@ import signal
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,7 +25,7 @@ from engine.runtime.placement import PlacementRequest
 from engine.runtime.ray_placement import RAY_GPU, place_on_ray
 from engine.transport.client import Client
 from model_plugins.errors import DeadlineExceeded, InferenceError, PluginLoadError
-from tests.serving import PIPELINES, ServerThread, serving, wait_until
+from tests.serving import PIPELINES, ROOT, ServerThread, serving, wait_until
 
 RAY = PIPELINES / "ray"
 HAS_RAY = importlib.util.find_spec("ray") is not None
@@ -355,3 +356,33 @@ def test_a_pipeline_the_cluster_cannot_hold_is_refused_with_what_is_missing(
     assert "'zone_a': 1.0" in message  # what the cluster has
     assert "'CPU': 4.0" in message
     assert "not placed within 3 s" in message
+
+
+@needs_ray
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_dagserve_serve_gives_up_on_an_unreachable_cluster_and_says_so(tmp_path: Path) -> None:
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as free:  # a port where no Ray cluster answers
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    config = tmp_path / "server.yaml"
+    config.write_text(
+        f"port: 0\npipelines: [{RAY / 'fail.yaml'}]\n"
+        f"ray: {{address: '127.0.0.1:{port}', node_ip_address: 127.0.0.1, start_timeout_s: 3}}\n"
+    )
+    start = time.monotonic()
+    # in a process of its own: ray.init keeps trying that address on a thread of its own
+    done = subprocess.run(
+        [sys.executable, "-m", "engine.cli", "serve", str(config)],
+        cwd=ROOT, capture_output=True, text=True, timeout=90,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    assert done.returncode == 1
+    assert time.monotonic() - start < 60
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("dagserve serve: PluginLoadError: pipeline 'ray_fail': node 'picky'")
+    assert f"cannot connect to the Ray cluster at 127.0.0.1:{port}: no answer within 3 s" in last

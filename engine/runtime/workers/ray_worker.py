@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -48,11 +49,18 @@ class RayPlacementError(PlacementError):
     the message says what it asked for and what the cluster has in all."""
 
 
+class RayClusterError(DagserveError):
+    """The Ray cluster of ``ray.address`` could not be reached within ``start_timeout_s``, or
+    refused the connection: the message names the address and the cause."""
+
+
 class RayCluster:
     """The server's connection to its Ray cluster, made when the first actor starts.
 
     ``ray.init`` is called here unless the process is connected already (a test, an embedding
-    application); :meth:`aclose` calls ``ray.shutdown`` only if it was.
+    application); :meth:`aclose` calls ``ray.shutdown`` only if it was.  ``ray.init`` keeps
+    trying an address where no cluster answers for minutes: it runs on a daemon thread, and the
+    server gives up after ``start_timeout_s`` (:class:`RayClusterError`).
     """
 
     def __init__(self, config: RayConfig) -> None:
@@ -69,7 +77,7 @@ class RayCluster:
 
             if not self._connected:
                 if not ray.is_initialized():
-                    await asyncio.to_thread(self._init, ray)
+                    await self._init_bounded(ray)
                     self._owned = True
                 self._connected = True
             if self._actor_class is None:
@@ -77,6 +85,42 @@ class RayCluster:
 
                 self._actor_class = ray.remote(RayHost)
             return ray
+
+    async def _init_bounded(self, ray: Any) -> None:
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+
+        def settle(error: BaseException | None) -> None:
+            if done.done():
+                return  # given up on already
+            if error is None:
+                done.set_result(None)
+            else:
+                done.set_exception(error)
+
+        def run() -> None:
+            try:
+                self._init(ray)
+            except BaseException as exc:
+                loop.call_soon_threadsafe(settle, exc)
+            else:
+                loop.call_soon_threadsafe(settle, None)
+
+        # A daemon thread: one that hangs must not keep the process from exiting.
+        threading.Thread(target=run, name="dagserve-ray-init", daemon=True).start()
+        address = self.config.address
+        timeout_s = self.config.start_timeout_s
+        try:
+            async with asyncio.timeout(timeout_s):
+                await done
+        except TimeoutError:
+            msg = (
+                f"cannot connect to the Ray cluster at {address}: no answer within {timeout_s:g} s"
+            )
+            raise RayClusterError(msg) from None
+        except Exception as exc:
+            msg = f"cannot connect to the Ray cluster at {address}: {_first_line(exc)}"
+            raise RayClusterError(msg) from exc
 
     def _init(self, ray: Any) -> None:
         config = self.config
@@ -366,4 +410,4 @@ def _first_line(exc: BaseException | None) -> str:
     return text[0] if text else type(exc).__name__
 
 
-__all__ = ["RayBackend", "RayCluster", "RayPlacementError", "RayWorker"]
+__all__ = ["RayBackend", "RayCluster", "RayClusterError", "RayPlacementError", "RayWorker"]
