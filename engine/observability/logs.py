@@ -24,6 +24,12 @@ LogFormat = Literal["auto", "text", "json"]
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
 
 
+def _is_field(key: str) -> bool:
+    """An attribute passed with ``extra=``.  Private ones are a library's record factory's
+    (Ray adds ``_ray_timestamp_ns`` to every record once imported, ``ray:`` workers): not ours."""
+    return key not in _STANDARD and not key.startswith("_")
+
+
 class _RequestContext(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if not hasattr(record, "request_id"):
@@ -45,7 +51,7 @@ class JsonFormatter(logging.Formatter):
             "message": record.getMessage(),
         }
         for key, value in record.__dict__.items():
-            if key not in _STANDARD and value is not None:
+            if _is_field(key) and value is not None:
                 entry[key] = value
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
@@ -63,7 +69,7 @@ class TextFormatter(logging.Formatter):
         extras = [
             f"{k}={v}"
             for k, v in record.__dict__.items()
-            if k not in _STANDARD and k not in ("request_id", "trace_id") and v is not None
+            if _is_field(k) and k not in ("request_id", "trace_id") and v is not None
         ]
         rid = getattr(record, "request_id", None)
         if rid:

@@ -121,6 +121,19 @@ def test_an_actor_is_threaded_not_restarted_by_ray_and_gets_the_worker_environme
     assert "CUDA_VISIBLE_DEVICES" not in env  # Ray sets it to the actor's GPU
 
 
+def test_private_record_attributes_of_a_library_are_not_logged_as_fields() -> None:
+    import logging
+
+    from engine.observability.logs import JsonFormatter, TextFormatter
+
+    record = logging.LogRecord("dagserve", logging.INFO, "", 0, "hello", (), None)
+    record._ray_timestamp_ns = 1  # what Ray's record factory adds once ray is imported
+    record.model = "m"  # a field passed with extra=
+    assert "_ray_timestamp_ns" not in JsonFormatter().format(record)
+    assert '"model": "m"' in JsonFormatter().format(record)
+    assert "_ray_timestamp_ns" not in TextFormatter().format(record)
+
+
 def test_ray_resources_are_positive_custom_resources() -> None:
     from pydantic import ValidationError
 
