@@ -41,8 +41,8 @@ class LoopbackCluster:
         import ray
         from ray.cluster_utils import Cluster
 
-        self._ray = ray
-        self.cluster = Cluster(
+        self._ray: Any = ray
+        cluster: Any = Cluster(
             initialize_head=True,
             head_node_args={
                 "num_cpus": num_cpus,
@@ -52,10 +52,11 @@ class LoopbackCluster:
                 "_system_config": HEALTH_CHECKS,
             },
         )
+        self.cluster = cluster
         try:
-            ray.init(address=self.cluster.address, _node_ip_address=HOST)
+            ray.init(address=cluster.address, _node_ip_address=HOST)
         except BaseException:
-            self.cluster.shutdown()
+            cluster.shutdown()
             raise
 
     @property

@@ -290,3 +290,27 @@ def test_flink_stream_rates_the_middle_of_the_job():
     polls += [(115.0 + t, 950 + t) for t in range(1, 6)]
     assert window_rate(polls, 955) == pytest.approx(10, rel=0.02)
     assert np.isnan(window_rate(polls[:300], 955))  # never reached 90%
+
+
+def test_ray_workers_pins_the_examples_frameworks_to_the_two_zones(tmp_path):
+    import yaml
+
+    from benchmarks import ray_workers
+    from dag.schema import PipelineSpec
+
+    path = ray_workers.pinned_pipeline(tmp_path)
+    spec = PipelineSpec.model_validate(yaml.safe_load(path.read_text(encoding="utf-8")))
+    pinned = {name: node.ray_resources for name, node in spec.nodes.items()}
+    assert pinned["image_embed"] == pinned["text_embed"] == {"zone_a": 1.0}  # PyTorch
+    assert pinned["tags"] == pinned["spam"] == {"zone_b": 1.0}  # TensorFlow, Paddle
+    assert pinned["decode"] == pinned["fuse"] == {}  # built-ins: where Ray likes
+    assert Path(spec.nodes["image_embed"].model).is_absolute()  # the copy lives elsewhere
+
+
+def test_ray_workers_merges_the_two_windows_of_a_side():
+    from benchmarks.ray_workers import _merged
+
+    first = BenchResult("p", "closed", 2.0, ok=3, latencies_s=[0.001, 0.002, 0.003])
+    second = BenchResult("p", "closed", 2.0, ok=1, latencies_s=[0.100], errors=Counter(E=2))
+    merged = _merged([first, second])
+    assert merged == {"req/s": 1.0, "p50 ms": 2.0, "p99 ms": 100.0, "errors": 2}
