@@ -22,9 +22,10 @@ concurrency, ``CAPACITY`` x ``PARALLELISM``:
   issue 17 asks.  Beside it: the job's own figure (``--json``: first answer to last) and every
   record over the job's wall time, start included.
 
-The concurrency is one subtask with 8 records in flight by default: the job's file source is
-one split, read by one subtask and chained to the operator's subtask of the same index, so a
-second subtask would get no records (``--parallelism 2 --capacity 4`` measures 4 in flight).
+The concurrency is one subtask with 8 records in flight by default: the job reads its one
+source file (one split) in one source subtask, whose records go FORWARD to the operator's
+subtask of the same index (the job's execution plan, PyFlink 2.3), so a second subtask gets no
+record and ``--parallelism 2 --capacity 4`` has only 4 in flight, not 8.
 
 Direct, Flink, direct: the direct figure is the mean of its two windows (a drift of the shared
 machine weighs on both sides alike).  Every record must be answered by the job (no dead

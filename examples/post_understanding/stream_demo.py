@@ -190,17 +190,20 @@ def run_stream(command: list[str], timeout_s: float) -> int | None:
         **os.environ,
         "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
     }
-    process = subprocess.Popen(command, cwd=ROOT, env=env, start_new_session=True)
+    # in this process group: Ctrl-C reaches it too; its JVM exits with it (PyFlink's gateway)
+    process = subprocess.Popen(command, cwd=ROOT, env=env)
     try:
         return process.wait(timeout=timeout_s)
     except subprocess.TimeoutExpired:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
         return None
+    finally:  # past the bound, or this demo interrupted: the job stops too
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
 
 
 def main(argv: list[str] | None = None) -> int:
