@@ -98,7 +98,7 @@ class RayConfig(BaseModel):
     start_timeout_s: float = Field(60.0, gt=0)
     """How long a worker's actor may wait to be placed (and to start) before the pipeline is
     refused with what it asked for and what the cluster has."""
-    actor_max_concurrency: int = Field(64, ge=4)
+    actor_max_concurrency: int = Field(64, ge=12)
     """Threads of each actor: at least the instances of its models plus a few for loads and
     pings (calls past it queue in Ray)."""
 

@@ -38,10 +38,14 @@ from engine.runtime.placement import PlacementError
 from engine.runtime.workers.pool import Worker, WorkerKey
 from engine.runtime.workers.process import Death, WorkerDied
 from model_plugins._host import threads
-from model_plugins._host.messages import Loaded, LoadModel, Ping, Reply, Shutdown
+from model_plugins._host.messages import Loaded, LoadModel, Ping, Reply, Shutdown, Unload
 from model_plugins.errors import DagserveError, InferenceError
 
 logger = logging.getLogger(__name__)
+
+#: actor threads that loads, unloads, signatures and pings may hold besides the instances' calls
+#: (the host's control pool has 8 threads; a ping and a shutdown come on top)
+_CONTROL_CALLS = 10
 
 
 class RayPlacementError(PlacementError):
@@ -196,6 +200,8 @@ class RayWorker:
         self.node_id: str | None = None
         self.node_ip: str | None = None
         self._calls: dict[int, _RayCall] = {}
+        #: model -> its instances loaded in the actor
+        self._instances: dict[str, int] = {}
         self._ids = 0
         self._stopping = False
         self._spare = False
@@ -301,7 +307,23 @@ class RayWorker:
                 "model %s loaded in worker %s on Ray node %s (%s)",
                 message.model_id, self.name, self.node_id, self.node_ip,
             )  # fmt: skip
+            self._instances[message.model_id] = len(message.contexts)
+            self._check_concurrency()
+        elif isinstance(message, Unload):
+            self._instances.pop(message.model_id, None)
         return reply.value
+
+    def _check_concurrency(self) -> None:
+        """Warn when the actor's threads cannot run every instance and the control calls at
+        once: predicts past them queue in Ray, and a ping behind them may time out."""
+        instances = sum(self._instances.values())
+        threads = self.config.actor_max_concurrency
+        if instances + _CONTROL_CALLS > threads:
+            logger.warning(
+                "worker %s holds %d model instances; ray.actor_max_concurrency (%d) should be "
+                "at least %d, or calls queue in Ray",
+                self.name, instances, threads, instances + _CONTROL_CALLS,
+            )  # fmt: skip
 
     def _settle(self, call_id: int, done: Any) -> None:
         """On the loop: the outcome of one actor call."""
