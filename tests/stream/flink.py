@@ -49,7 +49,7 @@ class StreamJob:
         )  # fmt: skip
         self.pgid = self.process.pid
 
-    def finish(self, timeout_s: float = 90) -> tuple[int, str, str]:
+    def finish(self, timeout_s: float = 240) -> tuple[int, str, str]:
         """Exit status, stdout, stderr; fails the test if the job or a child is left."""
         try:
             out, err = self.process.communicate(timeout=timeout_s)

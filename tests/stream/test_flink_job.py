@@ -21,7 +21,7 @@ from PIL import Image
 
 from engine.tools.ports import free_port, wait_ready
 from engine.transport.client import Client
-from tests.serving import PIPELINES, ROOT, serving, wait_until
+from tests.serving import PIPELINES, ROOT, ServerThread, serving, wait_until
 from tests.stream.flink import StreamJob, needs_flink
 
 STREAM = PIPELINES / "stream.yaml"
@@ -58,6 +58,7 @@ def stream_args(port: int, tmp_path: Path, *more: str) -> list[str]:
     ]  # fmt: skip
 
 
+@pytest.mark.timeout(300)  # a JVM and its Python workers start on a loaded machine
 def test_valid_records_answered_once_as_direct_calls_and_invalid_ones_dead(tmp_path: Path):
     valid = [{"id": i, "x": [i, i + 0.5, -i], "tag": f"t{i}"} for i in range(150)]
     for record in valid[::10]:
@@ -117,13 +118,21 @@ def test_valid_records_answered_once_as_direct_calls_and_invalid_ones_dead(tmp_p
     assert f"answered     150 -> {tmp_path / 'out.jsonl'}" in out
 
 
-def test_ordered_mode_keeps_the_source_order(tmp_path: Path):
+def requests_served(server: ServerThread) -> float:
+    return float(sum(server.engine.metrics.requests.snapshot().values()))
+
+
+@pytest.mark.timeout(300)  # a JVM and its Python workers start on a loaded machine
+def test_ordered_mode_keeps_the_source_order_over_two_replicas(tmp_path: Path):
     # every 7th record fails: dead letters wait their turn too, answers keep their order
     records = [{"id": i, "x": [-1 if i % 7 == 3 else i, 1, 2]} for i in range(400)]
     write_lines(tmp_path / "in.jsonl", records)
-    with serving([STREAM]) as server:
-        job = StreamJob(*stream_args(server.port, tmp_path, "--ordered", "--capacity", "32"))
-        code, _, err = job.finish()
+    with serving([STREAM]) as one, serving([STREAM]) as two:
+        more = ["--target", f"127.0.0.1:{two.port}", "--ordered", "--capacity", "32"]
+        code, _, err = StreamJob(*stream_args(one.port, tmp_path, *more)).finish()
+        # the balancing client spread the records over both
+        assert requests_served(one) > 0, "no record reached the first replica"
+        assert requests_served(two) > 0, "no record reached the second replica"
     assert code == 0, err[-3000:]
     answered = [a["id"] for a in read_jsonl(tmp_path / "out.jsonl")]
     assert answered == [r["id"] for r in records if r["id"] % 7 != 3]
@@ -140,7 +149,7 @@ def serve(port: int) -> subprocess.Popen[bytes]:
     )  # fmt: skip
 
 
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(360)
 def test_a_server_restarted_mid_job_loses_no_record(tmp_path: Path):
     total = 3000
     write_lines(tmp_path / "in.jsonl", [{"id": i, "x": [i, 1, 2]} for i in range(total)])
@@ -162,7 +171,7 @@ def test_a_server_restarted_mid_job_loses_no_record(tmp_path: Path):
         assert at_restart < total, "the job ended before the server stopped: no restart tested"
         server = serve(port)
         wait_ready(port, server, timeout_s=60)
-        code, out, err = job.finish(timeout_s=180)
+        code, out, err = job.finish(timeout_s=240)
     finally:
         if job is not None:
             job.stop()
@@ -184,3 +193,24 @@ def test_without_pyflink_the_command_names_the_extra(tmp_path: Path):
     )  # fmt: skip
     assert result.returncode == 2
     assert "pip install 'dagserve[flink]'" in result.stderr
+
+
+def test_what_cannot_run_exits_before_a_job_starts(tmp_path: Path):
+    write_lines(tmp_path / "in.jsonl", [{"id": 1, "x": [1, 2, 3]}])
+    with serving([STREAM]) as server:
+        args = stream_args(server.port, tmp_path)
+        unknown = StreamJob(*[("nope" if a == "stream" else a) for a in args]).finish(60)
+        no_source = StreamJob(
+            *args[:4], "--source", f"jsonl:{tmp_path / 'absent.jsonl'}", *args[6:]
+        ).finish(60)
+        ordered = StreamJob(*args, "--ordered", "--parallelism", "2").finish(60)
+        kafka = StreamJob(*args[:4], "--source", "kafka:broker/topic", *args[6:]).finish(60)
+    assert unknown[0] == 1
+    assert "PipelineNotFound" in unknown[2]
+    assert no_source[0] == 1
+    assert "absent.jsonl: no such file" in no_source[2]
+    assert ordered[0] == 2
+    assert "--parallelism 1" in ordered[2]
+    assert kafka[0] == 2
+    assert "expected jsonl:PATH" in kafka[2]
+    assert not (tmp_path / "out.jsonl").exists()
