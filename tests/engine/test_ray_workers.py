@@ -182,13 +182,13 @@ def _ray(cluster: Any, **fields: Any) -> RayConfig:
 
 @pytest.fixture(scope="module")
 def server(cluster: Any) -> Iterator[ServerThread]:
-    """torch, fail and slow pipelines served with every worker a Ray actor, on uvloop (as
+    """torch, fail, slow and hang pipelines served with every worker a Ray actor, on uvloop (as
     ``dagserve serve`` runs where it is installed): Ray's replies reach that loop too."""
     from engine.config import ServerConfig
     from engine.runtime.loading import load_for_serving
     from engine.server import Server
 
-    paths = [RAY / "torch.yaml", RAY / "fail.yaml", RAY / "slow.yaml"]
+    paths = [RAY / "torch.yaml", RAY / "fail.yaml", RAY / "slow.yaml", RAY / "hang.yaml"]
     pipelines, errors = load_for_serving(paths)
     assert not errors
     config = ServerConfig(port=0, ray=_ray(cluster), worker_restart_wait_s=60)
@@ -272,6 +272,33 @@ def test_a_deadline_is_honoured_on_a_ray_actor(server: ServerThread) -> None:
             client.infer("ray_slow", {"x": X}, timeout_ms=150)
         assert time.monotonic() - start < 0.45  # the call takes 0.5 s: not waited for
         client.infer("ray_slow", {"x": X})  # and the model still serves
+
+
+@needs_ray
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_a_call_past_its_timeout_replaces_its_actor(server: ServerThread) -> None:
+    workers = server.engine.workers
+    name = next(n for n, s in workers.statistics().items() if "ray_hang/stuck" in s["models"])
+    # an actor of its own (other ray_resources than the other numpy models)
+    assert workers.statistics()[name]["models"] == ["ray_hang/stuck"]
+    before = workers.statistics()[name]
+    start = time.monotonic()
+    with (
+        Client("127.0.0.1", server.port) as client,
+        pytest.raises(InferenceError, match="within its timeout_ms") as info,
+    ):
+        client.infer("ray_hang", {"x": X})
+    assert time.monotonic() - start < 2.5  # the call takes 3 s: not waited for
+    assert info.value.node == "stuck"
+
+    def replaced() -> dict[str, Any] | None:
+        stats = workers.statistics()[name]
+        return stats if stats["ready"] and stats["restarts"] == before["restarts"] + 1 else None
+
+    after = wait_until(replaced, "a new actor for ray_hang", timeout_s=60)
+    assert after["pid"] != before["pid"]
+    assert after["crashes"] == {"ray_hang/stuck": 1}  # laid at the model that hung
 
 
 @needs_ray
