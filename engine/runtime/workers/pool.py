@@ -223,7 +223,12 @@ class WorkerPool:
         slot = self._slots.get(key)
         if slot is None:
             slot = self._slots[key] = _Slot(key)
-            slot.process = await self._spawn(slot)
+            try:
+                slot.process = await self._spawn(slot)
+            except BaseException:
+                # a worker that could not start (a Ray actor no node took) leaves no slot
+                del self._slots[key]
+                raise
             slot.ready.set()
             slot.supervisor = asyncio.create_task(self._supervise(slot), name=f"{key.name}-sup")
         message = LoadModel(model_id, plugin, contexts)

@@ -246,7 +246,7 @@ class RayWorker:
         except TimeoutError:
             ray.kill(self.actor, no_restart=True)
             self.exited.set()
-            raise RayPlacementError([self._unplaced(ray, options)]) from None
+            raise RayPlacementError([self._unplaced(ray)]) from None
         except ray.exceptions.RayError as exc:
             self.exited.set()
             msg = f"worker {self.name}: its Ray actor died while starting: {exc}"
@@ -261,16 +261,17 @@ class RayWorker:
         request = self.key.actor
         return request.describe() if request is not None else "num_cpus=1"
 
-    def _unplaced(self, ray: Any, options: dict[str, Any]) -> str:
+    def _unplaced(self, ray: Any) -> str:
+        """What the actor asked for, against what the cluster has in all and free now."""
         try:
-            available = ray.cluster_resources()
+            total, free = ray.cluster_resources(), ray.available_resources()
         except Exception as exc:  # the cluster went away too: say so instead
-            available = f"unknown ({exc})"
+            have = f"the cluster's resources are unknown ({exc})"
         else:
-            available = {k: v for k, v in sorted(available.items()) if not k.startswith("node:")}
+            have = f"the cluster has in all {_resources(total)}, free now {_resources(free)}"
         return (
-            f"worker {self.name}: its Ray actor ({self._request()}) was not placed within "
-            f"{self.config.start_timeout_s:g} s; the cluster has in all: {available}"
+            f"worker {self.name}: its Ray actor ({self._request()}) was not placed (or did not "
+            f"start) within {self.config.start_timeout_s:g} s; {have}"
         )
 
     async def call(
@@ -425,6 +426,11 @@ class _RayCall:
         self.future = future
         self.node = node
         self.plugin = plugin
+
+
+def _resources(resources: dict[str, float]) -> dict[str, float]:
+    """Resources as an operator reads them: no per-node ``node:IP`` entries, sorted."""
+    return {k: v for k, v in sorted(resources.items()) if not k.startswith("node:")}
 
 
 def _first_line(exc: BaseException | None) -> str:
