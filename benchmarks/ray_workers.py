@@ -15,10 +15,11 @@ posts, in windows ordered local, Ray, Ray, local (a drift of the shared machine 
 alike); each side's figures sum its two windows.
 
 Then what one call costs, without the DAG and the batcher: ``WorkerPool.predict`` of the
-identity plugin on a local worker process and on a Ray actor pinned to the ``zone_b`` node, at
-three sizes: a tiny tensor (inlined in Ray's call), one 224x224 image and a batch of 32 (both
-through Ray's object store).  Both nodes share this machine's cores: the Ray figures price
-Ray's path, not a network.
+identity plugin on a local worker process, on a Ray actor on the node this process is attached
+to and on one on the other node, at three sizes: a tiny tensor (inlined in Ray's call), one
+224x224 image and a batch of 32 (both through Ray's object store, copied between the two
+nodes' stores for the other node).  Both nodes share this machine's cores and loopback: the
+Ray figures price Ray's path, not a network.
 """
 
 from __future__ import annotations
@@ -199,20 +200,32 @@ async def _median_ms(call: Callable[[], Awaitable[object]], repeat: int) -> floa
 
 
 async def per_call(address: str, repeat: int) -> Rows:
-    """Median ms of one identity call, local worker against a Ray actor on the zone_b node."""
+    """Median ms of one identity call: a local worker, a Ray actor on this process's node,
+    a Ray actor on the other node (an actor pinned to each zone, then told apart by node)."""
     local = WorkerPool()
     remote = WorkerPool(backend=RayBackend(RayConfig(address=address, node_ip_address=HOST)))
-    local_key = WorkerKey("numpy", "cpu")
-    ray_key = WorkerKey("numpy", "cpu", ActorRequest(index=0, resources=(("zone_b", 1.0),)))
+    keys = {"local": WorkerKey("numpy", "cpu")}
+    pinned = [
+        WorkerKey("numpy", "cpu", ActorRequest(index=i, resources=((zone, 1.0),)))
+        for i, zone in enumerate(ZONES)
+    ]
     context = LoadContext(node="identity", plugin="identity")
     rows: Rows = []
     try:
-        await local.load(local_key, "bench/identity", "identity", (context,))
-        await remote.load(ray_key, "bench/identity", "identity", (context,))
+        await local.load(keys["local"], "bench/identity", "identity", (context,))
+        for key in pinned:
+            await remote.load(key, "bench/identity", "identity", (context,))
+        here = _driver_node()
+        for key in pinned:
+            worker = remote.process(key)
+            assert worker is not None
+            keys["same node" if worker.location["ray_node"] == here else "other node"] = key
+        assert set(keys) == {"local", "same node", "other node"}, f"actors on {keys}"
         for label, shape in SIZES:
             x = np.random.default_rng(0).random(shape, dtype=np.float32)
-            times = {}
-            for name, pool, key in (("local", local, local_key), ("Ray", remote, ray_key)):
+            ms = {}
+            for name, key in keys.items():
+                pool = local if name == "local" else remote
 
                 async def call(
                     pool: WorkerPool = pool, key: WorkerKey = key, x: np.ndarray = x
@@ -221,19 +234,29 @@ async def per_call(address: str, repeat: int) -> Rows:
                         key, "bench/identity", {"x": x}, node="identity", plugin="identity"
                     )
 
-                times[name] = await _median_ms(call, repeat)
+                ms[name] = await _median_ms(call, repeat)
             rows.append({
                 "tensor": label,
                 "MB each way": f"{x.nbytes / 1e6:.3g}",
-                "local worker ms": round(times["local"], 2),
-                "Ray actor ms": round(times["Ray"], 2),
-                "Ray - local ms": round(times["Ray"] - times["local"], 2),
-                "Ray / local": f"{ratio(times['Ray'], times['local']):.1f}",
+                "local worker ms": round(ms["local"], 2),
+                "Ray actor, same node ms": round(ms["same node"], 2),
+                "Ray actor, other node ms": round(ms["other node"], 2),
+                "other node - local ms": round(ms["other node"] - ms["local"], 2),
+                "other node / local": f"{ratio(ms['other node'], ms['local']):.1f}",
             })  # fmt: skip
     finally:
         await local.aclose()
         await remote.aclose()
     return rows
+
+
+def _driver_node() -> str:
+    """The Ray node this process is attached to (the pools' connection)."""
+    import ray
+
+    context: Any = ray.get_runtime_context()
+    node: str = context.get_node_id()
+    return node
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -259,10 +282,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(
         f"\nReading: Ray actors / local workers = {ratio(remote['req/s'], local['req/s']):.2f} "
         f"in req/s (p50 {local['p50 ms']:.0f} -> {remote['p50 ms']:.0f} ms, p99 "
-        f"{local['p99 ms']:.0f} -> {remote['p99 ms']:.0f} ms); one call through a Ray actor costs "
-        f"{tiny['Ray - local ms']:.1f} ms more than through a local worker for a tiny tensor, "
-        f"{large['Ray - local ms']:.0f} ms more for {large['tensor']} ({large['MB each way']} MB "
-        "each way)"
+        f"{local['p99 ms']:.0f} -> {remote['p99 ms']:.0f} ms); one call through a Ray actor on "
+        f"the other node costs {tiny['other node - local ms']:.1f} ms more than through a local "
+        f"worker for a tiny tensor, {large['other node - local ms']:.0f} ms more for "
+        f"{large['tensor']} ({large['MB each way']} MB each way)"
     )
     return 0 if local["errors"] == 0 and remote["errors"] == 0 else 1
 
