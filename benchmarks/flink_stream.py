@@ -1,6 +1,6 @@
 """Records per second through Flink into the example pipeline against ``dagserve bench``.
 
-    .venv/bin/python -m benchmarks.flink_stream [--quick]
+    .venv/bin/python -m benchmarks.flink_stream [--quick] [--parallelism 1] [--capacity 8]
 
 ``examples/post_understanding/pipeline.yaml`` (its models built first, as
 ``benchmarks.pipeline_vs_members`` builds them) is served by ONE ``dagserve serve`` subprocess,
@@ -14,13 +14,13 @@ concurrency, ``CAPACITY`` x ``PARALLELISM``:
   (with the job's own record parser, ``engine.stream.records``);
 - **Flink**: ``dagserve stream --parallelism PARALLELISM --capacity CAPACITY`` (unordered),
   run from the Flink venv (``.venv-flink``, ``make flink-venv``) over the records repeated to
-  last about 25 s (8 s with ``--quick``) at the direct rate.  The job writes each answer to
-  its sink file as it comes; this process counts the file's lines every 0.1 s, and the Flink
-  figure is the rate over the middle of the job, from the poll where 10% of the records were
-  in the sink to the one where 90% were: the job's start (a JVM, the mini-cluster, the Python
-  workers: seconds) and its first and last answers are left out, "once the job is warm" as
-  issue 17 asks.  Beside it: the job's own figure (``--json``: first answer to last) and every
-  record over the job's wall time, start included.
+  last about 25 s (8 s with ``--quick``) at the direct rate, and at least once through.  The
+  job writes each answer to its sink file as it comes; this process counts the file's lines
+  every 0.1 s, and the Flink figure is the rate over the middle of the job, from the poll
+  where 10% of the records were in the sink to the one where 90% were: the job's start (a
+  JVM, the mini-cluster, the Python workers: seconds) and its first and last answers are left
+  out, "once the job is warm" as issue 17 asks.  Beside it: the job's own figure (``--json``:
+  first answer to last) and every record over the job's wall time, start included.
 
 The concurrency is one subtask with 8 records in flight by default: the job reads its one
 source file (one split) in one source subtask, whose records go FORWARD to the operator's
