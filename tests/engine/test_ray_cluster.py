@@ -38,6 +38,8 @@ pytestmark = [
     pytest.mark.slow,
     pytest.mark.e2e,
     pytest.mark.frameworks,
+    # the first test also starts the cluster (15-25 s) and the server; a loaded machine doubles it
+    pytest.mark.timeout(240),
 ]
 
 ZONES = PIPELINES / "ray" / "zones.yaml"
