@@ -49,9 +49,9 @@ class Outcome:
     def to_row(self) -> str:
         """The operator's output row: ``kind TAB error_type TAB retries TAB text``.
 
-        One string, not a Flink tuple: ``execute_and_collect`` fetches each row from the JVM
-        over py4j, one call per field of a tuple, which capped the job at a few hundred rows
-        a second.  ``text`` is JSON (``json.dumps`` escapes tabs and newlines), so the first
+        One string, not a Flink tuple: a string crosses between Python and the JVM as one
+        value (the collect sink fetched a tuple field by field, one py4j call each); ``text``
+        is JSON (``json.dumps`` escapes tabs and newlines), so the first
         three tabs split the row.
         """
         return f"{self.kind}\t{self.error_type}\t{self.retries}\t{self.text}"

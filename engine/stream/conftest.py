@@ -3,4 +3,4 @@ PyFlink are left out where it is not installed (the main venv; it lives in .venv
 
 import importlib.util
 
-collect_ignore = [] if importlib.util.find_spec("pyflink") else ["operator.py"]
+collect_ignore = [] if importlib.util.find_spec("pyflink") else ["operator.py", "sink.py"]

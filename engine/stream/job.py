@@ -2,10 +2,10 @@
 
 The job runs on a local Flink mini-cluster (PyFlink starts it in a JVM of its own, a child
 of this process): a ``FileSource`` reads the source file line by line, the async operator
-(:class:`~engine.stream.operator.PipelineFunction`) calls the pipeline, and the rows come
-back to this process through Flink's collect sink (``execute_and_collect``), where they are
-written to ONE sink file and ONE dead-letter file, line by line as they arrive (a
-``FileSink`` would write a directory of part files, and only at checkpoints).
+(:class:`~engine.stream.operator.PipelineFunction`) calls the pipeline, and one Python task
+(:class:`~engine.stream.sink.JsonlWriter`) writes its rows to ONE sink file and ONE
+dead-letter file as they come, and their counts to a summary file that this process reads
+when the job has ended.
 
 Both Python sides, this client and the UDF workers, run ``sys.executable``: PyFlink would
 otherwise start the ``python`` found on PATH, which need not have dagserve or PyFlink.
@@ -13,21 +13,23 @@ otherwise start the ``python`` found on PATH, which need not have dagserve or Py
 
 from __future__ import annotations
 
+import json
 import sys
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
-from engine.stream.caller import Outcome
 from engine.transport.client import Client
 from model_plugins.errors import DagserveError
 
-#: Flink's own async timeout is the record's deadline plus this, so that the deadline (which
-#: says what the record waited for) fires first
-FLINK_TIMEOUT_MARGIN_MS = 5_000
+#: Flink's own async timeout: none.  PyFlink 2.3 starts a ``threading.Timer`` (a thread) per
+#: record for it, which halved a local job's rate; the operator's calls end by each record's
+#: deadline themselves (``RecordCaller``), so every record completes without it.
+FLINK_TIMEOUT_MS = 0
 
 
 class StreamJobError(DagserveError):
@@ -100,17 +102,26 @@ class StreamSummary:
     def read(self) -> int:
         return self.answered + self.blank + sum(self.dead.values())
 
-    def add(self, outcome: Outcome, at_s: float) -> None:
-        if outcome.kind == "answer":
-            self.answered += 1
-        elif outcome.kind == "dead":
-            self.dead[outcome.error_type] += 1
-        else:
-            self.blank += 1
-        self.retries += outcome.retries
-        if self.first_row_s is None:
-            self.first_row_s = at_s
-        self.last_row_s = at_s
+    @classmethod
+    def from_counts(
+        cls, counts: Mapping[str, Any], sink: Path, dead_letters: Path, started_at: float
+    ) -> StreamSummary:
+        """The summary of a :class:`~engine.stream.sink.JsonlWriter`'s counts; ``started_at``
+        is the wall-clock time the job was submitted."""
+
+        def since(at: float | None) -> float | None:
+            return None if at is None else round(at - started_at, 3)
+
+        return cls(
+            sink,
+            dead_letters,
+            answered=int(counts["answered"]),
+            blank=int(counts["blank"]),
+            dead=Counter({str(k): int(v) for k, v in counts["dead"].items()}),
+            retries=int(counts["retries"]),
+            first_row_s=since(counts["first_row_at"]),
+            last_row_s=since(counts["last_row_at"]),
+        )
 
     @property
     def warm_records_per_s(self) -> float | None:
@@ -168,11 +179,8 @@ def describe_inputs(targets: Sequence[str], pipeline: str) -> dict[str, Any]:
     raise last
 
 
-def run_stream(spec: StreamSpec, progress: TextIO | None = None) -> StreamSummary:
-    """Run the job to the end of the source; raises :class:`StreamJobError` if it fails.
-
-    ``progress`` (stderr, say) gets a line each 1000 rows.
-    """
+def run_stream(spec: StreamSpec) -> StreamSummary:
+    """Run the job to the end of the source; raises :class:`StreamJobError` if it fails."""
     if not spec.source.is_file():
         msg = f"source {spec.source}: no such file"
         raise StreamJobError(msg)
@@ -180,9 +188,11 @@ def run_stream(spec: StreamSpec, progress: TextIO | None = None) -> StreamSummar
 
     from pyflink.common import Configuration, Time, WatermarkStrategy
     from pyflink.datastream import AsyncDataStream, StreamExecutionEnvironment
+    from pyflink.datastream.connectors import Sink
     from pyflink.datastream.connectors.file_system import FileSource, StreamFormat
 
     from engine.stream.operator import OUTPUT_TYPE, PipelineFunction
+    from engine.stream.sink import DISCARDING_SINK, JsonlWriter
 
     config = Configuration()
     config.set_string("python.executable", sys.executable)
@@ -205,35 +215,28 @@ def run_stream(spec: StreamSpec, progress: TextIO | None = None) -> StreamSummar
     rows = wait(
         lines,
         function,
-        Time.milliseconds(spec.timeout_ms + FLINK_TIMEOUT_MARGIN_MS),
+        Time.milliseconds(FLINK_TIMEOUT_MS),
         spec.capacity,
         OUTPUT_TYPE,
     )
-
-    summary = StreamSummary(spec.sink, spec.dead_letters)
     for path in (spec.sink, spec.dead_letters):
         path.parent.mkdir(parents=True, exist_ok=True)
-    started = time.monotonic()
-    try:
-        with (
-            spec.sink.open("w", encoding="utf-8", buffering=1) as sink,
-            spec.dead_letters.open("w", encoding="utf-8", buffering=1) as dead,
-            rows.execute_and_collect(f"dagserve stream {spec.pipeline}") as collected,
-        ):
-            for row in collected:
-                outcome = Outcome.from_row(row)
-                summary.add(outcome, time.monotonic() - started)
-                if outcome.kind == "answer":
-                    sink.write(outcome.text + "\n")
-                elif outcome.kind == "dead":
-                    dead.write(outcome.text + "\n")
-                if progress is not None and summary.read % 1000 == 0:
-                    progress.write(f"dagserve stream: {summary.read} records\n")
-    except DagserveError:
-        raise
-    except Exception as exc:  # Py4JJavaError and friends: the job failed in Flink
-        msg = f"the Flink job failed after {summary.read} records: {_first_line(exc)}"
-        raise StreamJobError(msg) from exc
+    with tempfile.TemporaryDirectory(prefix="dagserve-stream-") as scratch:
+        counts_file = Path(scratch) / "counts.json"
+        writer = JsonlWriter(spec.sink.resolve(), spec.dead_letters.resolve(), counts_file)
+        # one writer: the files are written from the start by one task
+        rows.flat_map(writer).set_parallelism(1).name("jsonl sink").sink_to(Sink(DISCARDING_SINK))
+        started_at, started = time.time(), time.monotonic()
+        try:
+            env.execute(f"dagserve stream {spec.pipeline}")
+        except Exception as exc:  # Py4JJavaError and friends: the job failed in Flink
+            msg = f"the Flink job failed: {_first_line(exc)}"
+            raise StreamJobError(msg) from exc
+        if not counts_file.exists():
+            msg = "the Flink job ended without its sink's counts (the writer was not closed)"
+            raise StreamJobError(msg)
+        counts = json.loads(counts_file.read_text(encoding="utf-8"))
+    summary = StreamSummary.from_counts(counts, spec.sink, spec.dead_letters, started_at)
     summary.elapsed_s = time.monotonic() - started
     return summary
 
@@ -248,7 +251,7 @@ def _first_line(exc: BaseException) -> str:
 
 
 __all__ = [
-    "FLINK_TIMEOUT_MARGIN_MS",
+    "FLINK_TIMEOUT_MS",
     "StreamJobError",
     "StreamSpec",
     "StreamSummary",

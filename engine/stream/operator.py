@@ -20,9 +20,11 @@ operation.py``): ``open`` is called before the operator starts its event loop th
 ``close`` after that loop has stopped, so neither can await on it.  The function therefore
 runs its client on an event loop of its own, on a thread started in ``open`` and stopped in
 ``close`` (after the pool's connections are closed on it); ``async_invoke``, on Flink's loop,
-awaits the call made there.  Flink's ``timeout`` (its timer thread) answers a dead letter
-rather than failing the job; set it above ``timeout_ms``, so that the record's own deadline
-fires first and says what it waited for.
+awaits the call made there.  Each call ends by the record's deadline (``timeout_ms``), so
+Flink's own timeout is not needed (``dagserve stream`` sets none: PyFlink starts a thread per
+record for it); where one is set, :meth:`PipelineFunction.timeout` answers a dead letter rather
+than failing the job: set it above ``timeout_ms``, so that the record's own deadline fires
+first and says what it waited for.
 """
 
 from __future__ import annotations
