@@ -74,6 +74,11 @@ class StreamSpec:
         if self.parallelism < 1 or self.capacity < 1 or self.timeout_ms < 1:
             msg = "parallelism, capacity and timeout_ms must be >= 1"
             raise ValueError(msg)
+        files = [self.source.resolve(), self.sink.resolve(), self.dead_letters.resolve()]
+        if len(set(files)) < len(files):
+            # the sink and dead letters are written from the start: the source would be lost
+            msg = "the source, the sink and the dead letters must be three different files"
+            raise ValueError(msg)
         if self.ordered and self.parallelism != 1:
             # rows of several subtasks interleave in the collect sink whatever each keeps
             msg = (
