@@ -160,7 +160,7 @@ def cluster() -> Iterator[Any]:
     head = Cluster(
         initialize_head=True,
         head_node_args={
-            "num_cpus": 4,
+            "num_cpus": 6,
             "node_ip_address": "127.0.0.1",
             "include_dashboard": False,
             "resources": {"zone_a": 1},
@@ -345,6 +345,44 @@ def test_innocent_calls_survive_the_actor_being_killed(server: ServerThread, how
 @needs_ray
 @pytest.mark.e2e
 @pytest.mark.slow
+def test_a_version_loaded_at_runtime_gets_an_actor_and_keeps_the_others(
+    server: ServerThread, tmp_path: Path
+) -> None:
+    version = tmp_path / "scale_v2.yaml"
+    version.write_text(
+        "name: ray_fail\nversion: '2'\ninputs:\n  x: {dtype: float32, shape: [-1]}\n"
+        "nodes:\n  picky:\n    plugin: tests.plugins:Scale\n    params: {factor: 5}\n"
+        "    inputs: {x: $inputs.x}\noutputs:\n  y: picky.y\n"
+    )
+    workers = server.engine.workers
+    before = {name: s["pid"] for name, s in workers.statistics().items()}
+    lifecycle = server.engine.lifecycle
+    server.run(lifecycle.load(version))
+    try:
+        with Client("127.0.0.1", server.port) as client:
+            y = client.infer("ray_fail", {"x": X}, version="2").outputs["y"]
+            np.testing.assert_array_equal(y, 5 * X)
+            client.infer("ray_fail", {"x": X}, version="1")  # the first version still serves
+        stats = workers.statistics()
+        new = [name for name in stats if name not in before]
+        # its model could not join an actor already asked for: it has one of its own
+        assert len(new) == 1
+        assert stats[new[0]]["models"] == ["ray_fail:2/picky"]
+        assert stats[new[0]]["ray_ip"] == "127.0.0.1"
+        # and the actors that were serving were left as they were
+        assert all(stats[name]["pid"] == pid for name, pid in before.items())
+    finally:
+        server.run(lifecycle.unload("ray_fail", "2"))
+    # an actor left without models is stopped: it held its resources on the cluster
+    assert set(workers.statistics()) == set(before)
+    pid = stats[new[0]]["pid"]
+    assert isinstance(pid, int)
+    wait_until(lambda: not _alive(pid), "the emptied actor's process ended")
+
+
+@needs_ray
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_shutdown_kills_every_actor_the_server_started(cluster: Any, server: ServerThread) -> None:
     with serving([RAY / "fail.yaml"], ray=_ray(cluster)) as thread:
         with Client("127.0.0.1", thread.port) as client:
@@ -393,7 +431,7 @@ def test_a_pipeline_the_cluster_cannot_hold_is_refused_with_what_is_missing(
     assert isinstance(info.value.__cause__, RayPlacementError)
     message = str(info.value)
     assert "zone_nowhere=1" in message  # what the actor asked for
-    assert "the cluster has in all {'CPU': 4.0," in message  # what the cluster has
+    assert "the cluster has in all {'CPU': 6.0," in message  # what the cluster has
     assert "'zone_a': 1.0" in message
     assert "free now {" in message
     assert "not placed (or did not start) within 3 s" in message

@@ -110,6 +110,10 @@ class Worker(Protocol):
 class WorkerBackend(Protocol):
     """What makes the pool's workers."""
 
+    #: stop a worker once its last model is unloaded (a Ray actor holds its resources on the
+    #: cluster while it lives); a local process stays, ready for the next model of its key
+    release_idle: bool
+
     def new_worker(
         self,
         key: WorkerKey,
@@ -128,6 +132,8 @@ class WorkerBackend(Protocol):
 
 class ProcessBackend:
     """Workers as spawned processes on this machine, each seeing only its own GPU."""
+
+    release_idle = False
 
     def new_worker(
         self,
@@ -255,8 +261,23 @@ class WorkerPool:
             return
         loaded = model_id in slot.loaded
         slot.loaded.discard(model_id)
-        if loaded and slot.ready.is_set() and slot.process is not None:
-            await slot.process.call(Unload(model_id), node=None, plugin=None)
+        try:
+            if loaded and slot.ready.is_set() and slot.process is not None:
+                await slot.process.call(Unload(model_id), node=None, plugin=None)
+        finally:
+            if not slot.models and self.backend.release_idle:
+                await self._retire(slot)
+
+    async def _retire(self, slot: _Slot) -> None:
+        """Stop a worker that hosts nothing any more, and forget it (a later load of its key
+        starts a new one)."""
+        self._slots.pop(slot.key, None)
+        if slot.supervisor is not None:
+            slot.supervisor.cancel()
+            await asyncio.gather(slot.supervisor, return_exceptions=True)
+        if slot.process is not None:
+            await slot.process.stop()
+        logger.info("worker %s stopped: it hosts no model any more", slot.key.name)
 
     async def predict(
         self,

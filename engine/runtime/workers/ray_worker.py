@@ -148,7 +148,13 @@ class RayCluster:
 
 
 class RayBackend:
-    """Makes the pool's workers as actors of one Ray cluster."""
+    """Makes the pool's workers as actors of one Ray cluster.
+
+    An actor whose last model is unloaded is stopped: it would hold its CPUs, GPU share and
+    custom resources on the cluster for nothing.
+    """
+
+    release_idle = True
 
     def __init__(self, config: RayConfig) -> None:
         self.config = config
