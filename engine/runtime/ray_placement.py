@@ -206,7 +206,7 @@ def _merge(requests: Sequence[PlacementRequest], problems: list[str]) -> dict[st
         model = models.get(r.model_id)
         if model is None:
             models[r.model_id] = _RayModel(
-                r.model_id, r.framework, gpu, share, r.gpu_memory_mb or 0 if gpu else 0,
+                r.model_id, r.framework, gpu, share, (r.gpu_memory_mb or 0) if gpu else 0,
                 r.ray_resources, [(r.pipeline, r.node)],
             )  # fmt: skip
             continue
@@ -218,7 +218,7 @@ def _merge(requests: Sequence[PlacementRequest], problems: list[str]) -> dict[st
             )
         model.gpu = model.gpu or gpu
         model.share = max(model.share, share)
-        model.memory_mb = max(model.memory_mb, r.gpu_memory_mb or 0 if model.gpu else 0)
+        model.memory_mb = max(model.memory_mb, (r.gpu_memory_mb or 0) if model.gpu else 0)
         model.nodes.append((r.pipeline, r.node))
     return models
 
