@@ -140,7 +140,10 @@ def place_on_ray(
             if a.model_id in kept and a.model_id in current.actors:
                 actors[a.model_id] = current.actors[a.model_id]
                 assignments[a.model_id] = a
-    next_index = max((a.index + 1 for a in actors.values()), default=0)
+    # past every actor of ``current``, kept or not: one that is leaving (a reload places the
+    # new version beside the old) still runs, and two actors must not share a name
+    serving = current.actors.values() if isinstance(current, RayPlacement) else ()
+    next_index = max((a.index + 1 for a in serving), default=0)
 
     problems: list[str] = []
     merged = _merge([r for r in requests if r.model_id not in actors], problems)

@@ -93,6 +93,13 @@ def test_loaded_models_keep_their_actor_and_new_ones_get_new_actors() -> None:
     assert second.actor_of("a") == first.actor_of("a")
     assert second.actor_of("b") is not None
     assert second.actor_of("b").index != first.actor_of("a").index  # type: ignore[union-attr]
+    # a model leaving (not kept) still runs while the new one is placed: its index is not reused
+    third = place_on_ray(
+        [_request("c", device="cpu", framework="numpy")], current=second, keep={"b"}
+    )
+    assert third.actor_of("a") is None
+    indices = {second.actor_of("a").index, second.actor_of("b").index}  # type: ignore[union-attr]
+    assert third.actor_of("c").index not in indices  # type: ignore[union-attr]
 
 
 def test_an_actor_is_threaded_not_restarted_by_ray_and_gets_the_worker_environment() -> None:
