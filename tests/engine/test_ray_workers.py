@@ -128,6 +128,23 @@ def test_an_actor_is_threaded_not_restarted_by_ray_and_gets_the_worker_environme
     assert "CUDA_VISIBLE_DEVICES" not in env  # Ray sets it to the actor's GPU
 
 
+def test_ray_resources_without_a_ray_key_are_ignored_with_a_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from engine.config import ServerConfig
+    from engine.runtime.loading import load_for_serving
+    from engine.runtime.workers.pool import ProcessBackend
+    from engine.server import Server
+
+    pipelines, errors = load_for_serving([RAY / "nowhere.yaml"])
+    assert not errors
+    server = Server(ServerConfig(port=0), pipelines)
+    assert isinstance(server.engine.workers.backend, ProcessBackend)  # local workers
+    assert "pipeline ray_nowhere node pinned: ray_resources {'zone_nowhere': 1.0} ignored" in (
+        caplog.text
+    )
+
+
 def test_private_record_attributes_of_a_library_are_not_logged_as_fields() -> None:
     import logging
 
