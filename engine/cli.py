@@ -325,7 +325,7 @@ def _stream(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"dagserve stream: {exc}", file=sys.stderr)
         return 2
-    summary = run_stream(spec)
+    summary = run_stream(spec, progress=sys.stderr)
     print(summary.render())
     if args.json is not None:
         args.json.write_text(json.dumps(summary.to_json(), indent=2))

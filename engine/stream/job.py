@@ -13,15 +13,17 @@ otherwise start the ``python`` found on PATH, which need not have dagserve or Py
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from engine.transport.client import Client
 from model_plugins.errors import DagserveError
@@ -184,8 +186,13 @@ def describe_inputs(targets: Sequence[str], pipeline: str) -> dict[str, Any]:
     raise last
 
 
-def run_stream(spec: StreamSpec) -> StreamSummary:
-    """Run the job to the end of the source; raises :class:`StreamJobError` if it fails."""
+def run_stream(
+    spec: StreamSpec, progress: TextIO | None = None, every_s: float = 10.0
+) -> StreamSummary:
+    """Run the job to the end of the source; raises :class:`StreamJobError` if it fails.
+
+    ``progress`` (stderr, say) gets the lines written so far every ``every_s`` seconds.
+    """
     if not spec.source.is_file():
         msg = f"source {spec.source}: no such file"
         raise StreamJobError(msg)
@@ -225,18 +232,29 @@ def run_stream(spec: StreamSpec) -> StreamSummary:
         OUTPUT_TYPE,
     )
     for path in (spec.sink, spec.dead_letters):
-        path.parent.mkdir(parents=True, exist_ok=True)
+        # emptied now: a file that cannot be written fails here, and the progress never
+        # counts the lines of a previous run before the writer opens it
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(b"")
+        except OSError as exc:
+            msg = f"cannot write {path}: {exc}"
+            raise StreamJobError(msg) from exc
     with tempfile.TemporaryDirectory(prefix="dagserve-stream-") as scratch:
         counts_file = Path(scratch) / "counts.json"
         writer = JsonlWriter(spec.sink.resolve(), spec.dead_letters.resolve(), counts_file)
         # one writer: the files are written from the start by one task
         rows.flat_map(writer).set_parallelism(1).name("jsonl sink").sink_to(Sink(DISCARDING_SINK))
         started_at, started = time.time(), time.monotonic()
+        watcher = _Progress(spec, progress, every_s) if progress is not None else None
         try:
             env.execute(f"dagserve stream {spec.pipeline}")
         except Exception as exc:  # Py4JJavaError and friends: the job failed in Flink
             msg = f"the Flink job failed: {_first_line(exc)}"
             raise StreamJobError(msg) from exc
+        finally:
+            if watcher is not None:
+                watcher.stop()
         if not counts_file.exists():
             msg = "the Flink job ended without its sink's counts (the writer was not closed)"
             raise StreamJobError(msg)
@@ -244,6 +262,38 @@ def run_stream(spec: StreamSpec) -> StreamSummary:
     summary = StreamSummary.from_counts(counts, spec.sink, spec.dead_letters, started_at)
     summary.elapsed_s = time.monotonic() - started
     return summary
+
+
+class _Progress:
+    """Says how many lines the sink and dead-letter files have, every ``every_s`` seconds, on
+    a thread of its own (the job's ``execute`` blocks); reads only what was added since."""
+
+    def __init__(self, spec: StreamSpec, out: TextIO, every_s: float) -> None:
+        self.files = (spec.sink, spec.dead_letters)
+        self.offsets = [0, 0]
+        self.lines = [0, 0]
+        self.out = out
+        self.every_s = every_s
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="dagserve-stream-progress")
+        self.thread.daemon = True
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stopped.wait(self.every_s):
+            for index, path in enumerate(self.files):
+                with contextlib.suppress(OSError), path.open("rb") as file:
+                    file.seek(self.offsets[index])
+                    added = file.read()
+                    self.offsets[index] += len(added)
+                    self.lines[index] += added.count(b"\n")
+            answered, dead = self.lines
+            self.out.write(f"dagserve stream: {answered} answered, {dead} dead letters so far\n")
+            self.out.flush()
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self.thread.join(5)
 
 
 def _first_line(exc: BaseException) -> str:
