@@ -124,18 +124,24 @@ def requests_served(server: ServerThread) -> float:
 
 @pytest.mark.timeout(300)  # a JVM and its Python workers start on a loaded machine
 def test_ordered_mode_keeps_the_source_order_over_two_replicas(tmp_path: Path):
-    # every 7th record fails: dead letters wait their turn too, answers keep their order
-    records = [{"id": i, "x": [-1 if i % 7 == 3 else i, 1, 2]} for i in range(400)]
+    # every 7th record fails: dead letters wait their turn too, answers keep their order;
+    # the fields are renamed both ways (--input-map, --output-map)
+    records = [{"id": i, "values": [-1 if i % 7 == 3 else i, 1, 2]} for i in range(400)]
     write_lines(tmp_path / "in.jsonl", records)
     with serving([STREAM]) as one, serving([STREAM]) as two:
-        more = ["--target", f"127.0.0.1:{two.port}", "--ordered", "--capacity", "32"]
+        more = [
+            "--target", f"127.0.0.1:{two.port}", "--ordered", "--capacity", "32",
+            "--input-map", "values=x", "--output-map", "doubled=twice",
+        ]  # fmt: skip
         code, _, err = StreamJob(*stream_args(one.port, tmp_path, *more)).finish()
         # the balancing client spread the records over both
         assert requests_served(one) > 0, "no record reached the first replica"
         assert requests_served(two) > 0, "no record reached the second replica"
     assert code == 0, err[-3000:]
-    answered = [a["id"] for a in read_jsonl(tmp_path / "out.jsonl")]
-    assert answered == [r["id"] for r in records if r["id"] % 7 != 3]
+    answers = read_jsonl(tmp_path / "out.jsonl")
+    assert [a["id"] for a in answers] == [r["id"] for r in records if r["id"] % 7 != 3]
+    assert sorted(answers[1]) == ["checked", "id", "twice"]
+    assert answers[1]["twice"] == [2.0, 2.0, 4.0]
     dead = [d["record"]["id"] for d in read_jsonl(tmp_path / "out.dead.jsonl")]
     assert dead == [r["id"] for r in records if r["id"] % 7 == 3]
 
