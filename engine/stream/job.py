@@ -73,6 +73,11 @@ class StreamSpec:
         if not self.targets:
             msg = "at least one target host:port"
             raise ValueError(msg)
+        for target in self.targets:
+            host, _, port = target.rpartition(":")
+            if not host or not port.isdigit():
+                msg = f"target {target!r}: expected HOST:PORT"
+                raise ValueError(msg)
         if self.parallelism < 1 or self.capacity < 1 or self.timeout_ms < 1:
             msg = "parallelism, capacity and timeout_ms must be >= 1"
             raise ValueError(msg)
@@ -82,7 +87,7 @@ class StreamSpec:
             msg = "the source, the sink and the dead letters must be three different files"
             raise ValueError(msg)
         if self.ordered and self.parallelism != 1:
-            # rows of several subtasks interleave in the collect sink whatever each keeps
+            # rows of several subtasks interleave at the one writer, whatever each keeps
             msg = (
                 "--ordered keeps the source order with --parallelism 1 only "
                 "(--capacity sets the concurrency)"
@@ -100,7 +105,7 @@ class StreamSummary:
     blank: int = 0
     dead: Counter[str] = field(default_factory=Counter)
     retries: int = 0
-    #: from the job's submission to its end, and to the first and last row collected
+    #: from the job's submission to its end, and to the first and last row written
     elapsed_s: float = 0.0
     first_row_s: float | None = None
     last_row_s: float | None = None
@@ -132,7 +137,7 @@ class StreamSummary:
 
     @property
     def warm_records_per_s(self) -> float | None:
-        """Rows per second from the first row collected to the last (the job's start-up,
+        """Rows per second from the first row written to the last (the job's start-up,
         seconds of JVM and Python workers, left out)."""
         if self.first_row_s is None or self.last_row_s is None or self.read < 2:
             return None

@@ -78,6 +78,9 @@ class PipelineFunction(AsyncFunction):  # type: ignore[misc]
         if not targets:
             msg = "PipelineFunction needs at least one target host:port"
             raise ValueError(msg)
+        if timeout_ms <= 0:
+            msg = f"timeout_ms must be > 0 (got {timeout_ms})"
+            raise ValueError(msg)
         self.targets = list(targets)
         self.pipeline = pipeline
         self.mapping = RecordMapping(dict(inputs), dict(input_map or {}), dict(output_map or {}))

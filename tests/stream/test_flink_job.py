@@ -212,6 +212,7 @@ def test_what_cannot_run_exits_before_a_job_starts(tmp_path: Path):
         ordered = StreamJob(*args, "--ordered", "--parallelism", "2").finish(60)
         kafka = StreamJob(*args[:4], "--source", "kafka:broker/topic", *args[6:]).finish(60)
         same = StreamJob(*args, "--dead-letter", f"jsonl:{tmp_path / 'in.jsonl'}").finish(60)
+        no_port = StreamJob(*args, "--target", "127.0.0.1").finish(60)
     assert unknown[0] == 1
     assert "PipelineNotFound" in unknown[2]
     assert no_source[0] == 1
@@ -220,6 +221,8 @@ def test_what_cannot_run_exits_before_a_job_starts(tmp_path: Path):
     assert "--parallelism 1" in ordered[2]
     assert kafka[0] == 2
     assert "expected jsonl:PATH" in kafka[2]
+    assert no_port[0] == 2
+    assert "'127.0.0.1': expected HOST:PORT" in no_port[2]
     assert same[0] == 2
     assert "three different files" in same[2]
     assert (tmp_path / "in.jsonl").read_text().startswith('{"id": 1')
