@@ -4,6 +4,9 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 # reinstall when setup.py changes
 STAMP  := $(VENV)/.installed-$(shell cksum setup.py | cut -d' ' -f1)
+# PyFlink's venv (see flink-venv below); defined here, before the targets that depend on it
+FLINK_VENV  := .venv-flink
+FLINK_STAMP := $(FLINK_VENV)/.installed-flink-$(shell cksum setup.py | cut -d' ' -f1)
 # the fast lane installs only the package and its dev tools (no framework extras)
 FAST_STAMP := $(VENV)/.installed-dev-$(shell cksum setup.py | cut -d' ' -f1)
 # Debian packages the suite and the CLI use: the Apache Thrift compiler (the test that
@@ -82,8 +85,6 @@ ray-venv: $(RAY_STAMP)
 # protobuf, grpcio and pyarrow below what TensorFlow, Paddle and Ray in .venv need.  dagserve
 # and its own dependencies, no frameworks (the operator is a client); the tests run the job as
 # .venv-flink/bin/dagserve stream.  Java 17 runs the mini-cluster.
-FLINK_VENV  := .venv-flink
-FLINK_STAMP := $(FLINK_VENV)/.installed-flink-$(shell cksum setup.py | cut -d' ' -f1)
 
 $(FLINK_STAMP): setup.py
 	test -x $(FLINK_VENV)/bin/python || $(PYTHON) -m venv $(FLINK_VENV)
