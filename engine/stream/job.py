@@ -220,6 +220,10 @@ def run_stream(
         StreamFormat.text_line_format(), str(spec.source.resolve())
     ).build()
     lines = env.from_source(source, WatermarkStrategy.no_watermarks(), "jsonl source")
+    if spec.parallelism > 1:
+        # One file is one split, read by one source subtask; a forward edge would hand every
+        # record to the operator subtask of the same index and leave the others idle.
+        lines = lines.rebalance()
     function = PipelineFunction(
         spec.targets,
         spec.pipeline,
