@@ -276,13 +276,15 @@ def report(
     examples = sorted({r.error for r in failed})[:3]
     for example in examples:
         print(f"  failure: {example}")
-    ok = not failed and not wrong and not late and share_ok and worst <= 2
+    # A lost request or an answer from the wrong weights is a failure of the run; the p99
+    # during a swap is a target, reported met or not as the other scenarios do.
+    ok = not failed and not wrong and not late and share_ok
     print(
         f"Reading: {len(records)} requests through load, canary, promote, reload, unload and a "
         f"shared-model reload: {len(failed)} failed, {len(wrong) + len(late)} answers from no "
         f"version or a replaced one; canary share {share:.1%} over {len(canary_main)} requests "
         f"({'within' if share_ok else 'OUTSIDE'} ±3 %); worst swap p99 {worst:.2f}x the steady "
-        f"{steady_p99:.1f} ms (target <= 2x)."
+        f"{steady_p99:.1f} ms (target <= 2x: {'met' if worst <= 2 else 'NOT met'})."
     )
     return 0 if ok else 1
 

@@ -29,11 +29,9 @@ import asyncio
 import contextlib
 import math
 import os
-import statistics
 import sys
 import tempfile
-import time
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +46,7 @@ from benchmarks.pipeline_vs_members import (
     build_models,
     post_samples,
 )
+from benchmarks.worker_crossing import median_ms
 from engine.config import RayConfig
 from engine.runtime.ray_placement import ActorRequest
 from engine.runtime.workers.pool import WorkerKey, WorkerPool
@@ -189,16 +188,6 @@ def _merged(results: Sequence[BenchResult]) -> dict[str, Any]:
 # -- one call: WorkerPool.predict through both backends --------------------------------------
 
 
-async def _median_ms(call: Callable[[], Awaitable[object]], repeat: int) -> float:
-    await call()  # warm up
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        await call()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1000
-
-
 async def per_call(address: str, repeat: int) -> Rows:
     """Median ms of one identity call: a local worker, a Ray actor on this process's node,
     a Ray actor on the other node (an actor pinned to each zone, then told apart by node)."""
@@ -234,7 +223,7 @@ async def per_call(address: str, repeat: int) -> Rows:
                         key, "bench/identity", {"x": x}, node="identity", plugin="identity"
                     )
 
-                ms[name] = await _median_ms(call, repeat)
+                ms[name] = await median_ms(call, repeat)
             rows.append({
                 "tensor": label,
                 "MB each way": f"{x.nbytes / 1e6:.3g}",

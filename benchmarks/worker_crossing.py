@@ -25,7 +25,8 @@ from model_plugins.builtins.identity import Identity
 from model_plugins.plugin import LoadContext
 
 
-async def _median_ms(call: Callable[[], Awaitable[object]], repeat: int) -> float:
+async def median_ms(call: Callable[[], Awaitable[object]], repeat: int) -> float:
+    """The median time of ``repeat`` awaits of ``call()``, in ms, after one to warm up."""
     await call()  # warm up
     times = []
     for _ in range(repeat):
@@ -74,12 +75,12 @@ async def main(repeat: int, resnet: bool) -> list[dict[str, object]]:
             row: dict[str, object] = {
                 "batch": batch,
                 "MB each way": x.nbytes / 1e6,
-                "in-process ms": await _median_ms(in_process, repeat),
-                "worker round trip ms": await _median_ms(crossing, repeat),
-                "shm floor (2 memcpy) ms": await _median_ms(two_copies, repeat),
+                "in-process ms": await median_ms(in_process, repeat),
+                "worker round trip ms": await median_ms(crossing, repeat),
+                "shm floor (2 memcpy) ms": await median_ms(two_copies, repeat),
             }
             if resnet:
-                row["resnet18 in worker ms"] = await _median_ms(forward, max(3, repeat // 4))
+                row["resnet18 in worker ms"] = await median_ms(forward, max(3, repeat // 4))
                 row["crossing / forward"] = (
                     row["worker round trip ms"] / row["resnet18 in worker ms"]
                 )  # type: ignore[operator]

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from engine.runtime.workers.process import Death, WorkerDied, WorkerProcess
 from model_plugins._host import threads
-from model_plugins._host.messages import Loaded, LoadModel, Predict, Unload
+from model_plugins._host.messages import Loaded, LoadModel, Ping, Predict, Unload
 from model_plugins.errors import DagserveError, DeadlineExceeded, InferenceError
 from model_plugins.plugin import Batch, LoadContext
 
@@ -99,8 +99,6 @@ class Worker(Protocol):
     async def call(
         self, message: Any, *, node: str | None = None, plugin: str | None = None
     ) -> Any: ...
-
-    async def ping(self, timeout_s: float) -> bool: ...
 
     async def stop(self, timeout_s: float = 5.0) -> None: ...
 
@@ -545,7 +543,7 @@ class WorkerPool:
                 async with asyncio.timeout(self.ping_interval_s):
                     await process.exited.wait()
                     return "died"
-            if not await process.ping(self.ping_timeout_s):
+            if not await _answers_ping(process, self.ping_timeout_s):
                 return f"did not answer a ping within {self.ping_timeout_s} s"
             # a pid on another node (a Ray actor's) is not this machine's to read
             if self.memory_limit_mb is not None and not process.location:
@@ -555,6 +553,15 @@ class WorkerPool:
                         f"grew to {resident:.0f} MB, past its limit of {self.memory_limit_mb:g} MB"
                     )
         return "closing"
+
+
+async def _answers_ping(worker: Worker, timeout_s: float) -> bool:
+    try:
+        async with asyncio.timeout(timeout_s):
+            await worker.call(Ping())
+    except (TimeoutError, DagserveError):
+        return False
+    return True
 
 
 def resident_mb(pid: int | None) -> float | None:

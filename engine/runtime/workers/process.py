@@ -21,7 +21,7 @@ from typing import Any
 
 from model_plugins._host import wire
 from model_plugins._host.main import worker_entry
-from model_plugins._host.messages import Ping, Reply, Shutdown
+from model_plugins._host.messages import Reply, Shutdown
 from model_plugins._host.postmortem import FlightRecord, Postmortem
 from model_plugins.errors import DagserveError, InferenceError
 
@@ -182,14 +182,6 @@ class WorkerProcess:
             # when its caller gave up: if it crashes the worker, its model is to blame.
             if not sent:
                 self._calls.pop(message_id, None)
-
-    async def ping(self, timeout_s: float) -> bool:
-        try:
-            async with asyncio.timeout(timeout_s):
-                await self.call(Ping())
-        except (TimeoutError, DagserveError):
-            return False
-        return True
 
     async def stop(self, timeout_s: float = 5.0) -> None:
         """Ask the worker to unload and exit; kill it if it does not within ``timeout_s``."""

@@ -38,7 +38,7 @@ from engine.runtime.placement import PlacementError
 from engine.runtime.workers.pool import Worker, WorkerKey
 from engine.runtime.workers.process import Death, WorkerDied
 from model_plugins._host import threads
-from model_plugins._host.messages import Loaded, LoadModel, Ping, Reply, Shutdown, Unload
+from model_plugins._host.messages import Loaded, LoadModel, Reply, Shutdown, Unload
 from model_plugins.errors import DagserveError, InferenceError
 
 logger = logging.getLogger(__name__)
@@ -377,14 +377,6 @@ class RayWorker:
             self.on_exit(Death(how, frozenset(), self._stopping, self._spare))
         level = logging.INFO if self._stopping else logging.WARNING
         logger.log(level, "worker %s (Ray node %s) ended: %s", self.name, self.node_ip, how)
-
-    async def ping(self, timeout_s: float) -> bool:
-        try:
-            async with asyncio.timeout(timeout_s):
-                await self.call(Ping())
-        except (TimeoutError, DagserveError):
-            return False
-        return True
 
     async def stop(self, timeout_s: float = 5.0) -> None:
         """Ask the actor to unload its models, then kill it (after ``timeout_s`` at most)."""
