@@ -25,7 +25,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -147,26 +147,33 @@ def item_array(value: Any, spec: TensorSpec, where: str) -> np.ndarray:
     return array
 
 
-def _bytes_item(value: Any, where: str) -> Any:
+def _leaves(value: Any, convert: Callable[[str], Any], kind: str, where: str) -> Any:
+    """``value``'s nested lists with every leaf, which must be text, passed to ``convert``."""
     if isinstance(value, list):
-        return [_bytes_item(element, where) for element in value]
+        return [_leaves(element, convert, kind, where) for element in value]
     if not isinstance(value, str):
-        msg = f"field {where!r}: a bytes input takes base64 text, not {type(value).__name__}"
+        msg = f"field {where!r}: a {kind} input takes {_TEXT[kind]}, not {type(value).__name__}"
         raise RecordError(msg, where)
-    try:
-        return base64.b64decode(value, validate=True)
-    except (binascii.Error, ValueError) as exc:
-        msg = f"field {where!r}: bad base64: {exc}"
-        raise RecordError(msg, where) from exc
+    return convert(value)
+
+
+#: what a leaf of each text-carried kind of input is, for the messages
+_TEXT = {"bytes": "base64 text", "string": "text"}
+
+
+def _bytes_item(value: Any, where: str) -> Any:
+    def decode(text: str) -> bytes:
+        try:
+            return base64.b64decode(text, validate=True)
+        except (binascii.Error, ValueError) as exc:
+            msg = f"field {where!r}: bad base64: {exc}"
+            raise RecordError(msg, where) from exc
+
+    return _leaves(value, decode, "bytes", where)
 
 
 def _checked_strings(value: Any, where: str) -> Any:
-    if isinstance(value, list):
-        return [_checked_strings(element, where) for element in value]
-    if not isinstance(value, str):
-        msg = f"field {where!r}: a string input takes text, not {type(value).__name__}"
-        raise RecordError(msg, where)
-    return value
+    return _leaves(value, str, "string", where)
 
 
 def _has_strings(value: Any) -> bool:
