@@ -186,7 +186,9 @@ class Watcher:
         prints = await asyncio.to_thread(_fingerprints, watched.items())
         reloaded: list[tuple[str, str]] = []
         for key, now in prints.items():
-            applied = self._applied.setdefault(key, now)  # first sight: what is serving
+            # first sight: what is serving; its aliases as the serving version resolved them
+            # (a reload by the admin API moves them without telling the watcher)
+            applied = _as_pinned(self._applied.setdefault(key, now), key)
             if now == applied:
                 self._pending.pop(key, None)
             elif self._pending.get(key) != now:
@@ -224,6 +226,18 @@ class Watcher:
             name, version, ", ".join(files), path,
         )  # fmt: skip
         return True
+
+
+def _as_pinned(applied: Fingerprint, key: tuple[str, str]) -> Fingerprint:
+    """``applied`` with each ``models:/NAME@ALIAS`` at the registry version the serving
+    version of ``key`` was loaded with (the resolver's pins), where one is known."""
+    pins = resolver().pins
+    pinned = {
+        uri: (int(pins[(*key, uri)]), 0)
+        for uri in applied
+        if (*key, uri) in pins and str(pins[(*key, uri)]).isdigit()
+    }
+    return {**applied, **pinned} if pinned else applied
 
 
 def _fingerprints(

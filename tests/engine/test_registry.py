@@ -204,6 +204,26 @@ def test_models_cli_registers_moves_aliases_and_lists(store, tmp_path, capsys):
 
 @needs_mlflow
 @pytest.mark.e2e
+def test_the_watcher_rolls_back_an_alias_moved_back_right_after_an_admin_reload(store, tmp_path):
+    # The admin API reloads onto version 2 and the alias goes back to 1 before the watcher
+    # polls: the watcher must compare with what serves (2), not with what it last saw (1).
+    path = pipeline_file(tmp_path, "models:/factor@champion")
+    registry.set_alias(store, "factor", "champion", "1")
+    config = {"registry_uri": store, "model_cache_dir": tmp_path / "cache"}
+    with serving([path], watch=True, watch_interval_s=1.0, **config) as server:
+        key = "registry.scale:1 models:/factor@champion"
+        registry.set_alias(store, "factor", "champion", "2")
+        server.run(server.engine.lifecycle.reload("scale", "1"))
+        assert server.engine.health().details[key].startswith("version=2 ")
+        registry.set_alias(store, "factor", "champion", "1")
+        wait_until(
+            lambda: server.engine.health().details[key].startswith("version=1 "),
+            "the watcher's rollback after an admin reload", 30,
+        )  # fmt: skip
+
+
+@needs_mlflow
+@pytest.mark.e2e
 def test_moving_an_alias_rolls_out_under_load_and_a_restart_keeps_the_version(store, tmp_path):
     path = pipeline_file(tmp_path, "models:/factor@champion")
     cache, state = tmp_path / "cache", tmp_path / "state.json"
